@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv, install
+# torch==2.13.0 first (the CPU build; an unpinned torch pulls a multi-GB CUDA
+# build), then slimfuse with its dev extras. The install is skipped while the
+# stamp, keyed on the dependency files, is current.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+
+# Run-time caches stay inside the project, never in $HOME.
+export MPLCONFIGDIR            := $(CURDIR)/.cache/matplotlib
+export XDG_CACHE_HOME          := $(CURDIR)/.cache/xdg
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/slimfuse demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .cache .pytest_cache build src/*.egg-info

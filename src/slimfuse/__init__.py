@@ -1,0 +1,22 @@
+"""slimfuse: make trained neural networks smaller, faster and better.
+
+Everything that predicts is a ``torch.nn.Module``; every technique is a
+function ``Module -> Module`` that never mutates its input.
+"""
+
+from . import _env  # noqa: F401  (first: keeps run-time caches out of $HOME)
+from . import data
+from . import data as datasets
+from ._version import __version__
+from .data import Split, Splits, Task
+from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
+from .measure import Report, measure
+from .models import load, read_card, save, zoo
+from .models.spec import lineage_of, spec_of
+from .train import evaluate, fit, predict
+
+__all__ = [
+    "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
+    "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
+    "read_card", "save", "spec_of", "zoo",
+]

@@ -1,0 +1,174 @@
+"""Measure what users feel: accuracy, real bytes on disk, parameters, MACs, latency.
+
+Every row is measured, never estimated: bytes are the size of the artifact
+folder ``slimfuse.save`` writes, latency is wall-clock time after warm-up with
+a fixed thread count. A predictor can refine what is measured by defining
+optional methods: ``slimfuse_artifact_bytes()``, ``slimfuse_counts()``
+(``{"params": n, "nonzeros": n}``), ``slimfuse_macs()``; and the attribute
+``slimfuse_runtime`` (default ``"torch"``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import Split
+from .errors import ConfigError
+from .models.artifact import folder_bytes, save
+from .models.spec import lineage_of, lineage_str, spec_of
+from .train import evaluate
+
+
+def artifact_bytes(model: nn.Module) -> int:
+    """Bytes on disk of the artifact ``slimfuse.save`` writes for ``model``."""
+    if hasattr(model, "slimfuse_artifact_bytes"):
+        return int(model.slimfuse_artifact_bytes())
+    with tempfile.TemporaryDirectory(prefix="slimfuse-measure-") as tmp:
+        if spec_of(model) is not None:
+            return folder_bytes(save(model, Path(tmp) / "a"))
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(Path(tmp) / "w.safetensors"))
+        return folder_bytes(Path(tmp) / "w.safetensors")
+
+
+def counts(model: nn.Module) -> dict[str, int]:
+    """Parameters and non-zero parameters."""
+    if hasattr(model, "slimfuse_counts"):
+        return dict(model.slimfuse_counts())
+    params = list(model.parameters())
+    return {
+        "params": sum(p.numel() for p in params),
+        "nonzeros": sum(int(torch.count_nonzero(p)) for p in params),
+    }
+
+
+def macs(model: nn.Module, sample: torch.Tensor) -> int | None:
+    """Multiply-accumulates for one sample, from PyTorch's FLOP counter (None if uncountable)."""
+    if hasattr(model, "slimfuse_macs"):
+        return model.slimfuse_macs()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.eval()(sample[:1])
+        return counter.get_total_flops() // 2
+    except Exception:  # an op the counter cannot trace: say "unknown" rather than guess
+        return None
+
+
+def latency(model: nn.Module, x: torch.Tensor, *, threads: int = 2, seconds: float = 1.0, batch: int = 256) -> dict:
+    """Batch-1 latency p50/p95 (ms) and batch-``batch`` throughput (samples/s), after warm-up."""
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    if len(x) == 0:
+        raise ConfigError("cannot time a model on an empty split")
+    reps = -(-batch // len(x))
+    big = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].contiguous()
+    one = x[:1].contiguous()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            b1 = _timeit(model, one, seconds=seconds * 0.6, min_runs=30)
+            bb = _timeit(model, big, seconds=seconds * 0.4, min_runs=5)
+    finally:
+        torch.set_num_threads(old)
+    return {
+        "latency_b1_p50_ms": float(np.percentile(b1, 50) * 1e3),
+        "latency_b1_p95_ms": float(np.percentile(b1, 95) * 1e3),
+        f"latency_b{batch}_ms": float(np.median(bb) * 1e3),
+        f"throughput_b{batch}": float(batch / np.median(bb)),
+    }
+
+
+def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
+    for _ in range(3):  # warm-up: allocator, kernels, lazy init
+        model(x)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 10_000):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0) -> dict:
+    row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
+    row.update(evaluate(model, split))
+    row.update(counts(model))
+    row["macs"] = macs(model, split.x)
+    row["bytes"] = artifact_bytes(model)
+    row.update(latency(model, split.x, threads=threads, seconds=seconds))
+    row["threads"] = threads
+    row["lineage"] = lineage_str(lineage_of(model))
+    return row
+
+
+def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: int = 2, seconds: float = 1.0) -> Report:
+    """Measure one model or a dict ``{name: model}`` on ``split``; returns a :class:`Report`."""
+    if isinstance(models, nn.Module):
+        models = {"model": models}
+    if not models:
+        raise ConfigError("nothing to measure: no models given")
+    return Report([measure_one(n, m, split, threads=threads, seconds=seconds) for n, m in models.items()])
+
+
+_COLUMNS = [
+    ("name", "model", "{}"),
+    ("runtime", "runtime", "{}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("nll", "NLL", "{:.4f}"),
+    ("params", "params", "{:,}"),
+    ("nonzeros", "non-zeros", "{:,}"),
+    ("macs", "MACs", "{:,}"),
+    ("bytes", "bytes on disk", "{:,}"),
+    ("latency_b1_p50_ms", "b1 p50 ms", "{:.3f}"),
+    ("latency_b1_p95_ms", "b1 p95 ms", "{:.3f}"),
+    ("throughput_b256", "b256 samples/s", "{:,.0f}"),
+]
+
+
+@dataclass
+class Report:
+    """Rows of measurements; ``to_markdown()``, ``to_json()``, ``row(name)``."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def row(self, name: str) -> dict:
+        for r in self.rows:
+            if r["name"] == name:
+                return r
+        raise KeyError(name)
+
+    def to_markdown(self, *, lineage: bool = True) -> str:
+        cols = [c for c in _COLUMNS if any(c[0] in r for r in self.rows)]
+        head = [c[1] for c in cols] + (["lineage"] if lineage else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            cells = [_fmt(r.get(key), f) for key, _, f in cols]
+            if lineage:
+                cells.append(r.get("lineage", ""))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"rows": self.rows}, indent=2)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    return fmt.format(value)

@@ -1,0 +1,204 @@
+"""Artifacts: a folder with ``weights.safetensors`` and ``card.json``.
+
+Loading never unpickles: tensors come from safetensors, the architecture is
+rebuilt from the card's spec. Writes go to a temporary sibling folder that is
+renamed into place, so a crash never leaves half an artifact.
+
+How tensors are stored is a *codec* (``card["storage"]["codec"]``): ``dense``
+writes the state dict as is; compression techniques register codecs that
+store sparse or low-bit tensors and restore the exact state on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._version import __version__
+from ..errors import ArtifactError
+from .spec import attach, lineage_of, spec_of, task_of
+from .zoo import build
+
+FORMAT = "slimfuse-artifact"
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+CARD = "card.json"
+MAX_CARD_BYTES = 16 * 2**20
+
+Encoder = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
+Decoder = Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]]
+CODECS: dict[str, tuple[Encoder, Decoder]] = {}
+
+
+def register_codec(name: str, encode: Encoder, decode: Decoder) -> None:
+    """Register a storage codec: ``encode(state) -> (tensors, meta)``, ``decode(tensors, meta) -> state``."""
+    CODECS[name] = (encode, decode)
+
+
+register_codec("dense", lambda state: (state, {}), lambda tensors, meta: tensors)
+
+
+def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, codec: str | None = None) -> Path:
+    """Write ``model`` as an artifact folder at ``path`` (replacing an earlier artifact there).
+
+    ``codec`` defaults to the model's preference (``model.slimfuse_codec``) or ``dense``.
+    """
+    spec = spec_of(model)
+    if spec is None:
+        raise ArtifactError(
+            "this module has no slimfuse spec, so it could not be rebuilt on load; build it with "
+            "slimfuse.zoo or wrap a user factory with slimfuse.zoo.user_model('pkg.mod:fn', ...)"
+        )
+    codec = codec or getattr(model, "slimfuse_codec", "dense")
+    if codec not in CODECS:
+        raise ArtifactError(f"unknown storage codec {codec!r} (known: {', '.join(sorted(CODECS))})")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors, codec_meta = CODECS[codec][0](state)
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": spec,
+        "task": task_of(model),
+        "lineage": lineage_of(model),
+        "metrics": metrics or {},
+        "storage": {"codec": codec, "meta": codec_meta},
+        "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    path = Path(path)
+    with atomic_folder(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    return path
+
+
+class atomic_folder:
+    """Context manager: yields a temp folder next to ``path``; on success it replaces ``path``.
+
+    An existing ``path`` is replaced only when it is a slimfuse artifact (has a card.json) or
+    empty; anything else is refused so a user's folder is never clobbered.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not _replaceable(self.path):
+            raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _replaceable(path: Path) -> bool:
+    return path.is_dir() and ((path / CARD).is_file() or not any(path.iterdir()))
+
+
+def read_card(path: str | Path) -> dict:
+    """Read and validate an artifact's ``card.json``; raise ArtifactError on anything foreign."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such artifact")
+    if path.is_file():
+        raise ArtifactError(f"{path}: {_describe_file(path)}; a slimfuse artifact is a folder with {CARD} and {WEIGHTS}")
+    card_path = path / CARD
+    if not card_path.is_file():
+        raise ArtifactError(f"{path}: not a slimfuse artifact (no {CARD})")
+    if card_path.stat().st_size > MAX_CARD_BYTES:
+        raise ArtifactError(f"{card_path}: implausibly large card ({card_path.stat().st_size} bytes)")
+    try:
+        card = json.loads(card_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{card_path}: not valid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ArtifactError(f"{card_path}: not a slimfuse card (format field is not {FORMAT!r})")
+    version = card.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{card_path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{card_path}: written by a newer slimfuse (format {version}, this one reads up to "
+            f"{FORMAT_VERSION}); upgrade slimfuse"
+        )
+    for key, kind in (("spec", dict), ("lineage", list), ("metrics", dict), ("storage", dict)):
+        if not isinstance(card.get(key), kind):
+            raise ArtifactError(f"{card_path}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
+    if card.get("task") is not None and not isinstance(card["task"], dict):
+        raise ArtifactError(f"{card_path}: field 'task' must be an object or null")
+    return card
+
+
+def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
+    """Load an artifact folder; predictions are bit-identical to the saved module's."""
+    path = Path(path)
+    card = read_card(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    codec = card["storage"].get("codec", "dense")
+    if codec not in CODECS:
+        raise ArtifactError(f"{path}: unknown storage codec {codec!r}")
+    try:
+        state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))
+    except ArtifactError:
+        raise
+    except Exception as e:  # a codec reading damaged data
+        raise ArtifactError(f"{weights}: cannot decode {codec!r} storage ({e})") from None
+    model = build(card["spec"], trust_factory=trust_factory)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights}: tensors do not fit the architecture in {CARD}: {e}") from None
+    model.eval()
+    attach(model, card["spec"], lineage=card["lineage"], task=card.get("task"))
+    if codec != "dense":
+        object.__setattr__(model, "slimfuse_codec", codec)
+    return model
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Total bytes of the files in an artifact folder (what a user ships)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _describe_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:1] == b"\x80":
+        return "is a Python pickle; slimfuse never unpickles files"
+    if head[:2] == b"PK":
+        return "is a zip archive (torch.save output is a pickle inside a zip); slimfuse never unpickles files"
+    return "is a file, not an artifact folder"

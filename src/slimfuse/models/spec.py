@@ -1,0 +1,59 @@
+"""What slimfuse knows about a module: its spec, lineage and task.
+
+A spec is a JSON-able dict that rebuilds the module's architecture:
+``{"arch": "mlp", "args": {...}}`` for a registered architecture, or
+``{"factory": "package.module:function", "args": {...}}`` for a user's own.
+It travels on the module as the attribute ``slimfuse`` and is written to
+``card.json`` on save. Techniques never mutate their input; they return a new
+module whose lineage is the input's plus one step (:func:`derive`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from torch import nn
+
+ATTR = "slimfuse"
+
+
+def attach(model: nn.Module, spec: dict, *, lineage: list | None = None, task: dict | None = None) -> nn.Module:
+    """Record ``spec`` (and optionally lineage and task) on ``model``; returns ``model``."""
+    json.dumps(spec)  # fail early on anything that cannot go into card.json
+    meta = {"spec": copy.deepcopy(spec), "lineage": list(lineage or []), "task": task}
+    object.__setattr__(model, ATTR, meta)
+    return model
+
+
+def _meta(model: nn.Module) -> dict:
+    return getattr(model, ATTR, None) or {"spec": None, "lineage": [], "task": None}
+
+
+def spec_of(model: nn.Module) -> dict | None:
+    return copy.deepcopy(_meta(model)["spec"])
+
+
+def lineage_of(model: nn.Module) -> list[dict]:
+    return copy.deepcopy(_meta(model)["lineage"])
+
+
+def task_of(model: nn.Module) -> dict | None:
+    return copy.deepcopy(_meta(model)["task"])
+
+
+def derive(source: nn.Module, result: nn.Module, op: str, *, spec: dict | None = None, **params) -> nn.Module:
+    """Give ``result`` the spec (or a new one), task and lineage of ``source`` plus step ``op``."""
+    meta = _meta(source)
+    new_spec = spec if spec is not None else meta["spec"]
+    step = {"op": op, "params": {k: v for k, v in params.items() if v is not None}}
+    return attach(result, new_spec, lineage=meta["lineage"] + [step], task=meta["task"])
+
+
+def lineage_str(lineage: list[dict]) -> str:
+    """``train -> prune(sparsity=0.9) -> quantize(scheme=int8)``."""
+    parts = []
+    for step in lineage:
+        params = ", ".join(f"{k}={v}" for k, v in step.get("params", {}).items() if not isinstance(v, (dict, list)))
+        parts.append(f"{step['op']}({params})" if params else step["op"])
+    return " -> ".join(parts) or "(none)"

@@ -1,0 +1,185 @@
+"""The model zoo: small architectures whose every width is a spec argument.
+
+Every width is an argument so that a structurally pruned model, whose layers
+have shrunk, is rebuilt from its spec alone. Other packages (compression,
+ensembles) register their own architectures with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+from .spec import attach, spec_of
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Decorator: make ``fn(**args) -> nn.Module`` buildable from ``{"arch": name, "args": args}``."""
+
+    def deco(fn):
+        ARCHS[name] = fn
+        return fn
+
+    return deco
+
+
+def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
+    out = []
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ConfigError(f"{name}: widths must be positive integers, got {list(widths)}")
+        out.append(int(w))
+    return out
+
+
+@register("mlp")
+def mlp(in_features: int, hidden: Sequence[int], classes: int, dropout: float = 0.0) -> nn.Module:
+    """Fully connected net; ``mlp(784, [300, 100], 10)`` is LeNet-300-100. Flattens its input."""
+    in_features, classes = _check_widths("mlp", [in_features, classes])
+    hidden = _check_widths("mlp", list(hidden))
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"mlp: dropout must be in [0, 1), got {dropout}")
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = in_features
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"relu{i}"] = nn.ReLU()
+        if dropout:
+            layers[f"drop{i}"] = nn.Dropout(dropout)
+        width = h
+    layers["out"] = nn.Linear(width, classes)
+    args = {"in_features": in_features, "hidden": hidden, "classes": classes, "dropout": dropout}
+    return attach(nn.Sequential(layers), {"arch": "mlp", "args": args})
+
+
+@register("lenet5")
+def lenet5(
+    classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    widths: Sequence[int] = (6, 16, 120, 84),
+) -> nn.Module:
+    """LeNet-5 (two 5x5 conv + pool stages, three linear layers) for square images >= 12 px."""
+    widths = _check_widths("lenet5", list(widths))
+    if len(widths) != 4:
+        raise ConfigError(f"lenet5: widths must be 4 integers (conv1, conv2, fc1, fc2), got {widths}")
+    c1, c2, f1, f2 = widths
+    side = (image_size // 2 - 4) // 2  # conv1 keeps size (padding 2), pool, conv2 (-4), pool
+    if side < 1:
+        raise ConfigError(f"lenet5 needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+    layers = OrderedDict(
+        conv1=nn.Conv2d(in_channels, c1, 5, padding=2),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(c1, c2, 5),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(c2 * side * side, f1),
+        relu3=nn.ReLU(),
+        fc2=nn.Linear(f1, f2),
+        relu4=nn.ReLU(),
+        out=nn.Linear(f2, classes),
+    )
+    args = {"classes": classes, "in_channels": in_channels, "image_size": image_size, "widths": [c1, c2, f1, f2]}
+    return attach(nn.Sequential(layers), {"arch": "lenet5", "args": args})
+
+
+@register("cnn")
+def cnn(
+    classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    widths: Sequence[int] = (16, 32),
+    hidden: int = 64,
+) -> nn.Module:
+    """Small CNN: per width a 3x3 conv, BatchNorm, ReLU and 2x2 max-pool; then two linear layers."""
+    widths = _check_widths("cnn", list(widths))
+    (hidden,) = _check_widths("cnn", [hidden])
+    side = image_size
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    cin = in_channels
+    for i, w in enumerate(widths, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(cin, w, 3, padding=1, bias=False)
+        layers[f"bn{i}"] = nn.BatchNorm2d(w)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = nn.MaxPool2d(2)
+        side //= 2
+        cin = w
+    if side < 1:
+        raise ConfigError(f"cnn: {len(widths)} pooling stages need images of at least {2 ** len(widths)} px")
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(cin * side * side, hidden)
+    layers["relu_fc"] = nn.ReLU()
+    layers["out"] = nn.Linear(hidden, classes)
+    args = {"classes": classes, "in_channels": in_channels, "image_size": image_size, "widths": widths, "hidden": hidden}
+    return attach(nn.Sequential(layers), {"arch": "cnn", "args": args})
+
+
+def for_task(arch: str, task, **kwargs) -> nn.Module:
+    """Build zoo model ``arch`` sized for ``task`` (input shape and class count)."""
+    shape = tuple(task.input_shape)
+    if arch == "mlp":
+        kwargs.setdefault("hidden", [300, 100])
+        return mlp(math.prod(shape), classes=task.num_classes, **kwargs)
+    if arch in ("lenet5", "cnn"):
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise ConfigError(f"{arch} needs square images (channels, side, side); data has shape {shape}")
+        return ARCHS[arch](classes=task.num_classes, in_channels=shape[0], image_size=shape[1], **kwargs)
+    raise ConfigError(f"unknown model {arch!r}; choose one of: mlp, lenet5, cnn")
+
+
+def build(spec: dict, *, trust_factory: bool = False) -> nn.Module:
+    """Rebuild an (untrained) module from its spec.
+
+    A user factory (``"factory": "package.module:function"``) is imported only when
+    ``trust_factory=True``: importing runs that package's code.
+    """
+    if not isinstance(spec, dict):
+        raise ArtifactError(f"spec must be an object, got {type(spec).__name__}")
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise ArtifactError(f"spec 'args' must be an object, got {type(args).__name__}")
+    if "factory" in spec:
+        ref = spec["factory"]
+        if not trust_factory:
+            raise ArtifactError(
+                f"the spec names the user factory {ref!r}; importing it runs its code, so pass "
+                "trust_factory=True (CLI: --trust-factory) if you trust this artifact"
+            )
+        model = _import_factory(ref)(**args)
+        if not isinstance(model, nn.Module):
+            raise ArtifactError(f"factory {ref!r} returned {type(model).__name__}, not an nn.Module")
+        if spec_of(model) is None:
+            attach(model, spec)
+        return model
+    arch = spec.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ArtifactError(f"unknown architecture {arch!r} (known: {', '.join(sorted(ARCHS))})")
+    try:
+        return ARCHS[arch](**args)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"cannot build {arch!r} from its spec: {e}") from None
+
+
+def user_model(ref: str, **kwargs) -> nn.Module:
+    """Build a model with the user factory ``"package.module:function"`` and record it in its spec."""
+    model = _import_factory(ref)(**kwargs)
+    return attach(model, {"factory": ref, "args": kwargs})
+
+
+def _import_factory(ref: str):
+    if not isinstance(ref, str) or ref.count(":") != 1:
+        raise ArtifactError(f"factory must look like 'package.module:function', got {ref!r}")
+    mod, fn = ref.split(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ArtifactError(f"cannot import factory {ref!r}: {e}") from None

@@ -1,0 +1,1 @@
+"""Pipelines on top of the techniques: the demo and its reports."""

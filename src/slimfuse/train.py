@@ -1,0 +1,245 @@
+"""Training and inference: ``fit`` and ``predict``.
+
+``fit`` never mutates its input: it trains a copy and returns it. Techniques
+that train (pruning fine-tunes, distillation, QAT, ensemble members) call
+``fit`` with hooks instead of writing their own loops:
+
+- ``loss(logits, batch) -> Tensor`` replaces cross-entropy (``batch.index``
+  indexes the training split, so cached per-sample targets can be looked up);
+- ``after_step(model)`` runs after every optimizer step (pruning masks);
+- ``transform(x, generator) -> x`` augments each training batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Split, Splits
+from .errors import ConfigError, DataError
+from .models.spec import derive
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor  # positions of these samples in the training split
+
+
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(logits, batch.y)
+
+
+def fit(
+    model: nn.Module,
+    data: Splits,
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    schedule: str | None = None,
+    seed: int = 0,
+    patience: int | None = None,
+    loss: LossFn | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    train: Split | None = None,
+    progress: bool | None = None,
+    history: list | None = None,
+    op: str | None = "train",
+) -> nn.Module:
+    """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
+
+    ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``None`` or
+    ``cosine``. With ``patience``, training stops after that many epochs without a better
+    validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
+    given ``seed``. ``history``, if given, receives one dict per epoch. ``op`` names the
+    lineage step recorded on the result (``None``: record nothing, for techniques that
+    record their own step).
+    """
+    train = data.train if train is None else train
+    _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
+    model = copy.deepcopy(model)
+    loss = loss or cross_entropy
+    n = len(train)
+    steps_per_epoch = math.ceil(n / batch_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+            if schedule == "cosine"
+            else None
+        )
+        _check_model_fits(model, train, data.task.num_classes)
+        best = (-1.0, None)
+        since_best = 0
+        with _Progress(progress, total=epochs * steps_per_epoch, label=op or "fit") as bar:
+            for epoch in range(1, epochs + 1):
+                model.train()
+                order = torch.randperm(n, generator=gen)
+                total, seen = 0.0, 0
+                for start in range(0, n, batch_size):
+                    idx = order[start : start + batch_size]
+                    x = train.x[idx]
+                    if transform is not None:
+                        x = transform(x, gen)
+                    batch = Batch(x, train.y[idx], idx)
+                    value = loss(model(x), batch)
+                    if not torch.isfinite(value):
+                        raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; lower the learning rate")
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    if after_step is not None:
+                        after_step(model)
+                    total += value.item() * len(idx)
+                    seen += len(idx)
+                    bar.advance()
+                row = {"epoch": epoch, "train_loss": total / seen}
+                if len(data.val):
+                    row.update(evaluate(model, data.val))
+                if history is not None:
+                    history.append(row)
+                bar.describe(f"{op} epoch {epoch}/{epochs} loss {row['train_loss']:.4f}"
+                             + (f" val acc {row['accuracy']:.4f}" if "accuracy" in row else ""))
+                if patience is not None and "accuracy" in row:
+                    if row["accuracy"] > best[0]:
+                        best = (row["accuracy"], copy.deepcopy(model.state_dict()))
+                        since_best = 0
+                    else:
+                        since_best += 1
+                        if since_best >= patience:
+                            break
+        if best[1] is not None:
+            model.load_state_dict(best[1])
+    model.eval()
+    params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
+    return derive(model, model, op, **params_rec) if op else model
+
+
+def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_train):
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size > 2**20:
+        raise ConfigError(f"batch_size {batch_size} is absurd (at most {2**20})")
+    if not (isinstance(lr, (int, float)) and 0 < lr < 10):
+        raise ConfigError(f"lr must be in (0, 10), got {lr!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    if schedule not in (None, "cosine"):
+        raise ConfigError(f"unknown schedule {schedule!r}; choose cosine or none")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ConfigError(f"patience must be a positive integer, got {patience!r}")
+    if n_train == 0:
+        raise DataError("the training split is empty")
+
+
+def _check_model_fits(model: nn.Module, split: Split, num_classes: int) -> None:
+    """One forward pass on two samples: a shape mismatch becomes a clear DataError."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(split.x[:2])
+    except RuntimeError as e:
+        raise DataError(
+            f"the model cannot take inputs of shape {tuple(split.x.shape[1:])}: {str(e).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise DataError(f"the model outputs shape {tuple(out.shape[1:])} but the task has {num_classes} classes")
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, Split):
+        return x.x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return x
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logits") -> torch.Tensor:
+    """Batched inference in eval mode. ``output``: ``logits``, ``proba`` or ``label``."""
+    if output not in ("logits", "proba", "label"):
+        raise ConfigError(f"unknown output {output!r}; choose logits, proba or label")
+    x = _as_tensor(x)
+    was_training = model.training
+    model.eval()
+    try:
+        outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    logits = torch.cat(outs).float() if outs else torch.empty(0)
+    if output == "proba":
+        return logits.softmax(-1)
+    if output == "label":
+        return logits.argmax(-1)
+    return logits
+
+
+def evaluate(model: nn.Module, split: Split) -> dict[str, float]:
+    """Accuracy and mean negative log-likelihood on ``split``."""
+    logits = predict(model, split)
+    return {
+        "accuracy": (logits.argmax(-1) == split.y).float().mean().item(),
+        "nll": F.cross_entropy(logits, split.y).item(),
+    }
+
+
+class _Progress:
+    """A rich progress bar on an interactive terminal; silent under CI or when piped."""
+
+    def __init__(self, enabled: bool | None, total: int, label: str):
+        if enabled is None:
+            enabled = sys.stderr.isatty() and not os.environ.get("CI")
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress
+
+            self.progress = Progress(transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self):
+        if self.enabled:
+            self.progress.advance(self.task)
+
+    def describe(self, text: str):
+        if self.enabled:
+            self.progress.update(self.task, description=text)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+        return False
