@@ -1,0 +1,1 @@
+"""Structure optimization: pruning, quantization, distillation, entropy-coded storage."""

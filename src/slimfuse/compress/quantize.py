@@ -1,0 +1,49 @@
+"""``slimfuse.quantize(model, scheme, ...)``: one verb, a registry of schemes behind it.
+
+A scheme is registered per backend with :func:`register_scheme`. ``scheme`` may
+carry a parameter after a colon (``"codebook:4"``), passed to the implementation
+as ``arg``. Every implementation returns a new module (never mutating its input)
+whose weights really are low-precision and whose artifact is really smaller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+
+# (scheme, backend) -> fn(model, *, arg, calib, **options) -> nn.Module
+SCHEMES: dict[tuple[str, str], Callable[..., nn.Module]] = {}
+# scheme -> the backend used when backend="auto" (chosen by measurement, see BENCHMARKS.md)
+DEFAULT_BACKEND: dict[str, str] = {}
+
+
+def register_scheme(name: str, backend: str = "torch", *, default: bool = False):
+    def deco(fn):
+        SCHEMES[(name, backend)] = fn
+        if default or name not in DEFAULT_BACKEND:
+            DEFAULT_BACKEND[name] = backend
+        return fn
+
+    return deco
+
+
+def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto", **options) -> nn.Module:
+    """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``).
+
+    ``calib``: calibration data (a ``Split`` or tensor) for schemes that need it.
+    ``backend``: ``auto`` (the measured default for the scheme), ``torch`` or ``onnxruntime``.
+    """
+    if not isinstance(scheme, str) or not scheme:
+        raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
+    name, _, arg = scheme.partition(":")
+    known = sorted({s for s, _ in SCHEMES})
+    if name not in known:
+        raise ConfigError(f"unknown quantization scheme {scheme!r} (known: {', '.join(known)})")
+    chosen = DEFAULT_BACKEND[name] if backend == "auto" else backend
+    if (name, chosen) not in SCHEMES:
+        have = sorted(b for s, b in SCHEMES if s == name)
+        raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
+    return SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
