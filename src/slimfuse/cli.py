@@ -144,12 +144,12 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("runs/demo"),
     seed: Seed = 0,
 ):
-    """Run the main job on mnist5k and write report.md / report.json."""
+    """Run the main job on mnist5k and write report.md, report.html and report.json."""
     from .pipeline.demo import run
 
     report = run(out, seed=seed)
     typer.echo(report.to_markdown())
-    typer.echo(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+    typer.echo(f"wrote {out}/report.md, report.html and report.json")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """``slimfuse demo``: the main job on the embedded default data (mnist5k).
 
 Trains LeNet-300-100, saves it, reloads it from disk and measures it; writes
-``report.md`` and ``report.json`` into the output folder.
+``report.md``, ``report.html`` and ``report.json`` into the output folder.
 """
 
 from __future__ import annotations
