@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..distributed import is_main
 from ..measure import Report
 
 PLOTS = (
@@ -22,6 +23,9 @@ PLOTS = (
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file via a temp file and a rename (only rank 0 writes in a data-parallel run)."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
