@@ -8,6 +8,7 @@ from . import _env  # noqa: F401  (first: keeps run-time caches out of $HOME)
 from . import data
 from . import data as datasets
 from ._version import __version__
+from .compress.distill import distill
 from .data import Split, Splits, Task
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .measure import Report, measure
@@ -20,3 +21,4 @@ __all__ = [
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
 ]
+__all__ += ["distill"]

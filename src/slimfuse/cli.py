@@ -152,6 +152,62 @@ def demo(
     typer.echo(f"wrote {out}/report.md, report.html and report.json")
 
 
+@app.command()
+@user_errors
+def distill(
+    teacher: Annotated[Path, typer.Option(help="teacher artifact folder (a model or an ensemble) or .onnx file")],
+    student: Annotated[str, typer.Option(help="mlp:128, mlp:256,128, lenet5:3,8,60,42, cnn:8,16[:32] or width=0.25[,depth=1]")],
+    data: Data,
+    out: Out,
+    temperature: float = 4.0,
+    alpha: Annotated[float, typer.Option(help="weight of the soft (teacher) term; 1 - alpha weighs the labels")] = 0.9,
+    epochs: int = 20,
+    transfer: Annotated[str, typer.Option(help="train, augment, or a .npy file of unlabeled inputs")] = "train",
+    copies: Annotated[int, typer.Option(help="augmented copies of the training set (--transfer augment)")] = 4,
+    mixup: Annotated[float, typer.Option(help="unlabeled mixup blends, as a multiple of the training set")] = 0.0,
+    hint: Annotated[list[str] | None, typer.Option(help="FitNets hint STUDENT_MODULE=TEACHER_MODULE (repeatable)")] = None,
+    hint_weight: float = 1.0,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Distill a teacher into a smaller student and save the student as an artifact."""
+    import numpy as np
+    import torch
+
+    from . import data as datasets
+    from .compress.distill import build_student, distill as distill_, load_teacher
+    from .models import save
+    from .train import evaluate
+
+    hints = {}
+    for h in hint or []:
+        s_path, sep, t_path = h.partition("=")
+        if not sep or not s_path or not t_path:
+            raise ConfigError(f"--hint must look like STUDENT_MODULE=TEACHER_MODULE, got {h!r}")
+        hints[s_path] = t_path
+    if transfer.endswith(".npy"):
+        try:
+            transfer_data = np.load(transfer, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--transfer {transfer}: cannot read unlabeled inputs ({e})") from None
+    else:
+        transfer_data = transfer
+    splits = datasets.load(data, seed=seed, label=label)
+    model = load_teacher(teacher, trust_factory=trust_factory)
+    torch.manual_seed(seed)
+    net = build_student(student, model, splits.task)
+    trained = distill_(model, net, splits, temperature=temperature, alpha=alpha, epochs=epochs,
+                       transfer=transfer_data, copies=copies, mixup=mixup, hints=hints, hint_weight=hint_weight,
+                       batch_size=batch_size, lr=lr, seed=seed)
+    metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
+    save(trained, out, metrics=metrics)
+    typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f} "
+               f"(teacher {evaluate(model, splits.test)['accuracy']:.4f})")
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 
