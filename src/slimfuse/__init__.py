@@ -15,10 +15,12 @@ from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
 from .train import evaluate, fit, predict
+from .compress.prune import prune  # noqa: E402  (also registers the sparse-zstd storage codec)
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
+    "prune",
 ]
 __all__ += ["distill"]

@@ -208,6 +208,56 @@ def distill(
                f"(teacher {evaluate(model, splits.test)['accuracy']:.4f})")
 
 
+@app.command()
+@user_errors
+def prune(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder of the model to prune")],
+    out: Out,
+    sparsity: Annotated[float | None, typer.Option(help="unstructured: fraction of weights set to zero")] = None,
+    channels: Annotated[float | None, typer.Option(help="structured: fraction of channels/neurons removed")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="data to fine-tune on (mnist5k, digits, .npz/.csv)")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="total fine-tuning epochs (default 8 with --data)")] = None,
+    scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
+    schedule: Annotated[str, typer.Option(help="unstructured: agp (gradual) or oneshot")] = "agp",
+    steps: Annotated[int | None, typer.Option(help="pruning steps")] = None,
+    importance: Annotated[str | None, typer.Option(help="structured: l1, l2 or taylor")] = None,
+    round_to: Annotated[int | None, typer.Option(help="structured: keep widths multiples of this")] = None,
+    exclude: Annotated[str | None, typer.Option(help="comma-separated module names never pruned (default: output layer)")] = None,
+    lr: float = 1e-3,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Prune an artifact (magnitude sparsity or whole channels) and save the result."""
+    import os
+
+    from . import data as datasets
+    from .compress.prune import prune as prune_model
+    from .measure import counts
+    from .models import folder_bytes, load, save
+    from .train import evaluate
+
+    model = load(artifact, trust_factory=trust_factory)
+    splits = datasets.load(data, seed=seed, label=label) if data is not None else None
+
+    def report_step(info: dict) -> None:
+        if not os.environ.get("CI"):
+            done = f"sparsity {info['sparsity']:.4f}" if "sparsity" in info else f"{info['params']:,} params"
+            typer.echo(f"prune step {info['step']}/{info['steps']}: {done}", err=True)
+
+    pruned = prune_model(
+        model, sparsity, channels=channels, scope=scope, schedule=schedule, steps=steps, importance=importance,
+        round_to=round_to, data=splits, finetune_epochs=finetune_epochs, lr=lr, seed=seed, on_step=report_step,
+        exclude=[e.strip() for e in exclude.split(",") if e.strip()] if exclude is not None else None,
+    )
+    metrics = {"val": evaluate(pruned, splits.val), "test": evaluate(pruned, splits.test)} if splits else {}
+    save(pruned, out, metrics=metrics)
+    n = counts(pruned)
+    acc = f", test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
+    typer.echo(f"saved {out}: {n['nonzeros']:,} non-zero of {n['params']:,} params, "
+               f"{folder_bytes(out):,} bytes on disk{acc}")
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 

@@ -7,6 +7,7 @@ ensembles) register their own architectures with :func:`register`.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import math
 from collections import OrderedDict
@@ -18,6 +19,9 @@ from ..errors import ArtifactError, ConfigError
 from .spec import attach, spec_of
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
+# Trust given to the outermost build() holds for the specs an architecture builds inside it
+# (e.g. a pruned or ensembled user model whose args hold the base spec).
+_TRUST_FACTORY = contextvars.ContextVar("slimfuse_trust_factory", default=False)
 
 
 def register(name: str):
@@ -170,8 +174,17 @@ def build(spec: dict, *, trust_factory: bool = False) -> nn.Module:
     """Rebuild an (untrained) module from its spec.
 
     A user factory (``"factory": "package.module:function"``) is imported only when
-    ``trust_factory=True``: importing runs that package's code.
+    ``trust_factory=True``: importing runs that package's code. Specs built inside an
+    architecture's builder (``build(base_spec)``) inherit the outer call's trust.
     """
+    token = _TRUST_FACTORY.set(trust_factory or _TRUST_FACTORY.get())
+    try:
+        return _build(spec, trust_factory=_TRUST_FACTORY.get())
+    finally:
+        _TRUST_FACTORY.reset(token)
+
+
+def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
     if not isinstance(spec, dict):
         raise ArtifactError(f"spec must be an object, got {type(spec).__name__}")
     args = spec.get("args", {})
