@@ -9,6 +9,7 @@ from . import data
 from . import data as datasets
 from ._version import __version__
 from .data import Split, Splits, Task
+from .compress.quantize import quantize
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
@@ -19,4 +20,5 @@ __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
+    "quantize",
 ]
