@@ -10,6 +10,7 @@ from . import data as datasets
 from ._version import __version__
 from .compress.distill import distill
 from .data import Split, Splits, Task
+from .compress.quantize import quantize
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
@@ -21,6 +22,6 @@ __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
-    "prune",
+    "prune", "quantize",
 ]
 __all__ += ["distill"]

@@ -258,6 +258,39 @@ def prune(
                f"{folder_bytes(out):,} bytes on disk{acc}")
 
 
+@app.command()
+@user_errors
+def quantize(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder of the float model")],
+    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, qat, fp16, bf16 or mixed")],
+    out: Out,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning / validation data "
+                                             "(needed by int8-static, qat, mixed); also adds test metrics")] = None,
+    backend: Annotated[str, typer.Option(help="auto (the measured default), torch, ...")] = "auto",
+    calibrator: Annotated[str | None, typer.Option(help="int8-static/mixed: minmax, percentile or entropy")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="mixed: largest validation accuracy drop, e.g. 0.005")] = None,
+    epochs: Annotated[int | None, typer.Option(help="qat: fine-tuning epochs")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Quantize an artifact (real int8 kernels, real bytes) and save the result."""
+    from . import data as datasets
+    from .compress.quantize import quantize as quantize_model
+    from .models import load, save
+    from .train import evaluate
+
+    model = load(artifact, trust_factory=trust_factory)
+    splits = datasets.load(data, seed=seed, label=label) if data is not None else None
+    options = {k: v for k, v in {"calibrator": calibrator, "max_drop": max_drop, "epochs": epochs}.items()
+               if v is not None}
+    result = quantize_model(model, scheme, calib=splits, backend=backend, **options)
+    metrics = {"val": evaluate(result, splits.val), "test": evaluate(result, splits.test)} if splits else {}
+    save(result, out, metrics=metrics)
+    acc = f": test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
+    typer.echo(f"saved {out} ({scheme}){acc}")
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 
