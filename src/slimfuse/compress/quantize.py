@@ -47,3 +47,4 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
         have = sorted(b for s, b in SCHEMES if s == name)
         raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
     return SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
+from . import codebook, onnx_int8  # noqa: E402,F401  (register the codebook and onnxruntime int8 schemes)
