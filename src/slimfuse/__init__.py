@@ -14,9 +14,13 @@ from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
 from .train import evaluate, fit, predict
+from . import runtime  # noqa: E402  (registers the "onnx" architecture for artifacts)
+from .compress.quantize import quantize  # noqa: E402  (also registers the codebook storage codec)
+from .export import export  # noqa: E402
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
+    "export", "quantize", "runtime",
 ]

@@ -164,3 +164,35 @@ def _workdir(src: OnnxPredictor):
     finally:
         root.setLevel(level)
 
+
+
+def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *, backend: str = "auto",
+                  trust_factory: bool = False, **options) -> str:
+    """Quantize an artifact folder or ``.onnx`` file and write an artifact folder, or a ``.onnx`` file.
+
+    ``data`` (Splits): its validation split calibrates, its training split fine-tunes (codebook),
+    its test split is measured into the card. Returns a one-line summary.
+    """
+    from ..export import export
+    from ..models import load, save
+    from ..runtime import load_onnx
+    from ..train import evaluate
+    from .quantize import quantize
+
+    source, out = Path(source), Path(out)
+    model = load_onnx(source) if source.is_file() and source.suffix == ".onnx" else load(source, trust_factory=trust_factory)
+    if data is not None and scheme.startswith("codebook"):
+        options.setdefault("data", data)
+    q = quantize(model, scheme, calib=data.val if data is not None else None, backend=backend, **options)
+    metrics = {"test": evaluate(q, data.test)} if data is not None else {}
+    if out.suffix == ".onnx":
+        if not isinstance(q, OnnxPredictor):
+            raise ConfigError(f"{scheme} gives a torch model; write it as an artifact folder, not {out.name}")
+        nbytes = export(q, "onnx", out).bytes
+    else:
+        save(q, out, metrics=metrics)
+        from ..models import folder_bytes
+
+        nbytes = folder_bytes(out)
+    acc = f", test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
+    return f"wrote {out} ({nbytes:,} bytes{acc})"
