@@ -82,8 +82,9 @@ def train(
         kwargs["widths"] = _ints(widths, "--widths")
     torch.manual_seed(seed)
     net = zoo.for_task(model, splits.task, **kwargs)
+    # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
     trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                  patience=patience, seed=seed)
+                  patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
     metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
     save(trained, out, metrics=metrics)
     typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f}")

@@ -26,7 +26,7 @@ from .data import Split
 from .errors import ConfigError
 from .models.artifact import folder_bytes, save
 from .models.spec import lineage_of, lineage_str, spec_of
-from .train import evaluate
+from .train import check_fits, evaluate
 
 
 def artifact_bytes(model: nn.Module) -> int:
@@ -103,6 +103,7 @@ def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
 
 
 def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0) -> dict:
+    check_fits(model, split)
     row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
     row.update(evaluate(model, split))
     row.update(counts(model))

@@ -16,6 +16,7 @@ import copy
 import math
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import Checkpoint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
 from .models.spec import derive
@@ -62,6 +64,7 @@ def fit(
     train: Split | None = None,
     progress: bool | None = None,
     history: list | None = None,
+    checkpoint: str | Path | None = None,
     op: str | None = "train",
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
@@ -69,13 +72,20 @@ def fit(
     ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``None`` or
     ``cosine``. With ``patience``, training stops after that many epochs without a better
     validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
-    given ``seed``. ``history``, if given, receives one dict per epoch. ``op`` names the
+    given ``seed``. ``history``, if given, receives one dict per epoch. With ``checkpoint``
+    (a folder), the state is saved there after every epoch and a rerun with the same
+    parameters resumes from it, reaching the same weights as an uninterrupted run; the
+    folder is removed when training completes. ``op`` names the
     lineage step recorded on the result (``None``: record nothing, for techniques that
     record their own step).
     """
     train = data.train if train is None else train
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
     model = copy.deepcopy(model)
+    run_params = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+                  "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "seed": seed,
+                  "patience": patience, "n_train": len(train), "op": op}
+    ckpt = Checkpoint(checkpoint, run_key(model, run_params)) if checkpoint is not None else None
     loss = loss or cross_entropy
     n = len(train)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -92,11 +102,17 @@ def fit(
             if schedule == "cosine"
             else None
         )
-        _check_model_fits(model, train, data.task.num_classes)
-        best = (-1.0, None)
-        since_best = 0
+        check_fits(model, train, data.task.num_classes)
+        best: tuple[float, dict | None] = (-1.0, None)
+        since_best, first_epoch, rows = 0, 1, []
+        resumed = ckpt.load(model=model, opt=opt, sched=sched, gen=gen) if ckpt else None
+        if resumed:
+            first_epoch, best = resumed["epoch"] + 1, resumed["best"]
+            since_best, rows = resumed["since_best"], resumed["history"]
+            if patience is not None and since_best >= patience:  # it had stopped early
+                first_epoch = epochs + 1
         with _Progress(progress, total=epochs * steps_per_epoch, label=op or "fit") as bar:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(first_epoch, epochs + 1):
                 model.train()
                 order = torch.randperm(n, generator=gen)
                 total, seen = 0.0, 0
@@ -122,8 +138,7 @@ def fit(
                 row = {"epoch": epoch, "train_loss": total / seen}
                 if len(data.val):
                     row.update(evaluate(model, data.val))
-                if history is not None:
-                    history.append(row)
+                rows.append(row)
                 bar.describe(f"{op} epoch {epoch}/{epochs} loss {row['train_loss']:.4f}"
                              + (f" val acc {row['accuracy']:.4f}" if "accuracy" in row else ""))
                 if patience is not None and "accuracy" in row:
@@ -132,10 +147,17 @@ def fit(
                         since_best = 0
                     else:
                         since_best += 1
-                        if since_best >= patience:
-                            break
+                if ckpt is not None:
+                    ckpt.save(epoch=epoch, model=model, opt=opt, sched=sched, gen=gen, best=best,
+                              since_best=since_best, history=rows)
+                if patience is not None and since_best >= patience:
+                    break
         if best[1] is not None:
             model.load_state_dict(best[1])
+    if history is not None:
+        history.extend(rows)
+    if ckpt is not None:
+        ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
     return derive(model, model, op, **params_rec) if op else model
@@ -160,8 +182,8 @@ def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_tra
         raise DataError("the training split is empty")
 
 
-def _check_model_fits(model: nn.Module, split: Split, num_classes: int) -> None:
-    """One forward pass on two samples: a shape mismatch becomes a clear DataError."""
+def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:
+    """One forward pass on two samples: a shape or class-count mismatch becomes a clear DataError."""
     was_training = model.training
     model.eval()
     try:
@@ -173,8 +195,12 @@ def _check_model_fits(model: nn.Module, split: Split, num_classes: int) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise DataError(f"the model outputs shape {tuple(out.shape[1:])} but the task has {num_classes} classes")
+    if out.ndim != 2:
+        raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise DataError(f"the model outputs {out.shape[1]} classes but the task has {num_classes}")
+    if len(split) and int(split.y.max()) >= out.shape[1]:
+        raise DataError(f"the data has label {int(split.y.max())} but the model outputs only {out.shape[1]} classes")
 
 
 def _as_tensor(x) -> torch.Tensor:

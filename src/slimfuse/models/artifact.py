@@ -11,11 +11,13 @@ store sparse or low-bit tensors and restore the exact state on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MAX_CARD_BYTES = 16 * 2**20
+STALE_SECONDS = 3600  # a temp folder this old belongs to a save that was killed
 
 Encoder = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
 Decoder = Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]]
@@ -78,24 +81,36 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     path = Path(path)
     with atomic_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        card["weights_sha256"] = _sha256(tmp / WEIGHTS)
         (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
     return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class atomic_folder:
     """Context manager: yields a temp folder next to ``path``; on success it replaces ``path``.
 
-    An existing ``path`` is replaced only when it is a slimfuse artifact (has a card.json) or
-    empty; anything else is refused so a user's folder is never clobbered.
+    An existing ``path`` is replaced only when it holds ``marker`` (an artifact's card.json) or
+    is empty; anything else is refused so a user's folder is never clobbered.
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, *, marker: str = CARD):
+        self.path, self.marker = Path(path), marker
 
     def __enter__(self) -> Path:
-        if self.path.exists() and not _replaceable(self.path):
+        if self.path.exists() and not _replaceable(self.path, self.marker):
             raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # left by a killed process
+            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 
@@ -116,15 +131,17 @@ class atomic_folder:
         return False
 
 
-def _replaceable(path: Path) -> bool:
-    return path.is_dir() and ((path / CARD).is_file() or not any(path.iterdir()))
+def _replaceable(path: Path, marker: str) -> bool:
+    return path.is_dir() and ((path / marker).is_file() or not any(path.iterdir()))
 
 
 def read_card(path: str | Path) -> dict:
     """Read and validate an artifact's ``card.json``; raise ArtifactError on anything foreign."""
     path = Path(path)
     if not path.exists():
-        raise ArtifactError(f"{path}: no such artifact")
+        backups = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        hint = f" (a save was interrupted; the previous version is in {backups[0]})" if backups else ""
+        raise ArtifactError(f"{path}: no such artifact{hint}")
     if path.is_file():
         raise ArtifactError(f"{path}: {_describe_file(path)}; a slimfuse artifact is a folder with {CARD} and {WEIGHTS}")
     card_path = path / CARD
@@ -149,6 +166,8 @@ def read_card(path: str | Path) -> dict:
     for key, kind in (("spec", dict), ("lineage", list), ("metrics", dict), ("storage", dict)):
         if not isinstance(card.get(key), kind):
             raise ArtifactError(f"{card_path}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
+    if not isinstance(card.get("weights_sha256"), str):
+        raise ArtifactError(f"{card_path}: field 'weights_sha256' must be a string")
     if card.get("task") is not None and not isinstance(card["task"], dict):
         raise ArtifactError(f"{card_path}: field 'task' must be an object or null")
     return card
@@ -161,6 +180,8 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    if card.get("weights_sha256") != _sha256(weights):  # truncation, bit flips, a swapped file
+        raise ArtifactError(f"{weights}: checksum does not match {CARD}; the file is corrupt or was replaced")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
