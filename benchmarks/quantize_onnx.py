@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,11 @@ def bench(arch: str, data, *, epochs: int, stages: tuple, quick: bool) -> tuple[
         rows.append(r)
     # round-robin batch-256 timing of the runtime rows: every round times every model once
     timed = [n for n in models if not n.startswith(("codebook", "prune"))]
+    with warnings.catch_warnings():  # torch.ao is deprecated in torch 2.13 but still the eager int8 path
+        warnings.simplefilter("ignore")
+        models["torch.ao quantize_dynamic (direct)"] = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
+    timed.append("torch.ao quantize_dynamic (direct)")
     rounds = {n: [] for n in timed}
     for _ in range(3 if quick else 5):
         for n in timed:

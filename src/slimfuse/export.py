@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch import nn
 
 from .data import Split
 from .errors import ArtifactError, ConfigError
+from .models.artifact import write_bytes_atomic
 from .models.spec import derive, spec_of, task_of
 from .train import predict
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
@@ -150,16 +149,3 @@ def check_parity(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, *,
                             f"(argmax agreement {agree:.4f}); not exported")
     return parity
 
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
