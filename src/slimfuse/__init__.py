@@ -17,11 +17,13 @@ from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
 from .train import evaluate, fit, predict
 from .compress.prune import prune  # noqa: E402  (also registers the sparse-zstd storage codec)
+from . import runtime  # noqa: E402  (registers the "onnx" architecture for artifacts)
+from .export import export  # noqa: E402
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Report", "SlimfuseError", "Split", "Splits", "Task",
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
-    "prune", "quantize",
+    "prune", "quantize", "export", "runtime",
 ]
 __all__ += ["distill"]

@@ -291,6 +291,55 @@ def quantize(
     typer.echo(f"saved {out} ({scheme}){acc}")
 
 
+@app.command("export")
+@user_errors
+def export_(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the .onnx file to write")],
+    format: Annotated[str, typer.Option(help="export format (onnx)")] = "onnx",
+    data: Annotated[str | None, typer.Option("--data", "-d", help="data whose validation split checks parity")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Export an artifact to one ONNX file, checked for parity with torch."""
+    from . import data as datasets
+    from .export import export
+    from .models import load
+
+    sample = datasets.load(data, seed=seed, label=label).val if data else None
+    result = export(load(artifact, trust_factory=trust_factory), format, out, sample=sample)
+    parity = result.parity
+    detail = (f"; parity on {parity['samples']} inputs: max abs diff {parity['max_abs_diff']:.2e}, "
+              f"argmax agreement {parity['argmax_agreement']:.4f}") if parity else ""
+    typer.echo(f"wrote {out} ({result.bytes:,} bytes){detail}")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_(
+    source: Annotated[Path, typer.Argument(help="artifact folder or .onnx file")],
+    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, codebook:N, ...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output artifact folder, or a .onnx file")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning data")] = None,
+    backend: Annotated[str, typer.Option(help="auto, torch or onnxruntime")] = "auto",
+    method: Annotated[str | None, typer.Option(help="int8-static calibration: minmax, percentile, entropy")] = None,
+    format: Annotated[str | None, typer.Option(help="onnxruntime int8-static format: qdq or qoperator")] = None,
+    epochs: Annotated[int | None, typer.Option(help="codebook centroid fine-tuning epochs")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Quantize an artifact or an ONNX file; write an artifact folder (or the int8 .onnx file)."""
+    from . import data as datasets
+    from .compress.onnx_int8 import quantize_file
+
+    splits = datasets.load(data, seed=seed, label=label) if data else None
+    options = {k: v for k, v in {"method": method, "format": format, "epochs": epochs}.items() if v is not None}
+    text = quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options)
+    typer.echo(text)
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 

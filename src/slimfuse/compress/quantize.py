@@ -49,4 +49,4 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
     return SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
 
 
-from . import quant_torch  # noqa: E402,F401  (registers the torch schemes)
+from . import codebook, onnx_int8, quant_torch  # noqa: E402,F401  (register the schemes)

@@ -87,6 +87,26 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     return path
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write one file atomically: a temp file next to ``path``, fsynced, then renamed into place.
+
+    In a data-parallel run only rank 0 writes."""
+    if not is_main():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -26,6 +26,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     models = {"teacher (LeNet-300-100)": load(out / "teacher")}
     distill_rows, distill_section = distill_step(teacher, splits, out, seed=seed, progress=progress)
     models.update(distill_rows)
+    models.update(onnx_and_codebook_step(models["teacher (LeNet-300-100)"], splits, out, seed=seed))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
@@ -56,3 +57,21 @@ def distill_step(teacher, splits, out: Path, *, seed: int, progress: bool | None
             f"student alone {acc['alone']:.4f}, distilled {acc['distilled']:.4f}: {closed}.")
     rows = {"student 784-32-10 alone": alone, "student 784-32-10 distilled": load(out / "student-distilled")}
     return rows, ("Distillation", body)
+
+
+def onnx_and_codebook_step(teacher, splits, out: Path, *, seed: int = 0) -> dict:
+    """Teacher -> ONNX (fp32) and ONNX Runtime int8 files; teacher -> codebook:5 artifact (each reloaded)."""
+    from ..compress.quantize import quantize
+    from ..export import export
+    from ..runtime import load_onnx
+
+    export(teacher, "onnx", out / "teacher.onnx", sample=splits.val)
+    int8 = quantize(load_onnx(out / "teacher.onnx"), "int8-static", calib=splits.val, backend="onnxruntime")
+    export(int8, "onnx", out / "teacher-int8.onnx")
+    shared = quantize(teacher, "codebook:5", data=splits, epochs=1, seed=seed)
+    save(shared, out / "codebook5", metrics={"test": evaluate(shared, splits.test)})
+    return {
+        "teacher ONNX fp32": load_onnx(out / "teacher.onnx"),
+        "teacher ONNX int8-static": load_onnx(out / "teacher-int8.onnx"),
+        "teacher codebook:5": load(out / "codebook5"),
+    }

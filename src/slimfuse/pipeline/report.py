@@ -9,12 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 
-from ..distributed import is_main
 from ..measure import Report
+from ..models.artifact import write_bytes_atomic
 
 PLOTS = (
     ("bytes", "artifact bytes on disk", True),
@@ -23,19 +21,7 @@ PLOTS = (
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file via a temp file and a rename (only rank 0 writes in a data-parallel run)."""
-    if not is_main():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, text.encode("utf-8") if isinstance(text, str) else text)
 
 
 def pareto_front(rows: list[dict], x: str, y: str = "accuracy") -> list[str]:

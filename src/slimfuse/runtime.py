@@ -1,0 +1,312 @@
+"""ONNX Runtime as a predictor: an ``nn.Module`` whose forward runs an ONNX model.
+
+``load_onnx(path)`` validates the file with ``onnx.checker`` (nothing in it is
+executed before that, and external-data references are refused) and returns an
+:class:`OnnxPredictor`: torch tensor in, logits tensor out, through an
+``onnxruntime.InferenceSession`` with a fixed intra-op thread count. It is a
+module like any other, so ``measure`` times it (``slimfuse_runtime =
+"onnxruntime"``), ensembles take it as a member and distillation as a teacher.
+
+Saving: the predictor keeps the serialized ONNX model as a ``uint8`` buffer,
+so ``slimfuse.save`` / ``load`` store it in ``weights.safetensors`` unchanged
+(architecture ``"onnx"``; its args carry the byte count and SHA-256, checked on
+load). ``slimfuse.export(predictor, "onnx", path)`` writes the ``.onnx`` file
+back out for deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from .errors import ArtifactError, ConfigError
+from .models.spec import attach, derive, lineage_of, task_of
+from .models.zoo import register
+
+META_KEY = "slimfuse"  # ONNX metadata_props key: JSON with lineage and task
+LAYOUTS = ("nchw", "nhwc")
+OUTPUTS = ("auto", "logits", "proba")
+
+# Inputs that hold quantization parameters (scale / zero point), not weights: op -> input indices.
+_QPARAM_INPUTS = {
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3), "ConvInteger": (2, 3),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QLinearConv": (1, 2, 4, 5, 6, 7), "QGemm": (1, 2, 4, 5, 7, 8),
+    "DynamicQuantizeMatMul": (2, 3),
+}
+
+
+def parse_onnx(data: bytes, *, where: str = "ONNX model") -> onnx.ModelProto:
+    """Decode and check ONNX bytes; raise ArtifactError for anything that is not a usable model."""
+    try:
+        proto = onnx.load_model_from_string(bytes(data))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{where}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ArtifactError(f"{where}: not an ONNX model (no graph)")
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise ArtifactError(f"{where}: weights are stored in external files; slimfuse needs them embedded in one file")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # onnx.checker.ValidationError and protobuf errors
+        raise ArtifactError(f"{where}: invalid ONNX model ({str(e).splitlines()[0]})") from None
+    feeds = _graph_inputs(proto)
+    if len(feeds) != 1:
+        raise ArtifactError(f"{where}: slimfuse runs models with one tensor input; this one has {len(feeds)}")
+    if feeds[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ArtifactError(f"{where}: the model input must be float32")
+    return proto
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> list:
+    inits = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
+class OnnxPredictor(nn.Module):
+    """An ONNX model run by ONNX Runtime, as an ``nn.Module`` (inference only, no gradients).
+
+    ``threads``: intra-op threads of the session (``None``: follow ``torch.get_num_threads()`` at
+    call time, which is what ``measure`` sets, so both runtimes get the same cores).
+    ``input_layout``: ``nhwc`` transposes NCHW image batches for models exported from
+    TensorFlow/Keras; inputs are then reshaped to the model's static input shape when the element
+    count matches (e.g. an MLP that expects flat vectors). ``output``: ``logits``, ``proba``
+    (the model ends in softmax: forward returns log-probabilities, which are valid logits), or
+    ``auto`` (``proba`` when the graph's output is produced by a Softmax node).
+    """
+
+    slimfuse_runtime = "onnxruntime"
+
+    def __init__(self, nbytes: int, sha256: str = "", threads: int | None = None,
+                 input_layout: str = "nchw", output: str = "auto"):
+        super().__init__()
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+            raise ConfigError(f"nbytes must be a positive integer, got {nbytes!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
+        if input_layout not in LAYOUTS:
+            raise ConfigError(f"input_layout must be one of {', '.join(LAYOUTS)}, got {input_layout!r}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        self.sha256, self.threads, self.input_layout, self.output = sha256, threads, input_layout, output
+        self.register_buffer("onnx_model", torch.zeros(nbytes, dtype=torch.uint8))
+        self._sessions: dict[int, object] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._reset(check=True))
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, data: bytes, *, threads: int | None = None, input_layout: str = "nchw",
+                   output: str = "auto", where: str = "ONNX model") -> OnnxPredictor:
+        """A predictor for serialized ONNX ``data`` (checked first); the spec records how to rebuild it."""
+        proto = parse_onnx(data, where=where)
+        digest = hashlib.sha256(data).hexdigest()
+        pred = cls(len(data), digest, threads, input_layout, output)
+        pred.onnx_model.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        pred.__dict__["proto"] = proto
+        args = {"nbytes": len(data), "sha256": digest, "threads": threads, "input_layout": input_layout,
+                "output": output}
+        return attach(pred, {"arch": "onnx", "args": args})
+
+    def _reset(self, *, check: bool) -> None:
+        self._sessions = {}
+        self.__dict__.pop("proto", None)
+        self.__dict__.pop("_io", None)
+        if check:
+            data = self.model_bytes()
+            if self.sha256 and hashlib.sha256(data).hexdigest() != self.sha256:
+                raise ArtifactError("the stored ONNX model does not match the SHA-256 in its card (corrupt artifact)")
+            self.__dict__["proto"] = parse_onnx(data, where="stored ONNX model")
+
+    def model_bytes(self) -> bytes:
+        return self.onnx_model.numpy().tobytes()
+
+    @cached_property
+    def proto(self) -> onnx.ModelProto:
+        return parse_onnx(self.model_bytes())
+
+    # -- inference --------------------------------------------------------------------------------
+    @cached_property
+    def _io(self) -> dict:
+        feed = _graph_inputs(self.proto)[0]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in feed.type.tensor_type.shape.dim]
+        out = self.proto.graph.output[0].name
+        producer = next((n.op_type for n in self.proto.graph.node if out in n.output), None)
+        proba = self.output == "proba" or (self.output == "auto" and producer == "Softmax")
+        return {"input": feed.name, "dims": dims, "output": out, "proba": proba}
+
+    def session(self, threads: int | None = None):
+        """The ONNX Runtime session for ``threads`` intra-op threads (cached)."""
+        import onnxruntime as ort
+
+        n = threads or self.threads or torch.get_num_threads()
+        if n not in self._sessions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = n
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            try:
+                self._sessions[n] = ort.InferenceSession(self.model_bytes(), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT rejects a checked model: unsupported op or opset
+                raise ArtifactError(f"ONNX Runtime cannot run this model: {str(e).splitlines()[0]}") from None
+        return self._sessions[n]
+
+    def feed(self, x) -> np.ndarray:
+        """``x`` (torch or numpy, N x ...) as the float32 array the ONNX input expects."""
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        x = x.astype(np.float32, copy=False)
+        if self.input_layout == "nhwc" and x.ndim == 4:
+            x = x.transpose(0, 2, 3, 1)
+        dims = self._io["dims"]
+        if len(dims) >= 2 and all(d is not None for d in dims[1:]) and list(x.shape[1:]) != dims[1:]:
+            if math.prod(dims[1:]) != math.prod(x.shape[1:]):
+                raise ConfigError(f"the ONNX model expects inputs of shape {dims[1:]}, got {list(x.shape[1:])}")
+            x = x.reshape(len(x), *dims[1:])
+        return np.ascontiguousarray(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session().run([self._io["output"]], {self._io["input"]: self.feed(x)})[0]
+        y = torch.from_numpy(np.asarray(out, dtype=np.float32))
+        if self._io["proba"]:
+            y = y.clamp_min(1e-12).log()
+        return y.to(x.device) if isinstance(x, torch.Tensor) else y
+
+    # -- measurement hooks ------------------------------------------------------------------------
+    def slimfuse_artifact_bytes(self) -> int:
+        """Bytes of the ``.onnx`` file this predictor deploys as."""
+        return int(self.onnx_model.numel())
+
+    def slimfuse_counts(self) -> dict[str, int]:
+        return dict(self._stats["counts"])
+
+    def slimfuse_macs(self) -> int | None:
+        return self._stats["macs"]
+
+    @cached_property
+    def _stats(self) -> dict:
+        return graph_stats(self.proto)
+
+    def __getstate__(self):  # sessions cannot be copied or pickled; they are rebuilt on demand
+        state = {k: v for k, v in self.__dict__.items() if k not in ("proto", "_io", "_stats")}
+        state["_sessions"] = {}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"bytes={self.onnx_model.numel()}, threads={self.threads}, input_layout={self.input_layout!r}"
+
+
+register("onnx")(OnnxPredictor)
+
+
+def load_onnx(path: str | Path, *, threads: int | None = None, input_layout: str = "nchw",
+              output: str = "auto") -> OnnxPredictor:
+    """Load an ``.onnx`` file as an :class:`OnnxPredictor` (checked; ArtifactError if invalid or foreign).
+
+    A file written by ``slimfuse.export`` brings back the source model's lineage and task; any other
+    ONNX file starts a lineage with an ``import_onnx`` step.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such ONNX file")
+    data = path.read_bytes()
+    pred = OnnxPredictor.from_bytes(data, threads=threads, input_layout=input_layout, output=output, where=str(path))
+    meta = read_metadata(pred.proto)
+    if meta is not None:
+        return attach(pred, pred.slimfuse["spec"], lineage=meta.get("lineage"), task=meta.get("task"))
+    return derive(pred, pred, "import_onnx", producer=pred.proto.producer_name or None, file=path.name)
+
+
+def from_proto(proto: onnx.ModelProto, source: nn.Module | None = None, **kwargs) -> OnnxPredictor:
+    """An :class:`OnnxPredictor` for an in-memory ModelProto, keeping ``source``'s lineage and task."""
+    pred = OnnxPredictor.from_bytes(proto.SerializeToString(), **kwargs)
+    if source is not None:
+        attach(pred, pred.slimfuse["spec"], lineage=lineage_of(source), task=task_of(source))
+    return pred
+
+
+def read_metadata(proto: onnx.ModelProto) -> dict | None:
+    """The slimfuse lineage/task stored in an ONNX file's metadata (None for foreign files)."""
+    for prop in proto.metadata_props:
+        if prop.key == META_KEY:
+            try:
+                meta = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            if isinstance(meta, dict) and isinstance(meta.get("lineage"), list):
+                return meta if meta.get("task") is None or isinstance(meta["task"], dict) else None
+    return None
+
+
+def write_metadata(proto: onnx.ModelProto, model: nn.Module) -> None:
+    """Record ``model``'s lineage and task in ``proto``'s metadata (replacing an earlier record)."""
+    keep = [p for p in proto.metadata_props if p.key != META_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    value = json.dumps({"lineage": lineage_of(model), "task": task_of(model)}, sort_keys=True)
+    proto.metadata_props.add(key=META_KEY, value=value)
+
+
+def graph_stats(proto: onnx.ModelProto) -> dict:
+    """Parameters, non-zeros (weights and biases, not quantization scales) and MACs per sample."""
+    qparams = set()
+    for node in proto.graph.node:
+        for i in _QPARAM_INPUTS.get(node.op_type, ()):
+            if i < len(node.input):
+                qparams.add(node.input[i])
+    params = nonzeros = 0
+    for t in proto.graph.initializer:
+        if t.name in qparams or t.data_type == onnx.TensorProto.INT64:
+            continue
+        arr = numpy_helper.to_array(t)
+        params += arr.size
+        nonzeros += int(np.count_nonzero(arr))
+    return {"counts": {"params": params, "nonzeros": nonzeros}, "macs": _macs(proto)}
+
+
+def _macs(proto: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of MatMul/Gemm/Conv-like nodes for batch 1, from ONNX shape inference."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for feed in _graph_inputs(model):
+        dims = feed.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return None
+    shapes = {}
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    total = 0
+    for node in model.graph.node:
+        op = node.op_type
+        if op in ("MatMul", "MatMulInteger", "Gemm", "QGemm", "QLinearMatMul", "DynamicQuantizeMatMul"):
+            a_i, b_i = (0, 3) if op in ("QLinearMatMul", "QGemm") else (0, 1)
+            a, b, out = shapes.get(node.input[a_i]), shapes.get(node.input[b_i]), shapes.get(node.output[0])
+            if a is None or b is None or out is None:
+                return None
+            k = a[-1]
+            if op in ("Gemm", "QGemm") and any(at.name == "transA" and at.i for at in node.attribute):
+                k = a[0]
+            total += math.prod(out) * k
+        elif op in ("Conv", "ConvInteger", "QLinearConv"):
+            w, out = shapes.get(node.input[3 if op == "QLinearConv" else 1]), shapes.get(node.output[0])
+            if w is None or out is None:
+                return None
+            total += math.prod(out) * math.prod(w[1:])
+    return int(total)

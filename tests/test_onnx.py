@@ -1,0 +1,138 @@
+"""ONNX export, the ONNX Runtime predictor, and int8 quantization with ONNX Runtime."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import slimfuse as sf
+from slimfuse.cli import app
+from slimfuse.compress.onnx_int8 import float_nodes
+from slimfuse.runtime import OnnxPredictor, load_onnx
+
+
+@pytest.fixture(scope="module")
+def onnx_file(digits_mlp, digits, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "mlp.onnx"
+    result = sf.export(digits_mlp, "onnx", path, sample=digits.val)
+    return path, result
+
+
+def test_export_parity_dynamic_batch_and_recorded_lineage(onnx_file, digits_mlp, digits):
+    path, result = onnx_file
+    assert result.parity["argmax_agreement"] == 1.0 and result.parity["max_abs_diff"] < 1e-4
+    proto = onnx.load(str(path))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    pred = load_onnx(path)
+    for n in (1, 7, len(digits.test)):  # dynamic batch axis
+        torch.testing.assert_close(pred(digits.test.x[:n]), sf.predict(digits_mlp, digits.test.x[:n]),
+                                   atol=1e-4, rtol=1e-4)
+    steps = [s["op"] for s in sf.lineage_of(pred)]
+    assert steps == ["train", "export"] and sf.lineage_of(pred)[-1]["params"]["parity"] == result.parity
+    assert pred.slimfuse_runtime == "onnxruntime"
+
+
+def test_predictor_is_measured_saved_bit_exactly_and_usable_as_a_module(onnx_file, digits_mlp, digits, tmp_path):
+    pred = load_onnx(onnx_file[0])
+    report = sf.measure({"torch": digits_mlp, "ort": pred}, digits.test, seconds=0.05)
+    torch_row, ort_row = report.row("torch"), report.row("ort")
+    assert ort_row["runtime"] == "onnxruntime" and ort_row["macs"] == torch_row["macs"]
+    assert ort_row["params"] == torch_row["params"] and abs(ort_row["accuracy"] - torch_row["accuracy"]) < 1e-6
+    sf.save(pred, tmp_path / "a")
+    back = sf.load(tmp_path / "a")
+    assert torch.equal(sf.predict(back, digits.test), sf.predict(pred, digits.test))
+    assert sf.lineage_of(back) == sf.lineage_of(pred)
+    # a teacher / ensemble member: gradients flow around it, deep copies work
+    x = digits.test.x[:5].clone().requires_grad_(True)
+    twin = copy.deepcopy(back)
+    assert torch.equal(twin(x), pred(x))
+
+
+def test_tampered_stored_model_is_refused(onnx_file, tmp_path):
+    pred = load_onnx(onnx_file[0])
+    sf.save(pred, tmp_path / "a")
+    card = (tmp_path / "a" / "card.json").read_text()
+    (tmp_path / "a" / "card.json").write_text(card.replace(pred.sha256, "0" * 64))
+    with pytest.raises(sf.ArtifactError):
+        sf.load(tmp_path / "a")
+
+
+def test_invalid_and_foreign_onnx_files_are_refused(tmp_path, onnx_file):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x80\x04 not a model at all")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_file[0].read_bytes()[:500])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 4])
+    bad_graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["missing"], ["y"])], "g", [x], [y])
+    invalid = tmp_path / "invalid.onnx"
+    invalid.write_bytes(onnx.helper.make_model(bad_graph).SerializeToString())
+    for path in (garbage, truncated, invalid, tmp_path / "absent.onnx"):
+        with pytest.raises(sf.ArtifactError):
+            load_onnx(path)
+
+
+def _int8_initializers(proto):
+    return [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
+def test_ort_int8_is_smaller_low_precision_and_accurate(scheme, onnx_file, digits_mlp, digits):
+    fp32 = load_onnx(onnx_file[0])
+    q = sf.quantize(digits_mlp, scheme, calib=digits.val, backend="onnxruntime")
+    assert isinstance(q, OnnxPredictor)
+    assert q.slimfuse_artifact_bytes() < 0.5 * fp32.slimfuse_artifact_bytes()
+    assert float_nodes(q.proto) == [] and len(_int8_initializers(q.proto)) >= 2  # weights really are int8
+    base = sf.evaluate(fp32, digits.test)["accuracy"]
+    assert sf.evaluate(q, digits.test)["accuracy"] >= base - 0.03
+    assert sf.lineage_of(q)[-1]["params"]["scheme"] == scheme
+
+
+def test_onnx_in_int8_onnx_out(onnx_file, digits, tmp_path):
+    # a foreign file (no slimfuse metadata), as a TensorFlow/Keras exporter would write it
+    proto = onnx.load(str(onnx_file[0]))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(proto.SerializeToString())
+    for method in ("percentile", "entropy"):
+        q = sf.quantize(str(foreign), "int8-static", calib=digits.val, backend="onnxruntime", method=method)
+        assert [s["op"] for s in sf.lineage_of(q)] == ["import_onnx", "quantize"]
+    result = sf.export(q, "onnx", tmp_path / "int8.onnx")
+    again = load_onnx(result.path)
+    assert torch.equal(again(digits.test.x), q(digits.test.x))
+    assert [s["op"] for s in sf.lineage_of(again)] == ["import_onnx", "quantize"]
+
+
+def test_clear_errors(digits_mlp, digits, tmp_path):
+    with pytest.raises(sf.ConfigError, match="calibration data"):
+        sf.quantize(digits_mlp, "int8-static", backend="onnxruntime")
+    with pytest.raises(sf.ConfigError, match="unknown quantization scheme"):
+        sf.quantize(digits_mlp, "int4-magic")
+    with pytest.raises(sf.ConfigError, match="calibration method"):
+        sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", method="median")
+    with pytest.raises(sf.ConfigError, match="unknown option"):
+        sf.quantize(digits_mlp, "int8-dynamic", backend="onnxruntime", symmetric=True)
+    with pytest.raises(sf.ConfigError, match="format"):
+        sf.export(digits_mlp, "tflite", tmp_path / "m.tflite")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_and_quantize_an_onnx_file(digits_mlp, tmp_path):
+    sf.save(digits_mlp, tmp_path / "teacher")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(tmp_path / "teacher"), "-o", str(tmp_path / "m.onnx"), "--data", "digits"])
+    assert res.exit_code == 0, res.output
+    assert "argmax agreement 1.0000" in res.output
+    res = runner.invoke(app, ["quantize", str(tmp_path / "m.onnx"), "--scheme", "int8-static", "--data", "digits",
+                              "--backend", "onnxruntime", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    q = sf.load(tmp_path / "q")
+    assert isinstance(q, OnnxPredictor) and sf.read_card(tmp_path / "q")["metrics"]["test"]["accuracy"] > 0.5
+    (tmp_path / "bad.onnx").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
+    res = runner.invoke(app, ["quantize", str(tmp_path / "bad.onnx"), "--scheme", "int8-dynamic", "-o",
+                              str(tmp_path / "out.onnx")])
+    assert res.exit_code == 2 and "not an ONNX model" in res.output
+    assert not (tmp_path / "out.onnx").exists()
