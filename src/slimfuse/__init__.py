@@ -10,6 +10,7 @@ from . import data as datasets
 from ._version import __version__
 from .data import Split, Splits, Task
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
+from .fuse import Ensemble, ensemble, soup, swa, train_members
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
@@ -20,3 +21,4 @@ __all__ = [
     "__version__", "data", "datasets", "evaluate", "fit", "lineage_of", "load", "measure", "predict",
     "read_card", "save", "spec_of", "zoo",
 ]
+__all__ += ["Ensemble", "ensemble", "soup", "swa", "train_members"]
