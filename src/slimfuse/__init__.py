@@ -12,6 +12,7 @@ from .compress.distill import distill
 from .data import Split, Splits, Task
 from .compress.quantize import quantize
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
+from .fuse import Ensemble, ensemble, soup, swa, train_members
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
@@ -26,4 +27,4 @@ __all__ = [
     "read_card", "save", "spec_of", "zoo",
     "prune", "quantize", "export", "runtime",
 ]
-__all__ += ["distill"]
+__all__ += ["distill", "Ensemble", "ensemble", "soup", "swa", "train_members"]

@@ -68,8 +68,11 @@ def train(
     patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
     seed: Seed = 0,
     label: Label = "label",
+    members: Annotated[int, typer.Option(help="train this many members and save them as one ensemble")] = 1,
+    diversity: Annotated[str, typer.Option(help="members differ by: seed, bagging, snapshot, architectures")] = "seed",
+    combine: Annotated[str, typer.Option(help="ensemble method for --members: mean, vote, weighted, stacking")] = "mean",
 ):
-    """Train a zoo model and save it as an artifact."""
+    """Train a zoo model (or, with --members, an ensemble) and save it as an artifact."""
     import torch
 
     from . import data as datasets
@@ -81,10 +84,16 @@ def train(
     if widths is not None and model != "mlp":
         kwargs["widths"] = _ints(widths, "--widths")
     torch.manual_seed(seed)
-    net = zoo.for_task(model, splits.task, **kwargs)
-    # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
-    trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                  patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
+    if members > 1 or diversity != "seed":
+        from .fuse.jobs import train_ensemble
+
+        trained = train_ensemble(model, splits, kwargs, members, diversity, combine, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
+    else:
+        net = zoo.for_task(model, splits.task, **kwargs)
+        # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
+        trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
     metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
     save(trained, out, metrics=metrics)
     typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f}")
@@ -338,6 +347,28 @@ def quantize_(
     options = {k: v for k, v in {"method": method, "format": format, "epochs": epochs}.items() if v is not None}
     text = quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options)
     typer.echo(text)
+
+
+@app.command()
+@user_errors
+def ensemble(
+    artifacts: Annotated[list[Path], typer.Argument(help="member artifact folders")],
+    data: Data,
+    out: Out,
+    method: Annotated[str, typer.Option(help="mean, mean-logits, vote, weighted or stacking")] = "mean",
+    refine: Annotated[bool, typer.Option(help="weighted: refine Caruana weights by minimizing validation NLL")] = False,
+    meta: Annotated[str, typer.Option(help="stacking meta-learner: linear or mlp")] = "linear",
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in a card")] = False,
+):
+    """Combine trained artifacts into one ensemble artifact (weights learned on the validation split)."""
+    from . import data as datasets
+    from .fuse.jobs import ensemble_artifacts
+
+    splits = datasets.load(data, seed=seed, label=label)
+    typer.echo(ensemble_artifacts(artifacts, splits, out, method=method, refine=refine, meta=meta, seed=seed,
+                                  trust_factory=trust_factory))
 
 
 def main() -> None:

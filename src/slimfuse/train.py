@@ -7,7 +7,8 @@ that train (pruning fine-tunes, distillation, QAT, ensemble members) call
 - ``loss(logits, batch) -> Tensor`` replaces cross-entropy (``batch.index``
   indexes the training split, so cached per-sample targets can be looked up);
 - ``after_step(model)`` runs after every optimizer step (pruning masks);
-- ``transform(x, generator) -> x`` augments each training batch.
+- ``transform(x, generator) -> x`` augments each training batch;
+- ``on_epoch_end(model, row)`` runs after every epoch (snapshot ensembles, SWA).
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ def fit(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     schedule: str | None = None,
+    cycles: int = 1,
     seed: int = 0,
     patience: int | None = None,
     loss: LossFn | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     train: Split | None = None,
+    on_epoch_end: Callable[[nn.Module, dict], None] | None = None,
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
@@ -70,7 +73,8 @@ def fit(
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
 
     ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``None`` or
-    ``cosine``. With ``patience``, training stops after that many epochs without a better
+    ``cosine``; with ``cycles=k`` the cosine restarts k times (warm restarts, one cycle per
+    ``epochs / k`` epochs), as snapshot ensembles need. With ``patience``, training stops after that many epochs without a better
     validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
     given ``seed``. ``history``, if given, receives one dict per epoch. With ``checkpoint``
     (a folder), the state is saved there after every epoch and a rerun with the same
@@ -81,10 +85,14 @@ def fit(
     """
     train = data.train if train is None else train
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1 or (epochs and epochs % cycles):
+        raise ConfigError(f"cycles must be a positive integer dividing epochs ({epochs}), got {cycles!r}")
+    if cycles > 1 and schedule != "cosine":
+        raise ConfigError("cycles > 1 needs schedule='cosine' (cosine annealing with warm restarts)")
     model = copy.deepcopy(model)
     run_params = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                   "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "seed": seed,
-                  "patience": patience, "n_train": len(train), "op": op}
+                  "cycles": cycles, "patience": patience, "n_train": len(train), "op": op}
     ckpt = Checkpoint(checkpoint, run_key(model, run_params)) if checkpoint is not None else None
     loss = loss or cross_entropy
     n = len(train)
@@ -97,11 +105,11 @@ def fit(
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        sched = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-            if schedule == "cosine"
-            else None
-        )
+        sched: torch.optim.lr_scheduler.LRScheduler | None = None
+        if schedule == "cosine" and cycles > 1:
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=epochs // cycles * steps_per_epoch)
+        elif schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
         check_fits(model, train, data.task.num_classes)
         best: tuple[float, dict | None] = (-1.0, None)
         since_best, first_epoch, rows = 0, 1, []
@@ -139,6 +147,8 @@ def fit(
                 if len(data.val):
                     row.update(evaluate(model, data.val))
                 rows.append(row)
+                if on_epoch_end is not None:
+                    on_epoch_end(model, row)
                 bar.describe(f"{op} epoch {epoch}/{epochs} loss {row['train_loss']:.4f}"
                              + (f" val acc {row['accuracy']:.4f}" if "accuracy" in row else ""))
                 if patience is not None and "accuracy" in row:
