@@ -112,7 +112,7 @@ def test_clear_errors(digits_mlp, digits, tmp_path):
     with pytest.raises(sf.ConfigError, match="unknown quantization scheme"):
         sf.quantize(digits_mlp, "int4-magic")
     with pytest.raises(sf.ConfigError, match="calibration method"):
-        sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", method="median")
+        sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", calibrator="median")
     with pytest.raises(sf.ConfigError, match="unknown option"):
         sf.quantize(digits_mlp, "int8-dynamic", backend="onnxruntime", symmetric=True)
     with pytest.raises(sf.ConfigError, match="format"):

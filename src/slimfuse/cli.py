@@ -270,34 +270,28 @@ def prune(
 @app.command()
 @user_errors
 def quantize(
-    artifact: Annotated[Path, typer.Argument(help="artifact folder of the float model")],
-    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, qat, fp16, bf16 or mixed")],
-    out: Out,
+    source: Annotated[Path, typer.Argument(help="artifact folder or .onnx file")],
+    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, qat, fp16, bf16, mixed or codebook:N")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output artifact folder, or a .onnx file (onnxruntime)")],
     data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning / validation data "
                                              "(needed by int8-static, qat, mixed); also adds test metrics")] = None,
-    backend: Annotated[str, typer.Option(help="auto (the measured default), torch, ...")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (the measured default), torch or onnxruntime")] = "auto",
     calibrator: Annotated[str | None, typer.Option(help="int8-static/mixed: minmax, percentile or entropy")] = None,
     max_drop: Annotated[float | None, typer.Option(help="mixed: largest validation accuracy drop, e.g. 0.005")] = None,
-    epochs: Annotated[int | None, typer.Option(help="qat: fine-tuning epochs")] = None,
+    epochs: Annotated[int | None, typer.Option(help="qat / codebook: fine-tuning epochs")] = None,
+    format: Annotated[str | None, typer.Option(help="onnxruntime int8-static format: qdq or qoperator")] = None,
     seed: Seed = 0,
     label: Label = "label",
     trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
 ):
-    """Quantize an artifact (real int8 kernels, real bytes) and save the result."""
+    """Quantize an artifact or an ONNX file (real int8 kernels, real bytes) and save the result."""
     from . import data as datasets
-    from .compress.quantize import quantize as quantize_model
-    from .models import load, save
-    from .train import evaluate
+    from .compress.quantize import quantize_file
 
-    model = load(artifact, trust_factory=trust_factory)
-    splits = datasets.load(data, seed=seed, label=label) if data is not None else None
-    options = {k: v for k, v in {"calibrator": calibrator, "max_drop": max_drop, "epochs": epochs}.items()
-               if v is not None}
-    result = quantize_model(model, scheme, calib=splits, backend=backend, **options)
-    metrics = {"val": evaluate(result, splits.val), "test": evaluate(result, splits.test)} if splits else {}
-    save(result, out, metrics=metrics)
-    acc = f": test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
-    typer.echo(f"saved {out} ({scheme}){acc}")
+    splits = datasets.load(data, seed=seed, label=label) if data else None
+    options = {k: v for k, v in {"calibrator": calibrator, "max_drop": max_drop, "epochs": epochs,
+                                 "format": format}.items() if v is not None}
+    typer.echo(quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options))
 
 
 @app.command("export")
@@ -322,31 +316,6 @@ def export_(
     detail = (f"; parity on {parity['samples']} inputs: max abs diff {parity['max_abs_diff']:.2e}, "
               f"argmax agreement {parity['argmax_agreement']:.4f}") if parity else ""
     typer.echo(f"wrote {out} ({result.bytes:,} bytes){detail}")
-
-
-@app.command("quantize")
-@user_errors
-def quantize_(
-    source: Annotated[Path, typer.Argument(help="artifact folder or .onnx file")],
-    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, codebook:N, ...")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output artifact folder, or a .onnx file")],
-    data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning data")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or onnxruntime")] = "auto",
-    method: Annotated[str | None, typer.Option(help="int8-static calibration: minmax, percentile, entropy")] = None,
-    format: Annotated[str | None, typer.Option(help="onnxruntime int8-static format: qdq or qoperator")] = None,
-    epochs: Annotated[int | None, typer.Option(help="codebook centroid fine-tuning epochs")] = None,
-    seed: Seed = 0,
-    label: Label = "label",
-    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
-):
-    """Quantize an artifact or an ONNX file; write an artifact folder (or the int8 .onnx file)."""
-    from . import data as datasets
-    from .compress.onnx_int8 import quantize_file
-
-    splits = datasets.load(data, seed=seed, label=label) if data else None
-    options = {k: v for k, v in {"method": method, "format": format, "epochs": epochs}.items() if v is not None}
-    text = quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options)
-    typer.echo(text)
 
 
 @app.command()
