@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import Checkpoint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
@@ -68,6 +69,7 @@ def fit(
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
+    parallel: bool | None = None,
     op: str | None = "train",
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
@@ -81,7 +83,9 @@ def fit(
     parameters resumes from it, reaching the same weights as an uninterrupted run; the
     folder is removed when training completes. ``op`` names the
     lineage step recorded on the result (``None``: record nothing, for techniques that
-    record their own step).
+    record their own step). Under ``torchrun --nproc_per_node N`` training is data-parallel
+    (DistributedDataParallel; ``batch_size`` is the global batch) with no change to the call;
+    ``parallel=False`` trains locally on each rank (ensemble members spread over ranks).
     """
     train = data.train if train is None else train
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
@@ -119,18 +123,27 @@ def fit(
             since_best, rows = resumed["since_best"], resumed["history"]
             if patience is not None and since_best >= patience:  # it had stopped early
                 first_epoch = epochs + 1
-        with _Progress(progress, total=epochs * steps_per_epoch, label=op or "fit") as bar:
+        # Under torchrun every rank takes its share of each global batch; DDP averages gradients.
+        parallel = distributed.setup() if parallel is None else parallel and distributed.setup()
+        rank, ranks = distributed.world() if parallel else (0, 1)
+        net = nn.parallel.DistributedDataParallel(model) if parallel else model
+        with _Progress(progress if rank == 0 else False, total=epochs * steps_per_epoch, label=op or "fit") as bar:
             for epoch in range(first_epoch, epochs + 1):
                 model.train()
-                order = torch.randperm(n, generator=gen)
+                # The order depends on (seed, epoch) only, so every rank agrees on it.
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                 total, seen = 0.0, 0
                 for start in range(0, n, batch_size):
                     idx = order[start : start + batch_size]
+                    if parallel:
+                        if len(idx) < ranks:  # too few samples left to give every rank one
+                            continue
+                        idx = idx[rank::ranks]
                     x = train.x[idx]
                     if transform is not None:
                         x = transform(x, gen)
                     batch = Batch(x, train.y[idx], idx)
-                    value = loss(model(x), batch)
+                    value = loss(net(x), batch)
                     if not torch.isfinite(value):
                         raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; lower the learning rate")
                     opt.zero_grad(set_to_none=True)
@@ -143,7 +156,7 @@ def fit(
                     total += value.item() * len(idx)
                     seen += len(idx)
                     bar.advance()
-                row = {"epoch": epoch, "train_loss": total / seen}
+                row = {"epoch": epoch, "train_loss": distributed.all_reduce_mean(total / seen)}
                 if len(data.val):
                     row.update(evaluate(model, data.val))
                 rows.append(row)
@@ -157,7 +170,7 @@ def fit(
                         since_best = 0
                     else:
                         since_best += 1
-                if ckpt is not None:
+                if ckpt is not None and rank == 0:
                     ckpt.save(epoch=epoch, model=model, opt=opt, sched=sched, gen=gen, best=best,
                               since_best=since_best, history=rows)
                 if patience is not None and since_best >= patience:
@@ -166,7 +179,7 @@ def fit(
             model.load_state_dict(best[1])
     if history is not None:
         history.extend(rows)
-    if ckpt is not None:
+    if ckpt is not None and distributed.is_main():
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}

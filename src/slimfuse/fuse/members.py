@@ -20,6 +20,7 @@ import torch
 from sklearn.model_selection import KFold, StratifiedKFold
 from torch import nn
 
+from .. import distributed
 from ..data import Splits
 from ..errors import ConfigError
 from ..models.spec import derive
@@ -135,11 +136,22 @@ class _Runner:
             fit(self.fresh(0, seed), self.data, epochs=self.epochs, schedule="cosine", cycles=self.k, seed=seed,
                 train=train.subset(rows), on_epoch_end=keep, **self.fit_options)
             return snaps, [rows] * self.k
+        # Under torchrun each rank trains its share of the members (member i on rank i % ranks),
+        # then every rank receives the others' weights.
+        spread = distributed.setup()
+        rank, ranks = distributed.world() if spread else (0, 1)
         models, seen = [], []
         rng = np.random.default_rng(seed)
         for i in range(self.k):
             used = rng.choice(rows, size=len(rows), replace=True) if self.diversity == "bagging" else rows
-            models.append(fit(self.fresh(i, seed + i), self.data, epochs=self.epochs, seed=seed + i,
-                              train=train.subset(used), **self.fit_options))
+            member = self.fresh(i, seed + i)
+            if i % ranks == rank:
+                member = fit(member, self.data, epochs=self.epochs, seed=seed + i, train=train.subset(used),
+                             parallel=False, **self.fit_options)
+            models.append(member)
             seen.append(np.unique(used))
+        if spread:
+            distributed.share_modules(models, owner=lambda i: i % ranks)
+            for m in models:
+                m.eval()
         return models, seen
