@@ -142,7 +142,7 @@ def test_damaged_sparse_payload_raises_artifact_error(dense, tmp_path):
 def residual(digits):
     torch.manual_seed(0)
     model = sf.zoo.user_model("prune_models:residual_concat", width=8)
-    return sf.fit(model, digits, epochs=2, progress=False)
+    return sf.fit(model, digits, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("importance", ["l1", "taylor"])

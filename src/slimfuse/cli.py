@@ -232,7 +232,7 @@ def prune(
     importance: Annotated[str | None, typer.Option(help="structured: l1, l2 or taylor")] = None,
     round_to: Annotated[int | None, typer.Option(help="structured: keep widths multiples of this")] = None,
     exclude: Annotated[str | None, typer.Option(help="comma-separated module names never pruned (default: output layer)")] = None,
-    lr: float = 1e-3,
+    lr: Annotated[float | None, typer.Option(help="fine-tuning learning rate (default 1e-3, structured 3e-3)")] = None,
     seed: Seed = 0,
     label: Label = "label",
     trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,

@@ -5,7 +5,7 @@ magnitude is smallest become real zeros, exactly ``round(sparsity * n)`` of them
 (ties broken by position, so the result is deterministic). ``schedule="agp"`` is
 Zhu & Gupta's gradual pruning: while fine-tuning through ``slimfuse.train.fit``,
 the sparsity rises along ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` over
-``steps`` pruning steps spread across the first 3/4 of the fine-tuning, and the
+``steps`` pruning steps spread across the first half of the fine-tuning, and the
 masks are re-applied after every optimizer step so pruned weights stay zero. The
 result asks for the ``sparse-zstd`` storage codec, so its artifact is really
 smaller.
@@ -40,7 +40,9 @@ from .sparse import CODEC
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_FINETUNE_EPOCHS = 8
-AGP_PRUNING_SPAN = 0.75  # fraction of the fine-tuning during which the sparsity rises
+DEFAULT_LR = {"sparsity": 1e-3, "channels": 3e-3}  # Adam; a shrunk network recovers faster at 3e-3 (BENCHMARKS.md)
+AGP_PRUNING_SPAN = 0.5  # fraction of the fine-tuning during which the sparsity rises (measured: BENCHMARKS.md)
+AGP_STEPS = 5
 # Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
 WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
                "normalized_shape", "num_embeddings", "embedding_dim")
@@ -61,7 +63,7 @@ def prune(
     data: Splits | None = None,
     finetune_epochs: int | None = None,
     exclude: list[str] | None = None,
-    lr: float = 1e-3,
+    lr: float | None = None,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool | None = None,
@@ -72,7 +74,7 @@ def prune(
     ``sparsity``: fraction of weights in scope set to zero (unstructured). ``scope``:
     ``global`` (one magnitude threshold across layers, default) or ``layer`` (each layer
     pruned to ``sparsity``). ``schedule``: ``agp`` (gradual, needs fine-tuning) or
-    ``oneshot``. ``steps``: pruning steps (default 10 for agp).
+    ``oneshot``. ``steps``: pruning steps (default 5 for agp).
 
     ``channels``: fraction of channels/neurons removed from each prunable layer
     (``scope="layer"``, default) or across the network (``scope="global"``). ``importance``:
@@ -81,8 +83,9 @@ def prune(
 
     ``data``: the ``Splits`` fine-tuning trains on. ``finetune_epochs``: total fine-tuning
     budget (default 8 when ``data`` is given, else 0). ``exclude``: module names never pruned
-    (default: the output layer). ``lr``, ``batch_size``, ``seed``: fine-tuning settings
-    (Adam, cosine schedule). ``on_step(info)`` is called after every pruning step.
+    (default: the output layer). ``lr`` (default 1e-3 unstructured, 3e-3 structured: measured,
+    see BENCHMARKS.md), ``batch_size``, ``seed``: fine-tuning settings (Adam, cosine schedule).
+    ``on_step(info)`` is called after every pruning step.
     """
     if (sparsity is None) == (channels is None):
         raise ConfigError("prune: pass exactly one of sparsity= (unstructured) and channels= (structured)")
@@ -99,6 +102,8 @@ def prune(
         raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if lr is None:
+        lr = DEFAULT_LR[kind]
     fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
     on_step = on_step or (lambda info: None)
     if kind == "sparsity":
@@ -256,7 +261,7 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
         raise ConfigError(f"the layers in scope are already {initial:.4f} sparse; ask for sparsity >= that")
     steps_per_epoch = math.ceil(len(data.train) / fit_kw["batch_size"]) if data is not None else 1
     total = epochs * steps_per_epoch
-    plan = agp_schedule(initial, sparsity, steps or 10, total) if schedule == "agp" else [(0, sparsity)]
+    plan = agp_schedule(initial, sparsity, steps or AGP_STEPS, total) if schedule == "agp" else [(0, sparsity)]
     masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch)
     masker.advance(work)
     if epochs:

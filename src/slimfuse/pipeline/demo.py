@@ -27,6 +27,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     distill_rows, distill_section = distill_step(teacher, splits, out, seed=seed, progress=progress)
     models.update(distill_rows)
     models.update(onnx_and_codebook_step(models["teacher (LeNet-300-100)"], splits, out, seed=seed))
+    models.update(prune_step(teacher, splits, out, seed=seed, progress=progress))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
@@ -75,3 +76,16 @@ def onnx_and_codebook_step(teacher, splits, out: Path, *, seed: int = 0) -> dict
         "teacher ONNX int8-static": load_onnx(out / "teacher-int8.onnx"),
         "teacher codebook:5": load(out / "codebook5"),
     }
+def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | None = None) -> dict:
+    """90% magnitude sparsity (AGP) and half the neurons removed, each saved and reloaded from disk."""
+    from ..compress.prune import prune
+
+    pruned = {
+        "pruned 90% (agp, sparse-zstd)": ("pruned-90", prune(teacher, sparsity=0.9, data=splits, finetune_epochs=4,
+                                                                seed=seed, progress=progress)),
+        "pruned channels 50%": ("pruned-channels-50", prune(teacher, channels=0.5, data=splits, finetune_epochs=3,
+                                                             seed=seed, progress=progress)),
+    }
+    for folder, model in pruned.values():
+        save(model, out / folder, metrics={"test": evaluate(model, splits.test)})
+    return {name: load(out / folder) for name, (folder, _) in pruned.items()}
