@@ -14,6 +14,7 @@ from .. import data as datasets
 from ..measure import Report, measure
 from ..models import load, save, zoo
 from ..train import evaluate, fit
+from .demo_ensemble import ensemble_step
 from .report import write_report
 
 
@@ -24,6 +25,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     teacher = fit(zoo.for_task("mlp", splits.task, hidden=[300, 100]), splits, epochs=20, seed=seed, progress=progress)
     save(teacher, out / "teacher", metrics={"val": evaluate(teacher, splits.val), "test": evaluate(teacher, splits.test)})
     models = {"teacher (LeNet-300-100)": load(out / "teacher")}
+    models.update(ensemble_step(teacher, splits, out, seed=seed))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
