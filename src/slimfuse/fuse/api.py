@@ -57,7 +57,7 @@ def ensemble(
     if method in ("weighted", "stacking") and data is None and weights is None:
         raise ConfigError(f"method {method!r} learns from validation predictions; pass data=")
     classes = _classes(members_list, data)
-    members_list = [_frozen_copy(m) for m in members_list]
+    members_list = [copy.deepcopy(m).eval() for m in members_list]  # the inputs stay untouched
     step: dict = {"method": method, "members": [lineage_str(lineage_of(m)) for m in members_list]}
     extra: dict = {}
     if method == "weighted" and weights is None:
@@ -90,13 +90,6 @@ def ensemble(
     task = (data.task.to_dict() if data is not None else None) or task_of(members_list[0])
     attach(ens, spec_of(ens), lineage=[{"op": "ensemble", "params": step}], task=task)
     return ens.eval()
-
-
-def _frozen_copy(m: nn.Module) -> nn.Module:
-    out = copy.deepcopy(m).eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out
 
 
 def _classes(members: list[nn.Module], data: Splits | None) -> int:

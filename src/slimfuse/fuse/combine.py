@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import ArtifactError, ConfigError
 from ..models import zoo
@@ -54,6 +55,7 @@ class Ensemble(nn.Module):
         self.meta = meta
         self.vectorize = True  # set False to always run the member-by-member loop
         self._stacked = None  # (signature, (batched fn, params, buffers) or None when only the loop is valid)
+        self._tree = None  # (members, all their submodules): what _signature watches
         self.last_path = None  # "vmap" or "loop": how the last forward ran the members
 
     # ---- members -------------------------------------------------------------------------------
@@ -85,20 +87,28 @@ class Ensemble(nn.Module):
             and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export()
             and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None  # FLOP counters and tracers see the plain loop
         )
 
     def _signature(self):
+        """Changes whenever a member's tensors or submodules change (in-place updates included)."""
+        if self._tree is None or len(self._tree[0]) != len(self.members) or any(
+            a is not b for a, b in zip(self._tree[0], self.members)
+        ):
+            self._tree = (list(self.members), [s for m in self.members for s in m.modules()])
         sig = []
-        for m in self.members:
-            sig.append(id(m))
-            for t in (*m.parameters(), *m.buffers()):
-                sig.append((t.data_ptr(), t.device, t._version))
+        for sub in self._tree[1]:
+            sig.extend(map(id, sub._modules.values()))
+            for t in (*sub._parameters.values(), *sub._buffers.values()):
+                sig.append(None if t is None else (t.data_ptr(), t._version))
         return tuple(sig)
 
     def _stacked_state(self, x):
         sig = self._signature()
         if self._stacked is not None and self._stacked[0] == sig:
             return self._stacked[1]
+        self._tree = None  # something changed: re-read the module tree too
+        sig = self._signature()
         stacked = None
         if same_architecture(list(self.members)):
             with torch.inference_mode(False), torch.no_grad():
@@ -107,7 +117,7 @@ class Ensemble(nn.Module):
                 base = copy.deepcopy(self.members[0]).to("meta")
 
                 def one(p, b, inp):
-                    return functional_call(base, (p, b), (inp,))
+                    return functional_call(base, (p, b), (inp,), tie_weights=False)
 
                 candidate = (vmap(one, in_dims=(0, 0, None)), params, buffers)
             # trust the batched path only once it reproduces the loop on real inputs
@@ -138,12 +148,20 @@ class Ensemble(nn.Module):
 
     def __getstate__(self):  # deepcopy / pickle: drop the cache of stacked weights
         state = dict(self.__dict__)
-        state["_stacked"] = None
+        state["_stacked"] = state["_tree"] = None
         return state
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: rebuild the stacked weights
+        self._stacked = self._tree = None
+        return super()._apply(fn, *args, **kwargs)
 
 
 def stack_features(logits: torch.Tensor) -> torch.Tensor:
-    """Stacking meta-features: member probabilities side by side, (K, B, C) -> (B, K*C)."""
+    """Stacking meta-features: member probabilities side by side, (K, B, C) -> (B, K*C).
+
+    Probabilities rather than log-probabilities: bounded, and less sensitive to the confidence
+    gap between fold models (meta-training) and the members refitted on all rows (inference).
+    """
     k, b, c = logits.shape
     return F.softmax(logits, dim=-1).permute(1, 0, 2).reshape(b, k * c)
 
@@ -187,7 +205,10 @@ def build_ensemble(members: list, method: str, classes: int, meta: dict | None =
     if not isinstance(members, list) or not members:
         raise ArtifactError("ensemble spec: 'members' must be a non-empty list of member specs")
     built = [zoo.build(s) for s in members]
-    meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
+    try:
+        meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ArtifactError(f"ensemble spec: bad meta-learner description {meta!r} ({e})") from None
     return make(built, method, classes=classes, meta=meta_net, meta_spec=meta)
 
 

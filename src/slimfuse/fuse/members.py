@@ -13,6 +13,7 @@ the out-of-fold meta-features that stacking needs (``members.oof``).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -32,13 +33,16 @@ DIVERSITY = ("seed", "bagging", "snapshot", "architectures")
 
 class Members(list):
     """A list of trained members; ``trained_on[i]`` are the training-split rows member i saw,
-    ``oof`` the out-of-fold meta-training set (with ``folds``), else ``None``."""
+    ``oof`` the out-of-fold meta-training set (with ``folds``), else ``None``; ``seconds`` the
+    wall-clock training time of the members and of the fold models."""
 
-    def __init__(self, models, trained_on, oof: OutOfFold | None = None, diversity: str = "seed"):
+    def __init__(self, models, trained_on, oof: OutOfFold | None = None, diversity: str = "seed",
+                 seconds: dict | None = None):
         super().__init__(models)
         self.trained_on = trained_on
         self.oof = oof
         self.diversity = diversity
+        self.seconds = seconds or {}
 
 
 def train_members(
@@ -77,7 +81,9 @@ def train_members(
     fit_options.setdefault("progress", False)
     run = _Runner(builders, data, k, diversity, epochs, seed, fit_options)
     n = len(data.train)
+    start = time.perf_counter()
     models, seen = run(np.arange(n), seed)
+    seconds = {"members": time.perf_counter() - start, "folds": 0.0}
     oof = None
     if folds is not None:
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
@@ -98,7 +104,8 @@ def train_members(
             for i in range(k):
                 trained_on[i].append(fold_seen[i])
         oof = OutOfFold(features, y, np.arange(n), fold_of, trained_on, "k-fold")
-    return Members(models, seen, oof, diversity)
+        seconds["folds"] = time.perf_counter() - start - seconds["members"]
+    return Members(models, seen, oof, diversity, seconds)
 
 
 class _Runner:

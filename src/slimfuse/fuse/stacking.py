@@ -98,11 +98,15 @@ def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "linear", data: Splits
         smallest = np.bincount(oof.y)[np.unique(oof.y)].min()
         cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
               else KFold(min(5, n), shuffle=True, random_state=seed))
+        # standardized features (folded back into the Linear below) keep lbfgs well conditioned
+        mean, std = x.mean(0), x.std(0)
+        std = np.where(std > 1e-6, std, 1.0)
         lr = LogisticRegressionCV(Cs=8, cv=cv, max_iter=2000, scoring="neg_log_loss", random_state=seed)
-        lr.fit(x, oof.y)
+        lr.fit((x - mean) / std, oof.y)
         weight = np.zeros((classes, k * c), dtype=np.float32)
         bias = np.full(classes, -30.0, dtype=np.float32)  # a class never seen in training stays improbable
-        coef, intercept = lr.coef_, lr.intercept_
+        coef = lr.coef_ / std
+        intercept = lr.intercept_ - coef @ mean
         if len(lr.classes_) == 2:  # binary: scikit-learn keeps one row for the positive class
             coef = np.vstack([np.zeros_like(coef), coef])
             intercept = np.concatenate([[0.0], intercept])

@@ -14,6 +14,7 @@ from .. import data as datasets
 from ..measure import Report, measure
 from ..models import load, save, zoo
 from ..train import evaluate, fit
+from .demo_ensemble import ensemble_step
 from .report import write_report
 
 
@@ -28,6 +29,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     models.update(distill_rows)
     models.update(onnx_and_codebook_step(models["teacher (LeNet-300-100)"], splits, out, seed=seed))
     models.update(prune_step(teacher, splits, out, seed=seed, progress=progress))
+    models.update(ensemble_step(teacher, splits, out, seed=seed))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
