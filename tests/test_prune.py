@@ -73,7 +73,7 @@ def test_ties_are_broken_deterministically():
 def test_agp_masks_hold_during_finetuning_and_accuracy_stays(dense, digits):
     base = sf.evaluate(dense, digits.test)["accuracy"]
     seen = []
-    pruned = sf.prune(dense, sparsity=0.8, data=digits, finetune_epochs=4, steps=4, on_step=seen.append)
+    pruned = sf.prune(dense, sparsity=0.8, data=digits, finetune_epochs=3, steps=4, on_step=seen.append)
     z = zeros(pruned)
     n = sum(m.numel() for m in z.values())
     assert sum(int(m.sum()) for m in z.values()) == round(0.8 * n)
@@ -176,7 +176,7 @@ def test_structured_user_model_reloads_without_pickle(residual, digits, tmp_path
 
 def test_structured_zoo_models_get_new_widths_in_their_spec(dense, digits, tmp_path):
     base = sf.evaluate(dense, digits.test)["accuracy"]
-    pruned = sf.prune(dense, channels=0.5, data=digits, finetune_epochs=3)
+    pruned = sf.prune(dense, channels=0.5, data=digits, finetune_epochs=2)
     assert sf.spec_of(pruned) == {"arch": "mlp", "args": {**sf.spec_of(dense)["args"], "hidden": [32, 16]}}
     assert sf.evaluate(pruned, digits.test)["accuracy"] >= base - 0.05
     torch.manual_seed(0)
