@@ -84,7 +84,7 @@ def train(
     if widths is not None and model != "mlp":
         kwargs["widths"] = _ints(widths, "--widths")
     torch.manual_seed(seed)
-    if members > 1 or diversity != "seed":
+    if members != 1 or diversity != "seed":
         from .fuse.jobs import train_ensemble
 
         trained = train_ensemble(model, splits, kwargs, members, diversity, combine, epochs=epochs,

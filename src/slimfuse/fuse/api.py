@@ -54,7 +54,7 @@ def ensemble(
     members_list = list(members)
     if not members_list or not all(isinstance(m, nn.Module) for m in members_list):
         raise ConfigError("members must be a non-empty list of nn.Module")
-    if method in ("weighted", "stacking") and data is None and weights is None:
+    if (method == "stacking" or (method == "weighted" and weights is None)) and data is None:
         raise ConfigError(f"method {method!r} learns from validation predictions; pass data=")
     classes = _classes(members_list, data)
     members_list = [copy.deepcopy(m).eval() for m in members_list]  # the inputs stay untouched

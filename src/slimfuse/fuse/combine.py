@@ -121,8 +121,11 @@ class Ensemble(nn.Module):
 
                 candidate = (vmap(one, in_dims=(0, 0, None)), params, buffers)
             # trust the batched path only once it reproduces the loop on real inputs
-            if torch.allclose(self._vmap(candidate, x), self._loop(x), rtol=1e-4, atol=1e-5):
-                stacked = candidate
+            try:
+                if torch.allclose(self._vmap(candidate, x), self._loop(x), rtol=1e-4, atol=1e-5):
+                    stacked = candidate
+            except Exception:  # an op without a batching rule, a member that inspects its tensors ...
+                stacked = None
         self._stacked = (sig, stacked)
         return stacked
 

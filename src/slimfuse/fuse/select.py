@@ -51,7 +51,9 @@ def _check(probas: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y, dtype=np.int64)
     if probas.ndim != 3:
         raise DataError(f"member predictions must have shape (members, samples, classes), got {probas.shape}")
-    if probas.shape[1] != len(y) or len(y) == 0:
+    if len(y) == 0:
+        raise DataError("no samples to fit ensemble weights on (is the validation split empty?)")
+    if probas.shape[1] != len(y):
         raise DataError(f"{probas.shape[1]} predictions per member but {len(y)} labels")
     if (y < 0).any() or (y >= probas.shape[2]).any():
         raise DataError(f"labels must be in 0..{probas.shape[2] - 1}")
