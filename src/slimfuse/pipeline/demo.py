@@ -58,7 +58,7 @@ def distill_step(teacher, splits, out: Path, *, seed: int, progress: bool | None
             f"alone on the training split + 2 jittered noisy copies, distilled on the split + 1 copy + {n:,} "
             f"mixup blends). Test accuracy: teacher {acc['teacher']:.4f}, student alone {acc['alone']:.4f}, "
             f"distilled {acc['distilled']:.4f}: {closed}. This teacher is trained without dropout or "
-            f"jitter, so its soft targets carry little beyond the labels; `benchmarks/distill.py` shows the "
-            f"gain from a regularized teacher.")
+            f"jitter, so its soft targets carry little beyond the labels; `benchmarks/distill.py` measures "
+            f"distillation from a regularized teacher.")
     rows = {"student 784-32-10 alone": alone, "student 784-32-10 distilled": load(out / "student-distilled")}
     return rows, ("Distillation", body)
