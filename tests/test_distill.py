@@ -120,6 +120,8 @@ def test_class_count_mismatch_and_non_predictor_teachers_raise(digits, teacher):
         sf.distill(sf.zoo.mlp(784, [8], 10), student, digits, epochs=1)
     with pytest.raises(sf.ConfigError, match="alpha must be in"):
         sf.distill(teacher, student, digits, alpha=1.5)
+    with pytest.raises(sf.ConfigError, match="on-the-fly transforms cannot be used"):
+        sf.distill(teacher, student, digits, transform=lambda x, gen: x)
 
 
 def test_hint_distillation_discards_its_projection(digits, teacher):

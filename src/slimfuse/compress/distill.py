@@ -270,8 +270,7 @@ class _Taps:
         return hook
 
     def take(self) -> list[torch.Tensor]:
-        out = [self.out.pop(p) for p in self.paths]
-        return out
+        return [self.out.pop(p) for p in self.paths]
 
     def remove(self):
         for h in self.handles:
@@ -363,6 +362,9 @@ def distill(
         raise ConfigError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (isinstance(hint_weight, (int, float)) and hint_weight >= 0):
         raise ConfigError(f"hint_weight must be a non-negative number, got {hint_weight!r}")
+    if "transform" in fit_options:
+        raise ConfigError("distill caches the teacher's outputs on a fixed transfer set, so on-the-fly transforms "
+                          "cannot be used; use transfer='augment' (fixed augmented copies) instead")
     hints = dict(hints or {})
     num_classes = data.task.num_classes
     transfer_split = transfer_set(data, transfer, copies=copies, shift=shift, noise=noise, mixup=mixup, seed=seed)
