@@ -30,7 +30,7 @@ from . import distributed
 from .checkpoint import Checkpoint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
-from .models.spec import derive
+from .models.spec import derive, set_task, task_of
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,11 @@ def fit(
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
-    return derive(model, model, op, **params_rec) if op else model
+    if op:
+        derive(model, model, op, **params_rec)
+    if task_of(model) is None:
+        set_task(model, data.task.to_dict())
+    return model
 
 
 def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_train):
