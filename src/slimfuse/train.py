@@ -209,19 +209,22 @@ def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_tra
         raise DataError("the training split is empty")
 
 
-def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:
-    """One forward pass on two samples: a shape or class-count mismatch becomes a clear DataError."""
+def probe(model: nn.Module, x: torch.Tensor, *, who: str = "the model") -> torch.Tensor:
+    """Run ``model`` once in eval mode on a few samples; a shape mismatch becomes a clear DataError."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(split.x[:2])
+            return model(x[:2])
     except RuntimeError as e:
-        raise DataError(
-            f"the model cannot take inputs of shape {tuple(split.x.shape[1:])}: {str(e).splitlines()[0]}"
-        ) from None
+        raise DataError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
+
+
+def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:
+    """One forward pass on two samples: a shape or class-count mismatch becomes a clear DataError."""
+    out = probe(model, split.x)
     if out.ndim != 2:
         raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
     if num_classes is not None and out.shape[1] != num_classes:

@@ -39,7 +39,7 @@ from ..data import Split, Splits
 from ..errors import ArtifactError, ConfigError, DataError
 from ..models import zoo
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
-from ..train import Batch, fit
+from ..train import Batch, fit, probe
 
 UNLABELED = -1
 
@@ -405,15 +405,7 @@ def distill(
 
 
 def _check_student(student: nn.Module, x: torch.Tensor, num_classes: int) -> None:
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            out = student(x)
-    except RuntimeError as e:
-        raise DataError(f"the student cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
-    finally:
-        student.train(was_training)
+    out = probe(student, x, who="the student")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ConfigError(f"the student outputs shape {tuple(out.shape[1:])} but the data has {num_classes} classes; "
                           "teacher and student must predict the same classes")
