@@ -87,7 +87,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("torch.ao quantize_dynamic (direct)", "torch", _ao_dynamic, reload=False),
     Candidate("int8-dynamic", "torch", _q("int8-dynamic")),
     Candidate("int8-static minmax", "torch", _q("int8-static", calibrator="minmax")),
-    Candidate("int8-static percentile", "torch", _q("int8-static", calibrator="percentile")),
+    Candidate("int8-static percentile (default)", "torch", _q("int8-static", calibrator="percentile")),
     Candidate("int8-static entropy", "torch", _q("int8-static", calibrator="entropy")),
     Candidate("qat (3 epochs)", "torch", _q("qat", epochs=3)),
     Candidate("mixed (max_drop 0.2 pt)", "torch", _q("mixed", max_drop=0.002)),

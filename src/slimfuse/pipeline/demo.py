@@ -24,8 +24,18 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     teacher = fit(zoo.for_task("mlp", splits.task, hidden=[300, 100]), splits, epochs=20, seed=seed, progress=progress)
     save(teacher, out / "teacher", metrics={"val": evaluate(teacher, splits.val), "test": evaluate(teacher, splits.test)})
     models = {"teacher (LeNet-300-100)": load(out / "teacher")}
+    models.update(quantize_step(teacher, splits, out))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
     ])
     return report
+
+
+def quantize_step(teacher, splits, out: Path) -> dict:
+    """int8-static quantization of the teacher (percentile calibration), saved and reloaded."""
+    from ..compress.quantize import quantize
+
+    q8 = quantize(teacher, "int8-static", calib=splits)
+    save(q8, out / "teacher-int8", metrics={"val": evaluate(q8, splits.val), "test": evaluate(q8, splits.test)})
+    return {"teacher int8-static": load(out / "teacher-int8")}
