@@ -12,7 +12,7 @@ Layers a scheme has no kernel for stay in float and are listed in the plan with 
 reason (``model.layers``, the card's spec and lineage step).
 
 fp16 / bf16 round every float tensor to half precision and store it in 2 bytes (the
-``half`` codec), but compute in float32: eager half-precision matmuls measured 25-50x
+``half`` codec), but compute in float32: eager half-precision matmuls measured 13-50x
 slower than fp32 on this project's CPUs (AVX2, no AVX512-FP16/AMX; BENCHMARKS.md).
 """
 
