@@ -102,7 +102,8 @@ MODELS = {
 }
 
 
-def run(rounds: int = 3, seconds: float = 0.4, epochs_scale: float = 1.0, models: list[str] | None = None) -> list[dict]:
+def run(rounds: int = 3, seconds: float = 0.4, epochs_scale: float = 1.0,
+        models: list[str] | None = None) -> list[dict]:
     data = sf.datasets.load("mnist5k")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +156,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="train the fp32 models for a quarter of the epochs (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the training epochs (smoke run)")
     ap.add_argument("--model", action="append", choices=list(MODELS), help="only this model (repeatable)")
     args = ap.parse_args()
     t0 = time.perf_counter()

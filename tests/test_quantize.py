@@ -45,7 +45,8 @@ def _state(model):
     ("fp16", {}, 0.005, 0.55),
     ("bf16", {}, 0.01, 0.55),
 ])
-def test_scheme_is_smaller_accurate_and_reloads_bit_exactly(mlp, digits, tmp_path, scheme, options, max_drop, max_ratio):
+def test_scheme_is_smaller_accurate_and_reloads_bit_exactly(mlp, digits, tmp_path, scheme, options, max_drop,
+                                                            max_ratio):
     before = _state(mlp)
     q = sf.quantize(mlp, scheme, calib=digits, **options)
     base = sf.evaluate(mlp, digits.test)["accuracy"]
