@@ -62,11 +62,12 @@ def entropy(s: _Stats, *, levels: int = 128, **_) -> tuple[float, float]:
 
     For each candidate threshold, the clipped distribution P (outliers piled into the last
     bin) is compared with Q, P re-binned onto the ``levels`` quantization steps; the
-    threshold with the least KL(P || Q) wins.
+    threshold with the least KL(P || Q) wins. The bin holding zero is left out.
     """
-    h = s.abs_hist
-    if h is None or h.sum() == 0:
+    if s.abs_hist is None or s.abs_hist[1:].sum() == 0:
         return s.lo, s.hi
+    h = s.abs_hist.copy()
+    h[0] = 0  # zeros (ReLU outputs, image background) are exact on any grid; their spike would pull t to 0
     if s.lo < 0:  # a signed range shares the grid between both signs
         levels //= 2
     best_kl, best_i = float("inf"), BINS

@@ -98,7 +98,8 @@ class _Int8Layer(nn.Module):
         return t.view((-1,) + (1,) * (self.weight.ndim - 1))
 
     def dequantized_weight(self) -> torch.Tensor:
-        return (self.weight.float() - self._per_channel(self.weight_zero_point).float()) * self._per_channel(self.weight_scale)
+        centered = self.weight.float() - self._per_channel(self.weight_zero_point).float()
+        return centered * self._per_channel(self.weight_scale)
 
     def counts(self) -> dict[str, int]:
         nz = int(torch.count_nonzero(self.weight.int() - self._per_channel(self.weight_zero_point)))

@@ -12,7 +12,7 @@ Layers a scheme has no kernel for stay in float and are listed in the plan with 
 reason (``model.layers``, the card's spec and lineage step).
 
 fp16 / bf16 round every float tensor to half precision and store it in 2 bytes (the
-``half`` codec), but compute in float32: eager half-precision matmuls measured 25-50x
+``half`` codec), but compute in float32: eager half-precision matmuls measured 13-50x
 slower than fp32 on this project's CPUs (AVX2, no AVX512-FP16/AMX; BENCHMARKS.md).
 """
 
@@ -23,6 +23,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -182,6 +183,12 @@ class QuantizedModel(nn.Module):
         self.net, self.scheme, self.layers = net, scheme, plan
         self._macs, self._input_shape = None, None
 
+    def train(self, mode: bool = True):
+        """An int8 network has no training mode (dropout stays off), so it can serve as a teacher or member."""
+        self.training = mode
+        self.net.eval()
+        return self
+
     def forward(self, x):
         if self._input_shape is None:
             self._input_shape = tuple(x.shape[1:])
@@ -297,7 +304,12 @@ def _calib_x(calib, scheme: str, samples: int, seed: int = 0) -> torch.Tensor:
         )
     if isinstance(calib, Splits):
         calib = calib.train
-    x = calib.x if isinstance(calib, Split) else torch.as_tensor(calib, dtype=torch.float32)
+    if isinstance(calib, Split):
+        x = calib.x
+    elif isinstance(calib, (torch.Tensor, np.ndarray)) and calib.ndim >= 2:
+        x = torch.as_tensor(calib, dtype=torch.float32)
+    else:
+        raise ConfigError(f"{scheme}: calib= must be Splits, a Split or an array of inputs, got {type(calib).__name__}")
     if len(x) == 0:
         raise ConfigError(f"{scheme}: the calibration data is empty")
     if len(x) > samples:
@@ -321,17 +333,25 @@ def _check_source(model: nn.Module) -> None:
         raise ConfigError("this model is already quantized; quantize its float source instead")
 
 
+def _groups(source: nn.Module, scheme: str, kernel_scheme: str) -> list[Group]:
+    groups = find_groups(source, kernel_scheme)
+    if not groups:
+        kinds = "Linear" if kernel_scheme == "int8-dynamic" else "Linear or Conv2d"
+        raise ConfigError(f"{scheme}: the model has no layer it can quantize ({kinds}); nothing would change")
+    return groups
+
+
 def _calibrated(model, calib, scheme, *, calibrator, calib_samples, percentile=99.99, seed=0):
     check_calibrator(calibrator)
     x = _calib_x(calib, scheme, calib_samples, seed)
     source = copy.deepcopy(model).eval()
-    groups = find_groups(source, "int8-static")
+    groups = _groups(source, scheme, "int8-static")
     ranges = observe(source, _points(groups), x, calibrator=calibrator, percentile=percentile)
     return source, groups, ranges, len(x)
 
 
 def _static(source, groups, ranges, keep: dict[str, str] | None = None, scheme="int8-static") -> QuantizedModel:
-    chosen = [g for g in find_groups(source, "int8-static", set(keep or ()))]
+    chosen = find_groups(source, "int8-static", set(keep or ()))
     by_path = {g.path: g for g in groups}
     weights = {g.path: _folded(source, by_path[g.path]) for g in chosen}
     return _convert(source, scheme, layer_plan(source, "int8-static", chosen, keep), weights, ranges)
@@ -342,14 +362,14 @@ def int8_dynamic(model: nn.Module, *, calib=None) -> nn.Module:
     """Int8 weights; activations quantized per call (fbgemm ``linear_dynamic``). Linear layers only."""
     _check_source(model)
     source = copy.deepcopy(model).eval()
-    groups = find_groups(source, "int8-dynamic")
+    groups = _groups(source, "int8-dynamic", "int8-dynamic")
     plan = layer_plan(source, "int8-dynamic", groups)
     weights = {g.path: _folded(source, g) for g in groups}
     return _finish(model, _convert(source, "int8-dynamic", plan, weights, None), "int8-dynamic", plan)
 
 
 @_scheme("int8-static")
-def int8_static(model: nn.Module, *, calib=None, calibrator: str = "entropy", calib_samples: int = 1024,
+def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile", calib_samples: int = 1024,
                 percentile: float = 99.99, seed: int = 0) -> nn.Module:
     """Int8 weights (per channel) and activations (calibrated); Linear and Conv2d, BatchNorm folded, ReLU fused."""
     _check_source(model)
@@ -464,7 +484,7 @@ register_codec("half", _encode_half, _decode_half)
 # ---------------------------------------------------------------------------------------------
 @_scheme("mixed")
 def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = "fp32",
-          calibrator: str = "entropy", calib_samples: int = 1024, seed: int = 0) -> nn.Module:
+          calibrator: str = "percentile", calib_samples: int = 1024, seed: int = 0) -> nn.Module:
     """Int8-static everywhere except the layers whose int8 version costs the most validation accuracy.
 
     Each layer is quantized alone and its accuracy drop measured on validation data; then the most
@@ -487,17 +507,20 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = 
         raise ConfigError("mixed: the validation split is empty")
     source, groups, ranges, _ = _calibrated(model, calib, "mixed", calibrator=calibrator, calib_samples=calib_samples,
                                          seed=seed)
-    base = evaluate(source, val)["accuracy"]
+    base = evaluate(source, val)
     paths = [g.path for g in groups]
 
-    def drop(keep: set[str]) -> float:
-        return base - evaluate(_static(source, groups, ranges, {p: high for p in keep}), val)["accuracy"]
+    def drop(keep: set[str]) -> tuple[float, float]:
+        """(accuracy drop, NLL increase) on ``val`` with all but ``keep`` in int8."""
+        m = evaluate(_static(source, groups, ranges, {p: high for p in keep}), val)
+        return base["accuracy"] - m["accuracy"], m["nll"] - base["nll"]
 
+    # a few hundred validation samples make accuracy drops coarse: the NLL increase breaks ties
     sensitivity = {p: drop(set(paths) - {p}) for p in paths}
-    order = sorted(paths, key=lambda p: -sensitivity[p])
+    order = sorted(paths, key=lambda p: sensitivity[p], reverse=True)
     for k in range(len(order) + 1):
         keep = set(order[:k])
-        achieved = drop(keep) if k < len(order) else 0.0
+        achieved = drop(keep)[0] if k < len(order) else 0.0
         if achieved <= max_drop:
             break
     q = _static(source, groups, ranges, {p: high for p in keep}, scheme="mixed")
@@ -505,4 +528,5 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = 
         _round_half(q.net, HALF[high], keep)
         object.__setattr__(q, "slimfuse_codec", "half")
     return _finish(model, q, "mixed", q.layers, max_drop=max_drop, high=high, val_drop=round(achieved, 6),
-                   sensitivity={p: round(v, 6) for p, v in sensitivity.items()})
+                   sensitivity={p: {"accuracy_drop": round(a, 6), "nll_increase": round(n, 6)}
+                                for p, (a, n) in sensitivity.items()})

@@ -30,6 +30,7 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     models.update(onnx_and_codebook_step(models["teacher (LeNet-300-100)"], splits, out, seed=seed))
     models.update(prune_step(teacher, splits, out, seed=seed, progress=progress))
     models.update(ensemble_step(teacher, splits, out, seed=seed))
+    models.update(quantize_step(teacher, splits, out))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
@@ -97,3 +98,10 @@ def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | No
     for folder, model in pruned.values():
         save(model, out / folder, metrics={"test": evaluate(model, splits.test)})
     return {name: load(out / folder) for name, (folder, _) in pruned.items()}
+def quantize_step(teacher, splits, out: Path) -> dict:
+    """int8-static quantization of the teacher (percentile calibration), saved and reloaded."""
+    from ..compress.quantize import quantize
+
+    q8 = quantize(teacher, "int8-static", calib=splits)
+    save(q8, out / "teacher-int8", metrics={"val": evaluate(q8, splits.val), "test": evaluate(q8, splits.test)})
+    return {"teacher int8-static": load(out / "teacher-int8")}
