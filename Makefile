@@ -13,7 +13,7 @@ export XDG_CACHE_HOME          := $(CURDIR)/.cache/xdg
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean bench-deps
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Benchmark baselines (the `bench` extra), always without their dependencies: torchensemble
+# would otherwise pull torchvision and replace the pinned torch.
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q --no-deps torchensemble==0.2.0
 
 clean:
 	rm -rf runs .cache .pytest_cache build src/*.egg-info

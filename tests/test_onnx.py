@@ -98,7 +98,7 @@ def test_onnx_in_int8_onnx_out(onnx_file, digits, tmp_path):
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(proto.SerializeToString())
     for method in ("percentile", "entropy"):
-        q = sf.quantize(str(foreign), "int8-static", calib=digits.val, backend="onnxruntime", method=method)
+        q = sf.quantize(str(foreign), "int8-static", calib=digits.val, backend="onnxruntime", calibrator=method)
         assert [s["op"] for s in sf.lineage_of(q)] == ["import_onnx", "quantize"]
     result = sf.export(q, "onnx", tmp_path / "int8.onnx")
     again = load_onnx(result.path)
@@ -111,8 +111,8 @@ def test_clear_errors(digits_mlp, digits, tmp_path):
         sf.quantize(digits_mlp, "int8-static", backend="onnxruntime")
     with pytest.raises(sf.ConfigError, match="unknown quantization scheme"):
         sf.quantize(digits_mlp, "int4-magic")
-    with pytest.raises(sf.ConfigError, match="calibration method"):
-        sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", method="median")
+    with pytest.raises(sf.ConfigError, match="calibrator"):
+        sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", calibrator="median")
     with pytest.raises(sf.ConfigError, match="unknown option"):
         sf.quantize(digits_mlp, "int8-dynamic", backend="onnxruntime", symmetric=True)
     with pytest.raises(sf.ConfigError, match="format"):

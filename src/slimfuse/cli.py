@@ -68,8 +68,11 @@ def train(
     patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
     seed: Seed = 0,
     label: Label = "label",
+    members: Annotated[int, typer.Option(help="train this many members and save them as one ensemble")] = 1,
+    diversity: Annotated[str, typer.Option(help="members differ by: seed, bagging, snapshot, architectures")] = "seed",
+    combine: Annotated[str, typer.Option(help="ensemble method for --members: mean, vote, weighted, stacking")] = "mean",
 ):
-    """Train a zoo model and save it as an artifact."""
+    """Train a zoo model (or, with --members, an ensemble) and save it as an artifact."""
     import torch
 
     from . import data as datasets
@@ -81,10 +84,16 @@ def train(
     if widths is not None and model != "mlp":
         kwargs["widths"] = _ints(widths, "--widths")
     torch.manual_seed(seed)
-    net = zoo.for_task(model, splits.task, **kwargs)
-    # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
-    trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                  patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
+    if members != 1 or diversity != "seed":
+        from .fuse.jobs import train_ensemble
+
+        trained = train_ensemble(model, splits, kwargs, members, diversity, combine, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
+    else:
+        net = zoo.for_task(model, splits.task, **kwargs)
+        # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
+        trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
     metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
     save(trained, out, metrics=metrics)
     typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f}")
@@ -144,12 +153,145 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("runs/demo"),
     seed: Seed = 0,
 ):
-    """Run the main job on mnist5k and write report.md / report.json."""
+    """Run the main job on mnist5k and write report.md, report.html and report.json."""
     from .pipeline.demo import run
 
     report = run(out, seed=seed)
     typer.echo(report.to_markdown())
-    typer.echo(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+    typer.echo(f"wrote {out}/report.md, report.html and report.json")
+
+
+@app.command()
+@user_errors
+def distill(
+    teacher: Annotated[Path, typer.Option(help="teacher artifact folder (a model or an ensemble) or .onnx file")],
+    student: Annotated[str, typer.Option(help="mlp:128, mlp:256,128, lenet5:3,8,60,42, cnn:8,16[:32] or width=0.25[,depth=1]")],
+    data: Data,
+    out: Out,
+    temperature: float = 4.0,
+    alpha: Annotated[float, typer.Option(help="weight of the soft (teacher) term; 1 - alpha weighs the labels")] = 0.9,
+    epochs: int = 20,
+    transfer: Annotated[str, typer.Option(help="train, augment, or a .npy file of unlabeled inputs")] = "train",
+    copies: Annotated[int, typer.Option(help="augmented copies of the training set (--transfer augment)")] = 4,
+    mixup: Annotated[float, typer.Option(help="unlabeled mixup blends, as a multiple of the training set")] = 0.0,
+    hint: Annotated[list[str] | None, typer.Option(help="FitNets hint STUDENT_MODULE=TEACHER_MODULE (repeatable)")] = None,
+    hint_weight: float = 1.0,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Distill a teacher into a smaller student and save the student as an artifact."""
+    import numpy as np
+    import torch
+
+    from . import data as datasets
+    from .compress.distill import build_student, distill as distill_, load_teacher
+    from .models import save
+    from .train import evaluate
+
+    hints = {}
+    for h in hint or []:
+        s_path, sep, t_path = h.partition("=")
+        if not sep or not s_path or not t_path:
+            raise ConfigError(f"--hint must look like STUDENT_MODULE=TEACHER_MODULE, got {h!r}")
+        hints[s_path] = t_path
+    if transfer.endswith(".npy"):
+        try:
+            transfer_data = np.load(transfer, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--transfer {transfer}: cannot read unlabeled inputs ({e})") from None
+    else:
+        transfer_data = transfer
+    splits = datasets.load(data, seed=seed, label=label)
+    model = load_teacher(teacher, trust_factory=trust_factory)
+    torch.manual_seed(seed)
+    net = build_student(student, model, splits.task)
+    trained = distill_(model, net, splits, temperature=temperature, alpha=alpha, epochs=epochs,
+                       transfer=transfer_data, copies=copies, mixup=mixup, hints=hints, hint_weight=hint_weight,
+                       batch_size=batch_size, lr=lr, seed=seed)
+    metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
+    save(trained, out, metrics=metrics)
+    typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f} "
+               f"(teacher {evaluate(model, splits.test)['accuracy']:.4f})")
+
+
+@app.command()
+@user_errors
+def prune(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder of the model to prune")],
+    out: Out,
+    sparsity: Annotated[float | None, typer.Option(help="unstructured: fraction of weights set to zero")] = None,
+    channels: Annotated[float | None, typer.Option(help="structured: fraction of channels/neurons removed")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="data to fine-tune on (mnist5k, digits, .npz/.csv)")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="total fine-tuning epochs (default 8 with --data)")] = None,
+    scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
+    schedule: Annotated[str, typer.Option(help="unstructured: agp (gradual) or oneshot")] = "agp",
+    steps: Annotated[int | None, typer.Option(help="pruning steps")] = None,
+    importance: Annotated[str | None, typer.Option(help="structured: l1, l2 or taylor")] = None,
+    round_to: Annotated[int | None, typer.Option(help="structured: keep widths multiples of this")] = None,
+    exclude: Annotated[str | None, typer.Option(help="comma-separated module names never pruned (default: output layer)")] = None,
+    lr: Annotated[float | None, typer.Option(help="fine-tuning learning rate (default 1e-3, structured 3e-3)")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Prune an artifact (magnitude sparsity or whole channels) and save the result."""
+    import os
+
+    from . import data as datasets
+    from .compress.prune import prune as prune_model
+    from .measure import counts
+    from .models import folder_bytes, load, save
+    from .train import evaluate
+
+    model = load(artifact, trust_factory=trust_factory)
+    splits = datasets.load(data, seed=seed, label=label) if data is not None else None
+
+    def report_step(info: dict) -> None:
+        if not os.environ.get("CI"):
+            done = f"sparsity {info['sparsity']:.4f}" if "sparsity" in info else f"{info['params']:,} params"
+            typer.echo(f"prune step {info['step']}/{info['steps']}: {done}", err=True)
+
+    pruned = prune_model(
+        model, sparsity, channels=channels, scope=scope, schedule=schedule, steps=steps, importance=importance,
+        round_to=round_to, data=splits, finetune_epochs=finetune_epochs, lr=lr, seed=seed, on_step=report_step,
+        exclude=[e.strip() for e in exclude.split(",") if e.strip()] if exclude is not None else None,
+    )
+    metrics = {"val": evaluate(pruned, splits.val), "test": evaluate(pruned, splits.test)} if splits else {}
+    save(pruned, out, metrics=metrics)
+    n = counts(pruned)
+    acc = f", test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
+    typer.echo(f"saved {out}: {n['nonzeros']:,} non-zero of {n['params']:,} params, "
+               f"{folder_bytes(out):,} bytes on disk{acc}")
+
+
+@app.command()
+@user_errors
+def quantize(
+    source: Annotated[Path, typer.Argument(help="artifact folder or .onnx file")],
+    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, qat, fp16, bf16, mixed or codebook:N")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output artifact folder, or a .onnx file (onnxruntime)")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning / validation data "
+                                             "(needed by int8-static, qat, mixed); also adds test metrics")] = None,
+    backend: Annotated[str, typer.Option(help="auto (the measured default), torch or onnxruntime")] = "auto",
+    calibrator: Annotated[str | None, typer.Option(help="int8-static/mixed: minmax, percentile or entropy")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="mixed: largest validation accuracy drop, e.g. 0.005")] = None,
+    epochs: Annotated[int | None, typer.Option(help="qat / codebook: fine-tuning epochs")] = None,
+    format: Annotated[str | None, typer.Option(help="onnxruntime int8-static format: qdq or qoperator")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Quantize an artifact or an ONNX file (real int8 kernels, real bytes) and save the result."""
+    from . import data as datasets
+    from .compress.quantize import quantize_file
+
+    splits = datasets.load(data, seed=seed, label=label) if data else None
+    options = {k: v for k, v in {"calibrator": calibrator, "max_drop": max_drop, "epochs": epochs,
+                                 "format": format}.items() if v is not None}
+    typer.echo(quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options))
 
 
 @app.command("export")
@@ -176,29 +318,26 @@ def export_(
     typer.echo(f"wrote {out} ({result.bytes:,} bytes){detail}")
 
 
-@app.command("quantize")
+@app.command()
 @user_errors
-def quantize_(
-    source: Annotated[Path, typer.Argument(help="artifact folder or .onnx file")],
-    scheme: Annotated[str, typer.Option(help="int8-dynamic, int8-static, codebook:N, ...")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output artifact folder, or a .onnx file")],
-    data: Annotated[str | None, typer.Option("--data", "-d", help="calibration / fine-tuning data")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or onnxruntime")] = "auto",
-    method: Annotated[str | None, typer.Option(help="int8-static calibration: minmax, percentile, entropy")] = None,
-    format: Annotated[str | None, typer.Option(help="onnxruntime int8-static format: qdq or qoperator")] = None,
-    epochs: Annotated[int | None, typer.Option(help="codebook centroid fine-tuning epochs")] = None,
+def ensemble(
+    artifacts: Annotated[list[Path], typer.Argument(help="member artifact folders")],
+    data: Data,
+    out: Out,
+    method: Annotated[str, typer.Option(help="mean, mean-logits, vote, weighted or stacking")] = "mean",
+    refine: Annotated[bool, typer.Option(help="weighted: refine Caruana weights by minimizing validation NLL")] = False,
+    meta: Annotated[str, typer.Option(help="stacking meta-learner: linear or mlp")] = "linear",
     seed: Seed = 0,
     label: Label = "label",
-    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in a card")] = False,
 ):
-    """Quantize an artifact or an ONNX file; write an artifact folder (or the int8 .onnx file)."""
+    """Combine trained artifacts into one ensemble artifact (weights learned on the validation split)."""
     from . import data as datasets
-    from .compress.onnx_int8 import quantize_file
+    from .fuse.jobs import ensemble_artifacts
 
-    splits = datasets.load(data, seed=seed, label=label) if data else None
-    options = {k: v for k, v in {"method": method, "format": format, "epochs": epochs}.items() if v is not None}
-    text = quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options)
-    typer.echo(text)
+    splits = datasets.load(data, seed=seed, label=label)
+    typer.echo(ensemble_artifacts(artifacts, splits, out, method=method, refine=refine, meta=meta, seed=seed,
+                                  trust_factory=trust_factory))
 
 
 def main() -> None:

@@ -151,12 +151,21 @@ class Report:
                 return r
         raise KeyError(name)
 
+    def columns(self) -> list[tuple[str, str, str]]:
+        """(key, label, format) of the standard columns present in at least one row."""
+        return [c for c in _COLUMNS if any(c[0] in r for r in self.rows)]
+
+    @staticmethod
+    def cell(row: dict, key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "n/a" if value is None else fmt.format(value)
+
     def to_markdown(self, *, lineage: bool = True) -> str:
-        cols = [c for c in _COLUMNS if any(c[0] in r for r in self.rows)]
+        cols = self.columns()
         head = [c[1] for c in cols] + (["lineage"] if lineage else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [_fmt(r.get(key), f) for key, _, f in cols]
+            cells = [self.cell(r, key, f) for key, _, f in cols]
             if lineage:
                 cells.append(r.get("lineage", ""))
             lines.append("| " + " | ".join(cells) + " |")
@@ -167,9 +176,3 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
-
-
-def _fmt(value, fmt: str) -> str:
-    if value is None:
-        return "n/a"
-    return fmt.format(value)

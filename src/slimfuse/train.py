@@ -7,7 +7,8 @@ that train (pruning fine-tunes, distillation, QAT, ensemble members) call
 - ``loss(logits, batch) -> Tensor`` replaces cross-entropy (``batch.index``
   indexes the training split, so cached per-sample targets can be looked up);
 - ``after_step(model)`` runs after every optimizer step (pruning masks);
-- ``transform(x, generator) -> x`` augments each training batch.
+- ``transform(x, generator) -> x`` augments each training batch;
+- ``on_epoch_end(model, row)`` runs after every epoch (snapshot ensembles, SWA).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import Checkpoint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
@@ -56,35 +58,45 @@ def fit(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     schedule: str | None = None,
+    cycles: int = 1,
     seed: int = 0,
     patience: int | None = None,
     loss: LossFn | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     train: Split | None = None,
+    on_epoch_end: Callable[[nn.Module, dict], None] | None = None,
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
+    parallel: bool | None = None,
     op: str | None = "train",
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
 
     ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``None`` or
-    ``cosine``. With ``patience``, training stops after that many epochs without a better
+    ``cosine``; with ``cycles=k`` the cosine restarts k times (warm restarts, one cycle per
+    ``epochs / k`` epochs), as snapshot ensembles need. With ``patience``, training stops after that many epochs without a better
     validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
     given ``seed``. ``history``, if given, receives one dict per epoch. With ``checkpoint``
     (a folder), the state is saved there after every epoch and a rerun with the same
     parameters resumes from it, reaching the same weights as an uninterrupted run; the
     folder is removed when training completes. ``op`` names the
     lineage step recorded on the result (``None``: record nothing, for techniques that
-    record their own step).
+    record their own step). Under ``torchrun --nproc_per_node N`` training is data-parallel
+    (DistributedDataParallel; ``batch_size`` is the global batch) with no change to the call;
+    ``parallel=False`` trains locally on each rank (ensemble members spread over ranks).
     """
     train = data.train if train is None else train
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
+    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1 or (epochs and epochs % cycles):
+        raise ConfigError(f"cycles must be a positive integer dividing epochs ({epochs}), got {cycles!r}")
+    if cycles > 1 and schedule != "cosine":
+        raise ConfigError("cycles > 1 needs schedule='cosine' (cosine annealing with warm restarts)")
     model = copy.deepcopy(model)
     run_params = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                   "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "seed": seed,
-                  "patience": patience, "n_train": len(train), "op": op}
+                  "cycles": cycles, "patience": patience, "n_train": len(train), "op": op}
     ckpt = Checkpoint(checkpoint, run_key(model, run_params)) if checkpoint is not None else None
     loss = loss or cross_entropy
     n = len(train)
@@ -97,11 +109,11 @@ def fit(
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        sched = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-            if schedule == "cosine"
-            else None
-        )
+        sched: torch.optim.lr_scheduler.LRScheduler | None = None
+        if schedule == "cosine" and cycles > 1:
+            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=epochs // cycles * steps_per_epoch)
+        elif schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
         check_fits(model, train, data.task.num_classes)
         best: tuple[float, dict | None] = (-1.0, None)
         since_best, first_epoch, rows = 0, 1, []
@@ -111,18 +123,27 @@ def fit(
             since_best, rows = resumed["since_best"], resumed["history"]
             if patience is not None and since_best >= patience:  # it had stopped early
                 first_epoch = epochs + 1
-        with _Progress(progress, total=epochs * steps_per_epoch, label=op or "fit") as bar:
+        # Under torchrun every rank takes its share of each global batch; DDP averages gradients.
+        parallel = distributed.setup() if parallel is None else parallel and distributed.setup()
+        rank, ranks = distributed.world() if parallel else (0, 1)
+        net = nn.parallel.DistributedDataParallel(model) if parallel else model
+        with _Progress(progress if rank == 0 else False, total=epochs * steps_per_epoch, label=op or "fit") as bar:
             for epoch in range(first_epoch, epochs + 1):
                 model.train()
-                order = torch.randperm(n, generator=gen)
+                # The order depends on (seed, epoch) only, so every rank agrees on it.
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                 total, seen = 0.0, 0
                 for start in range(0, n, batch_size):
                     idx = order[start : start + batch_size]
+                    if parallel:
+                        if len(idx) < ranks:  # too few samples left to give every rank one
+                            continue
+                        idx = idx[rank::ranks]
                     x = train.x[idx]
                     if transform is not None:
                         x = transform(x, gen)
                     batch = Batch(x, train.y[idx], idx)
-                    value = loss(model(x), batch)
+                    value = loss(net(x), batch)
                     if not torch.isfinite(value):
                         raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; lower the learning rate")
                     opt.zero_grad(set_to_none=True)
@@ -135,10 +156,12 @@ def fit(
                     total += value.item() * len(idx)
                     seen += len(idx)
                     bar.advance()
-                row = {"epoch": epoch, "train_loss": total / seen}
+                row = {"epoch": epoch, "train_loss": distributed.all_reduce_mean(total / seen)}
                 if len(data.val):
                     row.update(evaluate(model, data.val))
                 rows.append(row)
+                if on_epoch_end is not None:
+                    on_epoch_end(model, row)
                 bar.describe(f"{op} epoch {epoch}/{epochs} loss {row['train_loss']:.4f}"
                              + (f" val acc {row['accuracy']:.4f}" if "accuracy" in row else ""))
                 if patience is not None and "accuracy" in row:
@@ -147,7 +170,7 @@ def fit(
                         since_best = 0
                     else:
                         since_best += 1
-                if ckpt is not None:
+                if ckpt is not None and rank == 0:
                     ckpt.save(epoch=epoch, model=model, opt=opt, sched=sched, gen=gen, best=best,
                               since_best=since_best, history=rows)
                 if patience is not None and since_best >= patience:
@@ -156,7 +179,7 @@ def fit(
             model.load_state_dict(best[1])
     if history is not None:
         history.extend(rows)
-    if ckpt is not None:
+    if ckpt is not None and distributed.is_main():
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}

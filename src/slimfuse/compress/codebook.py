@@ -54,6 +54,8 @@ def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = No
     bits = _bits(arg)
     if not isinstance(model, nn.Module) or getattr(model, "slimfuse_runtime", "torch") != "torch":
         raise ConfigError("codebook works on torch modules; quantize an ONNX model with int8-static/int8-dynamic")
+    if data is None and isinstance(calib, Splits):  # quantize(model, "codebook:N", calib=splits)
+        data = calib
     if data is not None and not isinstance(data, Splits):
         raise ConfigError(f"data must be Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
     epochs = (2 if data is not None else 0) if epochs is None else epochs

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..data import Split
+from ..data import Split, Splits
 from ..errors import ConfigError
 from ..export import to_onnx
 from ..models.spec import derive, spec_of
@@ -43,7 +43,9 @@ def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sampl
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _check(arg, unknown, "int8-dynamic", ("per_channel", "sample"))
-    src = to_onnx(model, sample=sample if sample is not None else calib)
+    if sample is None and calib is not None:
+        sample = _calib_inputs(calib)
+    src = to_onnx(model, sample=sample)
     with _workdir(src) as (fp32, out):
         quantize_dynamic(fp32, out, per_channel=bool(per_channel), weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True})
@@ -53,21 +55,21 @@ def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sampl
 
 
 @register_scheme("int8-static", "onnxruntime", default=True)
-def int8_static(model, *, arg=None, calib=None, method: str = "minmax", per_channel: bool = True,
+def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_channel: bool = True,
                 format: str = "qdq", samples: int = 512, percentile: float = 99.999, **unknown) -> OnnxPredictor:
     """int8 weights and activations, activation ranges calibrated on ``calib`` (required).
 
-    ``method``: ``minmax``, ``percentile`` (``percentile`` of |activation|) or ``entropy`` (KL);
+    ``calibrator``: ``minmax``, ``percentile`` (``percentile`` of |activation|) or ``entropy`` (KL);
     ``format``: ``qdq`` (Quantize/DequantizeLinear pairs ORT fuses) or ``qoperator`` (QLinear* ops);
     ``samples``: at most this many calibration inputs are used.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    _check(arg, unknown, "int8-static", ("method", "per_channel", "format", "samples", "percentile"))
+    _check(arg, unknown, "int8-static", ("calibrator", "per_channel", "format", "samples", "percentile"))
     if calib is None:
-        raise ConfigError("int8-static needs calibration data: pass calib=data.val (CLI: --data)")
-    if method not in METHODS:
-        raise ConfigError(f"unknown calibration method {method!r} (choose {', '.join(METHODS)})")
+        raise ConfigError("int8-static needs calibration data: pass calib=data (CLI: --data)")
+    if calibrator not in METHODS:
+        raise ConfigError(f"unknown calibrator {calibrator!r} (choose {', '.join(METHODS)})")
     if format not in FORMATS:
         raise ConfigError(f"unknown ONNX quantization format {format!r} (choose {', '.join(FORMATS)})")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -76,9 +78,9 @@ def int8_static(model, *, arg=None, calib=None, method: str = "minmax", per_chan
         raise ConfigError(f"percentile must be in (50, 100], got {percentile!r}")
     x = _calib_inputs(calib)[:samples]
     src = to_onnx(model, sample=x)
-    extra = {"CalibPercentile": float(percentile)} if method == "percentile" else {}
+    extra = {"CalibPercentile": float(percentile)} if calibrator == "percentile" else {}
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
+                 "entropy": CalibrationMethod.Entropy}[calibrator]
     qformat = QuantFormat.QDQ if format == "qdq" else QuantFormat.QOperator
     with _workdir(src) as (fp32, out):
         quantize_static(fp32, out, _Reader(src, x), quant_format=qformat, per_channel=bool(per_channel),
@@ -86,8 +88,8 @@ def int8_static(model, *, arg=None, calib=None, method: str = "minmax", per_chan
                         calibrate_method=calibrate, extra_options=extra)
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
-    params = {"method": method, "per_channel": bool(per_channel), "format": format, "samples": len(x)}
-    if method == "percentile":
+    params = {"calibrator": calibrator, "per_channel": bool(per_channel), "format": format, "samples": len(x)}
+    if calibrator == "percentile":
         params["percentile"] = float(percentile)
     return _record(src, q, "int8-static", **params)
 
@@ -120,6 +122,8 @@ def _check(arg, unknown: dict, scheme: str, known: tuple[str, ...]) -> None:
 
 
 def _calib_inputs(calib) -> torch.Tensor:
+    if isinstance(calib, Splits):  # calibrate on training inputs, like the torch backend
+        calib = calib.train
     if isinstance(calib, Split):
         x = calib.x
     elif isinstance(calib, np.ndarray):
@@ -127,7 +131,7 @@ def _calib_inputs(calib) -> torch.Tensor:
     elif isinstance(calib, torch.Tensor):
         x = calib.float()
     else:
-        raise ConfigError(f"calib must be a Split, tensor or array, got {type(calib).__name__}")
+        raise ConfigError(f"calib must be Splits, a Split, a tensor or an array, got {type(calib).__name__}")
     if len(x) == 0:
         raise ConfigError("the calibration data is empty")
     return x
@@ -163,36 +167,3 @@ def _workdir(src: OnnxPredictor):
             yield fp32, out
     finally:
         root.setLevel(level)
-
-
-
-def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *, backend: str = "auto",
-                  trust_factory: bool = False, **options) -> str:
-    """Quantize an artifact folder or ``.onnx`` file and write an artifact folder, or a ``.onnx`` file.
-
-    ``data`` (Splits): its validation split calibrates, its training split fine-tunes (codebook),
-    its test split is measured into the card. Returns a one-line summary.
-    """
-    from ..export import export
-    from ..models import load, save
-    from ..runtime import load_onnx
-    from ..train import evaluate
-    from .quantize import quantize
-
-    source, out = Path(source), Path(out)
-    model = load_onnx(source) if source.is_file() and source.suffix == ".onnx" else load(source, trust_factory=trust_factory)
-    if data is not None and scheme.startswith("codebook"):
-        options.setdefault("data", data)
-    q = quantize(model, scheme, calib=data.val if data is not None else None, backend=backend, **options)
-    metrics = {"test": evaluate(q, data.test)} if data is not None else {}
-    if out.suffix == ".onnx":
-        if not isinstance(q, OnnxPredictor):
-            raise ConfigError(f"{scheme} gives a torch model; write it as an artifact folder, not {out.name}")
-        nbytes = export(q, "onnx", out).bytes
-    else:
-        save(q, out, metrics=metrics)
-        from ..models import folder_bytes
-
-        nbytes = folder_bytes(out)
-    acc = f", test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
-    return f"wrote {out} ({nbytes:,} bytes{acc})"

@@ -9,6 +9,7 @@ whose weights really are low-precision and whose artifact is really smaller.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -47,4 +48,36 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
         have = sorted(b for s, b in SCHEMES if s == name)
         raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
     return SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
-from . import codebook, onnx_int8  # noqa: E402,F401  (register the codebook and onnxruntime int8 schemes)
+
+
+
+def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *, backend: str = "auto",
+                  trust_factory: bool = False, **options) -> str:
+    """Quantize an artifact folder or an ``.onnx`` file; write an artifact folder, or an ``.onnx`` file.
+
+    ``data`` (Splits) calibrates (training split), fine-tunes (qat, codebook) and validates (mixed);
+    its test split is measured into the card. Returns a one-line summary (the CLI's ``quantize``).
+    """
+    from ..export import export
+    from ..models import folder_bytes, load, save
+    from ..runtime import OnnxPredictor, load_onnx
+    from ..train import evaluate
+
+    source, out = Path(source), Path(out)
+    is_onnx = source.is_file() and source.suffix == ".onnx"
+    model = load_onnx(source) if is_onnx else load(source, trust_factory=trust_factory)
+    chosen = DEFAULT_BACKEND.get(scheme.partition(":")[0]) if backend == "auto" else backend
+    if out.suffix == ".onnx" and chosen != "onnxruntime":
+        raise ConfigError(f"{scheme} ({chosen}) gives a torch model: write an artifact folder, not {out.name}")
+    q = quantize(model, scheme, calib=data, backend=backend, **options)
+    metrics = {"val": evaluate(q, data.val), "test": evaluate(q, data.test)} if data is not None else {}
+    if isinstance(q, OnnxPredictor) and out.suffix == ".onnx":
+        nbytes = export(q, "onnx", out).bytes
+    else:
+        save(q, out, metrics=metrics)
+        nbytes = folder_bytes(out)
+    acc = f", test accuracy {metrics['test']['accuracy']:.4f}" if metrics else ""
+    return f"wrote {out} ({scheme}, {nbytes:,} bytes{acc})"
+
+
+from . import codebook, onnx_int8, quant_torch  # noqa: E402,F401  (register the schemes)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..distributed import is_main
 from ..errors import ArtifactError
 from .spec import attach, lineage_of, spec_of, task_of
 from .zoo import build
@@ -87,7 +88,11 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write one file atomically: a temp file next to ``path``, fsynced, then renamed into place."""
+    """Write one file atomically: a temp file next to ``path``, fsynced, then renamed into place.
+
+    In a data-parallel run only rank 0 writes."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -114,13 +119,18 @@ class atomic_folder:
     """Context manager: yields a temp folder next to ``path``; on success it replaces ``path``.
 
     An existing ``path`` is replaced only when it holds ``marker`` (an artifact's card.json) or
-    is empty; anything else is refused so a user's folder is never clobbered.
+    is empty; anything else is refused so a user's folder is never clobbered. In a data-parallel
+    run only rank 0 writes: other ranks write into a private temp folder that is discarded.
     """
 
     def __init__(self, path: Path, *, marker: str = CARD):
         self.path, self.marker = Path(path), marker
 
     def __enter__(self) -> Path:
+        self.discard = not is_main()
+        if self.discard:
+            self.tmp = Path(tempfile.mkdtemp(prefix="slimfuse-rank-"))
+            return self.tmp
         if self.path.exists() and not _replaceable(self.path, self.marker):
             raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +141,7 @@ class atomic_folder:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if exc_type is not None or self.discard:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         for f in self.tmp.iterdir():

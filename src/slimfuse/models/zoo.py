@@ -7,6 +7,7 @@ ensembles) register their own architectures with :func:`register`.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import math
 from collections import OrderedDict
@@ -18,6 +19,9 @@ from ..errors import ArtifactError, ConfigError
 from .spec import attach, spec_of
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
+# Trust given to the outermost build() holds for the specs an architecture builds inside it
+# (e.g. a pruned or ensembled user model whose args hold the base spec).
+_TRUST_FACTORY = contextvars.ContextVar("slimfuse_trust_factory", default=False)
 
 
 def register(name: str):
@@ -136,12 +140,51 @@ def for_task(arch: str, task, **kwargs) -> nn.Module:
     raise ConfigError(f"unknown model {arch!r}; choose one of: mlp, lenet5, cnn")
 
 
+def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = None) -> nn.Module:
+    """A narrower/shallower, untrained zoo model shaped after ``teacher`` (a zoo model or its spec).
+
+    Every hidden width is scaled by ``width`` (rounded, at least 1); ``depth`` keeps the first
+    ``depth`` hidden layers of an ``mlp`` or conv stages of a ``cnn`` (``lenet5`` has a fixed depth).
+    Dropout is not carried over. Inputs and classes are the teacher's.
+    """
+    spec = teacher if isinstance(teacher, dict) else spec_of(teacher)
+    arch = (spec or {}).get("arch")
+    if arch not in ("mlp", "lenet5", "cnn"):
+        raise ConfigError(f"zoo.student builds students of mlp, lenet5 and cnn teachers, not {arch or 'this module'!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
+        raise ConfigError(f"student width must be a fraction in (0, 1], got {width!r}")
+    args = dict(spec["args"])
+    key = {"mlp": "hidden", "lenet5": "widths", "cnn": "widths"}[arch]
+    layers = list(args[key])
+    if depth is not None:
+        if arch == "lenet5":
+            raise ConfigError("lenet5 has a fixed depth; give a width only, or use an mlp/cnn student")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(layers):
+            raise ConfigError(f"student depth must be an integer in 1..{len(layers)} for this {arch}, got {depth!r}")
+        layers = layers[:depth]
+    args[key] = [max(1, round(w * width)) for w in layers]
+    if arch == "cnn":
+        args["hidden"] = max(1, round(args["hidden"] * width))
+    if arch == "mlp":
+        args["dropout"] = 0.0
+    return ARCHS[arch](**args)
+
+
 def build(spec: dict, *, trust_factory: bool = False) -> nn.Module:
     """Rebuild an (untrained) module from its spec.
 
     A user factory (``"factory": "package.module:function"``) is imported only when
-    ``trust_factory=True``: importing runs that package's code.
+    ``trust_factory=True``: importing runs that package's code. Specs built inside an
+    architecture's builder (``build(base_spec)``) inherit the outer call's trust.
     """
+    token = _TRUST_FACTORY.set(trust_factory or _TRUST_FACTORY.get())
+    try:
+        return _build(spec, trust_factory=_TRUST_FACTORY.get())
+    finally:
+        _TRUST_FACTORY.reset(token)
+
+
+def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
     if not isinstance(spec, dict):
         raise ArtifactError(f"spec must be an object, got {type(spec).__name__}")
     args = spec.get("args", {})

@@ -1,7 +1,7 @@
 """``slimfuse demo``: the main job on the embedded default data (mnist5k).
 
 Trains LeNet-300-100, saves it, reloads it from disk and measures it; writes
-``report.md`` and ``report.json`` into the output folder.
+``report.md``, ``report.html`` and ``report.json`` into the output folder.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .. import data as datasets
 from ..measure import Report, measure
 from ..models import load, save, zoo
 from ..train import evaluate, fit
+from .demo_ensemble import ensemble_step
 from .report import write_report
 
 
@@ -24,12 +25,41 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     teacher = fit(zoo.for_task("mlp", splits.task, hidden=[300, 100]), splits, epochs=20, seed=seed, progress=progress)
     save(teacher, out / "teacher", metrics={"val": evaluate(teacher, splits.val), "test": evaluate(teacher, splits.test)})
     models = {"teacher (LeNet-300-100)": load(out / "teacher")}
+    distill_rows, distill_section = distill_step(teacher, splits, out, seed=seed, progress=progress)
+    models.update(distill_rows)
     models.update(onnx_and_codebook_step(models["teacher (LeNet-300-100)"], splits, out, seed=seed))
+    models.update(prune_step(teacher, splits, out, seed=seed, progress=progress))
+    models.update(ensemble_step(teacher, splits, out, seed=seed))
     report = measure(models, splits.test, seconds=seconds)
     write_report(report, out, title="slimfuse demo: mnist5k", sections=[
         ("Setup", f"mnist5k test split ({len(splits.test)} images); latency with 2 threads, torch eager."),
+        distill_section,
     ])
     return report
+
+
+def distill_step(teacher, splits, out: Path, *, seed: int, progress: bool | None) -> tuple[dict, tuple[str, str]]:
+    """Distill the teacher into a 784-32-10 MLP on a jittered transfer set; the same student
+    trained alone on the same transfer set for the same epochs is the comparison row."""
+    from ..compress.distill import distill, transfer_set
+
+    torch.manual_seed(seed)
+    student = zoo.for_task("mlp", splits.task, hidden=[32])
+    options = {"transfer": "augment", "copies": 2, "epochs": 10, "seed": seed}
+    alone = fit(student, splits, train=transfer_set(splits, "augment", copies=2, seed=seed), epochs=10, seed=seed,
+                progress=progress)
+    distilled = distill(teacher, student, splits, temperature=4.0, alpha=0.9, progress=progress, **options)
+    save(distilled, out / "student-distilled", metrics={"test": evaluate(distilled, splits.test)})
+    acc = {k: evaluate(m, splits.test)["accuracy"] for k, m in
+           {"teacher": teacher, "alone": alone, "distilled": distilled}.items()}
+    gap = acc["teacher"] - acc["alone"]
+    closed = (f"{(acc['distilled'] - acc['alone']) / gap:.0%} of the student-teacher accuracy gap closed"
+              if gap > 0 else "the student alone already matches the teacher: no gap to close")
+    body = (f"Teacher LeNet-300-100 -> student 784-32-10 (T=4, alpha=0.9; transfer set: the training split plus "
+            f"2 jittered, noisy copies; 10 epochs for both students): test accuracy teacher {acc['teacher']:.4f}, "
+            f"student alone {acc['alone']:.4f}, distilled {acc['distilled']:.4f}: {closed}.")
+    rows = {"student 784-32-10 alone": alone, "student 784-32-10 distilled": load(out / "student-distilled")}
+    return rows, ("Distillation", body)
 
 
 def onnx_and_codebook_step(teacher, splits, out: Path, *, seed: int = 0) -> dict:
@@ -48,3 +78,18 @@ def onnx_and_codebook_step(teacher, splits, out: Path, *, seed: int = 0) -> dict
         "teacher ONNX int8-static": load_onnx(out / "teacher-int8.onnx"),
         "teacher codebook:5": load(out / "codebook5"),
     }
+
+
+def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | None = None) -> dict:
+    """90% magnitude sparsity (AGP) and half the neurons removed, each saved and reloaded from disk."""
+    from ..compress.prune import prune
+
+    pruned = {
+        "pruned 90% (agp, sparse-zstd)": ("pruned-90", prune(teacher, sparsity=0.9, data=splits, finetune_epochs=4,
+                                                                seed=seed, progress=progress)),
+        "pruned channels 50%": ("pruned-channels-50", prune(teacher, channels=0.5, data=splits, finetune_epochs=3,
+                                                             seed=seed, progress=progress)),
+    }
+    for folder, model in pruned.values():
+        save(model, out / folder, metrics={"test": evaluate(model, splits.test)})
+    return {name: load(out / folder) for name, (folder, _) in pruned.items()}

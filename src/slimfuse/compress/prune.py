@@ -1,0 +1,435 @@
+"""``slimfuse.prune``: magnitude pruning that is really sparse, channel pruning that really shrinks.
+
+Unstructured (``sparsity=``): the weights of the Linear/Conv layers in scope whose
+magnitude is smallest become real zeros, exactly ``round(sparsity * n)`` of them
+(ties broken by position, so the result is deterministic). ``schedule="agp"`` is
+Zhu & Gupta's gradual pruning: while fine-tuning through ``slimfuse.train.fit``,
+the sparsity rises along ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3`` over
+``steps`` pruning steps spread across the first half of the fine-tuning, and the
+masks are re-applied after every optimizer step so pruned weights stay zero. The
+result asks for the ``sparse-zstd`` storage codec, so its artifact is really
+smaller.
+
+Structured (``channels=``): whole neurons/channels are removed with Torch-Pruning's
+dependency graph (residual additions, concatenations and flatten->linear stay
+consistent), in ``steps`` steps with fine-tuning between them. The layers
+physically shrink; the new widths go into the zoo spec, or, for any other model,
+into a registered ``pruned`` architecture that rebuilds the shrunk shapes from the
+base spec, so the artifact reloads without unpickling.
+
+By default the output layer (the last Linear/Conv to run in a forward pass) is
+excluded: pruning it removes classes (structured) or costs accuracy for few bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Splits
+from ..errors import ArtifactError, ConfigError
+from ..models.spec import attach, derive, spec_of, task_of
+from ..models.zoo import build, register
+from ..train import fit
+from .sparse import CODEC
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_FINETUNE_EPOCHS = 8
+DEFAULT_LR = {"sparsity": 1e-3, "channels": 3e-3}  # Adam; a shrunk network recovers faster at 3e-3 (BENCHMARKS.md)
+AGP_PRUNING_SPAN = 0.5  # fraction of the fine-tuning during which the sparsity rises (measured: BENCHMARKS.md)
+AGP_STEPS = 5
+# Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
+WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
+               "normalized_shape", "num_embeddings", "embedding_dim")
+
+StepCallback = Callable[[dict], None]
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    channels: float | None = None,
+    scope: str | None = None,
+    schedule: str = "agp",
+    steps: int | None = None,
+    importance: str | None = None,
+    round_to: int | None = None,
+    data: Splits | None = None,
+    finetune_epochs: int | None = None,
+    exclude: list[str] | None = None,
+    lr: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool | None = None,
+    on_step: StepCallback | None = None,
+) -> nn.Module:
+    """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels``.
+
+    ``sparsity``: fraction of weights in scope set to zero (unstructured). ``scope``:
+    ``global`` (one magnitude threshold across layers, default) or ``layer`` (each layer
+    pruned to ``sparsity``). ``schedule``: ``agp`` (gradual, needs fine-tuning) or
+    ``oneshot``. ``steps``: pruning steps (default 5 for agp).
+
+    ``channels``: fraction of channels/neurons removed from each prunable layer
+    (``scope="layer"``, default) or across the network (``scope="global"``). ``importance``:
+    ``l1`` (default), ``l2`` or ``taylor`` (first-order, needs ``data``). ``steps``: pruning
+    steps with fine-tuning between them (default 1). ``round_to``: keep widths multiples of it.
+
+    ``data``: the ``Splits`` fine-tuning trains on. ``finetune_epochs``: total fine-tuning
+    budget (default 8 when ``data`` is given, else 0). ``exclude``: module names never pruned
+    (default: the output layer). ``lr`` (default 1e-3 unstructured, 3e-3 structured: measured,
+    see BENCHMARKS.md), ``batch_size``, ``seed``: fine-tuning settings (Adam, cosine schedule).
+    ``on_step(info)`` is called after every pruning step.
+    """
+    if (sparsity is None) == (channels is None):
+        raise ConfigError("prune: pass exactly one of sparsity= (unstructured) and channels= (structured)")
+    kind = "sparsity" if sparsity is not None else "channels"
+    amount = _check_fraction(kind, sparsity if sparsity is not None else channels)
+    if finetune_epochs is None:
+        finetune_epochs = DEFAULT_FINETUNE_EPOCHS if data is not None else 0
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be a non-negative integer, got {finetune_epochs!r}")
+    if finetune_epochs and data is None:
+        raise ConfigError(f"fine-tuning for {finetune_epochs} epochs needs data: pass data= (Splits), "
+                          "or finetune_epochs=0 to prune without fine-tuning")
+    if data is not None and not isinstance(data, Splits):
+        raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if lr is None:
+        lr = DEFAULT_LR[kind]
+    fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
+    on_step = on_step or (lambda info: None)
+    if kind == "sparsity":
+        if importance is not None or round_to is not None:
+            raise ConfigError("importance= and round_to= apply to structured pruning (channels=), not sparsity=")
+        return _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
+                             epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step)
+    if schedule != "agp":
+        raise ConfigError("schedule= applies to unstructured pruning (sparsity=); structured pruning uses steps=")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
+    return _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
+                       round_to=round_to, data=data, epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw,
+                       on_step=on_step)
+
+
+def _check_fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose {' or '.join(choices)}")
+
+
+# --------------------------------------------------------------------------- layers in scope
+
+
+def _sample(model: nn.Module, data: Splits | None) -> torch.Tensor | None:
+    """Two inputs for tracing: from the data, else zeros shaped like the model's task."""
+    if data is not None:
+        return data.train.x[:2]
+    task = task_of(model)
+    if task and task.get("input_shape"):
+        return torch.zeros(2, *task["input_shape"])
+    return None
+
+
+def _output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
+    """The last prunable layer to run in a forward pass (registration order without a sample)."""
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    if not names:
+        return []
+    order: list[str] = []
+    if sample is not None:
+        hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
+                 for m in model.modules() if id(m) in names]
+        try:
+            with torch.no_grad():
+                model.eval()(sample)
+        finally:
+            for h in hooks:
+                h.remove()
+    return [order[-1] if order else list(names.values())[-1]]
+
+
+def _scope(model: nn.Module, exclude: list[str] | None, sample) -> tuple[dict[str, nn.Module], list[str]]:
+    modules = dict(model.named_modules())
+    if exclude is None:
+        exclude = _output_layers(model, sample)
+    elif isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
+        raise ConfigError(f"exclude must be a list of module names, got {exclude!r}")
+    unknown = [e for e in exclude if e not in modules]
+    if unknown:
+        raise ConfigError(f"exclude names modules the model does not have: {', '.join(unknown)}")
+    skipped = {id(m) for e in exclude for m in modules[e].modules()}
+    layers = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and id(m) not in skipped}
+    return layers, list(exclude)
+
+
+# --------------------------------------------------------------------------- unstructured
+
+
+def _keep(magnitude: torch.Tensor, zeros: int) -> torch.Tensor:
+    """Boolean mask keeping all but the ``zeros`` smallest entries; ties go by position."""
+    keep = torch.ones(magnitude.numel(), dtype=torch.bool)
+    keep[torch.argsort(magnitude.reshape(-1), stable=True)[:zeros]] = False
+    return keep
+
+
+def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """Keep-masks zeroing exactly ``round(sparsity * n)`` weights, globally or per layer."""
+    if scope == "layer":
+        return {n: _keep(w.detach().abs(), round(sparsity * w.numel())).view(w.shape) for n, w in weights.items()}
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()])
+    keep = _keep(flat, round(sparsity * flat.numel()))
+    out, start = {}, 0
+    for n, w in weights.items():
+        out[n] = keep[start : start + w.numel()].view(w.shape)
+        start += w.numel()
+    return out
+
+
+class _Masker:
+    """Holds the masks of the layers in scope; raises the sparsity on schedule during ``fit``."""
+
+    def __init__(self, names: list[str], scope: str, schedule: list[tuple[int, float]], on_step: StepCallback,
+                 steps_per_epoch: int):
+        self.names, self.scope, self.schedule, self.on_step = names, scope, schedule, on_step
+        self.steps_per_epoch = steps_per_epoch
+        self.masks: dict[str, torch.Tensor] = {}
+        self.done = 0  # pruning steps taken
+        self.t = 0  # optimizer steps seen
+
+    def _weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        modules = dict(model.named_modules())
+        return {n: modules[n].weight for n in self.names}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        for n, w in self._weights(model).items():
+            w.masked_fill_(~self.masks[n], 0.0)  # +0.0, never -0.0: zeros are zeros on disk too
+
+    @torch.no_grad()
+    def advance(self, model: nn.Module, *, final: bool = False) -> None:
+        """Take every pruning step due by now (all of them when ``final``), then re-apply the masks."""
+        due = [s for s in self.schedule[self.done :] if final or s[0] <= self.t]
+        if due:
+            self.done += len(due)
+            sparsity = due[-1][1]
+            self.masks = magnitude_masks(self._weights(model), sparsity, self.scope)
+            self.on_step({"step": self.done, "steps": len(self.schedule), "sparsity": sparsity,
+                          "epoch": self.t / self.steps_per_epoch})
+        self.apply(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        self.t += 1
+        self.advance(model)
+
+
+def agp_schedule(initial: float, final: float, steps: int, total: int) -> list[tuple[int, float]]:
+    """Zhu & Gupta's cubic schedule: ``steps`` (optimizer step, sparsity) pairs within the first
+    ``AGP_PRUNING_SPAN`` of ``total`` optimizer steps; the first at step 0, the last at ``final``."""
+    dt = max(1, int(AGP_PRUNING_SPAN * total) // steps)
+    return [(j * dt, final + (initial - final) * (1 - (j + 1) / steps) ** 3) for j in range(steps)]
+
+
+def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, exclude, fit_kw, on_step):
+    _check_choice("scope", scope, ("global", "layer"))
+    _check_choice("schedule", schedule, ("agp", "oneshot"))
+    if schedule == "agp" and epochs == 0:
+        raise ConfigError("schedule='agp' prunes gradually while fine-tuning: pass data= (and finetune_epochs > 0), "
+                          "or use schedule='oneshot'")
+    if schedule == "oneshot" and steps not in (None, 1):
+        raise ConfigError("schedule='oneshot' prunes in one step; steps= applies to schedule='agp'")
+    work = copy.deepcopy(model)
+    layers, excluded = _scope(work, exclude, _sample(work, data))
+    if not layers:
+        raise ConfigError("nothing to prune: the model has no Linear/Conv layers outside exclude=")
+    n_weights = sum(m.weight.numel() for m in layers.values())
+    initial = sum(int((m.weight == 0).sum()) for m in layers.values()) / n_weights
+    if initial > sparsity:
+        raise ConfigError(f"the layers in scope are already {initial:.4f} sparse; ask for sparsity >= that")
+    steps_per_epoch = math.ceil(len(data.train) / fit_kw["batch_size"]) if data is not None else 1
+    total = epochs * steps_per_epoch
+    plan = agp_schedule(initial, sparsity, steps or AGP_STEPS, total) if schedule == "agp" else [(0, sparsity)]
+    masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch)
+    masker.advance(work)
+    if epochs:
+        work = fit(work, data, epochs=epochs, after_step=masker.after_step, op=None, **fit_kw)
+    masker.advance(work, final=True)  # steps a very short fine-tuning could not reach
+    work.eval()
+    object.__setattr__(work, "slimfuse_codec", CODEC)
+    return derive(model, work, "prune", sparsity=sparsity, scope=scope, schedule=schedule, steps=len(plan),
+                  finetune_epochs=epochs, excluded=excluded, pruned_layers=list(layers))
+
+
+# --------------------------------------------------------------------------- structured
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    _check_choice("importance", name, ("l1", "l2", "taylor"))
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2)
+
+
+def _taylor_gradients(model: nn.Module, data: Splits, batch_size: int = 256, batches: int = 4) -> None:
+    """Accumulate loss gradients over a few training batches for first-order (Taylor) importance."""
+    model.zero_grad(set_to_none=True)
+    for i in range(batches):
+        x, y = data.train.x[i * batch_size : (i + 1) * batch_size], data.train.y[i * batch_size : (i + 1) * batch_size]
+        if len(x):
+            F.cross_entropy(model(x), y).backward()
+
+
+def _epochs_per_step(epochs: int, steps: int) -> list[int]:
+    """Split the fine-tuning budget over the steps; the remainder goes to the last steps."""
+    base, extra = divmod(epochs, steps)
+    return [base + (1 if j >= steps - extra else 0) for j in range(steps)]
+
+
+def _check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Size) -> None:
+    """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
+    try:
+        with torch.no_grad():
+            shape = model.eval()(sample).shape
+    except RuntimeError as e:
+        shape = str(e).splitlines()[0]
+    if shape != expected:
+        raise ConfigError(f"structured pruning could not keep this model's layers consistent ({shape}); "
+                          "name the layers around the failing one in exclude=")
+
+
+def _structured(model, ratio, *, scope, importance, steps, round_to, data, epochs, exclude, fit_kw, on_step):
+    import torch_pruning as tp
+
+    _check_choice("scope", scope, ("layer", "global"))
+    if importance == "taylor" and data is None:
+        raise ConfigError("importance='taylor' uses loss gradients: pass data=")
+    work = copy.deepcopy(model).eval()
+    sample = _sample(work, data)
+    if sample is None:
+        raise ConfigError("structured pruning traces the model with an example input: pass data=")
+    layers, excluded = _scope(work, exclude, sample)
+    modules = dict(work.named_modules())
+    ignored = [modules[e] for e in excluded]
+    with torch.no_grad():
+        expected = work(sample).shape
+    pruner = tp.pruner.BasePruner(
+        work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
+        ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
+    )
+    if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                                     root_module_types=pruner.root_module_types)):
+        raise ConfigError("nothing to prune: the model has no channels outside exclude= that can be removed "
+                          "(e.g. its only Linear/Conv layer is the output layer)")
+    for step, step_epochs in enumerate(_epochs_per_step(epochs, steps), start=1):
+        if importance == "taylor":
+            _taylor_gradients(work, data)
+        pruner.step()
+        work.zero_grad(set_to_none=True)
+        _check_still_runs(work, sample, expected)
+        if step_epochs:
+            tuned = fit(work, data, epochs=step_epochs, op=None, **{**fit_kw, "seed": fit_kw["seed"] + step})
+            work.load_state_dict(tuned.state_dict())
+        on_step({"step": step, "steps": steps, "channels": ratio * step / steps,
+                 "params": sum(p.numel() for p in work.parameters())})
+    del pruner
+    work.eval()
+    spec = shrunk_spec(model, work)
+    return derive(model, work, "prune", spec=spec, channels=ratio, importance=importance, scope=scope, steps=steps,
+                  round_to=round_to, finetune_epochs=epochs, excluded=excluded)
+
+
+# --------------------------------------------------------------------------- rebuilding shrunk models
+
+
+def _zoo_widths(arch: str, m: dict[str, nn.Module]) -> dict | None:
+    """The zoo args that describe the widths of ``m`` (named modules), for the zoo's own layouts."""
+    if arch == "mlp":
+        return {"hidden": [m[f"fc{i}"].out_features for i in range(1, 1 + sum(1 for n in m if n.startswith("fc")))]}
+    if arch == "lenet5":
+        return {"widths": [m["conv1"].out_channels, m["conv2"].out_channels, m["fc1"].out_features,
+                           m["fc2"].out_features]}
+    if arch == "cnn":
+        convs = [m[f"conv{i}"].out_channels for i in range(1, 1 + sum(1 for n in m if n.startswith("conv")))]
+        return {"widths": convs, "hidden": m["fc"].out_features}
+    return None
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def shrunk_spec(source: nn.Module, pruned: nn.Module) -> dict | None:
+    """A spec that rebuilds ``pruned`` (``source`` with shrunk layers) without unpickling.
+
+    Zoo models get their new widths in their own args; anything else becomes a ``pruned``
+    architecture: the base spec plus the new shape of every tensor and width attribute that changed.
+    """
+    spec = spec_of(source)
+    if spec is None:
+        return None
+    new_shapes = _shapes(pruned)
+    try:
+        widths = _zoo_widths(spec.get("arch"), dict(pruned.named_modules()))
+    except (KeyError, AttributeError):
+        widths = None
+    if widths is not None:
+        candidate = {"arch": spec["arch"], "args": {**spec["args"], **widths}}
+        try:
+            if _shapes(build(candidate)) == new_shapes:
+                return candidate
+        except (ArtifactError, ConfigError):
+            pass
+    base, shapes, attrs = spec, {}, {}
+    if spec.get("arch") == "pruned":
+        base, shapes, attrs = spec["args"]["base"], dict(spec["args"]["shapes"]), dict(spec["args"]["attrs"])
+    old_shapes = _shapes(source)
+    for name, shape in new_shapes.items():
+        if old_shapes.get(name) != shape:
+            shapes[name] = shape
+            owner = name.rpartition(".")[0]
+            module = pruned.get_submodule(owner)
+            attrs[owner] = {a: list(v) if isinstance(v, tuple) else v
+                            for a in WIDTH_ATTRS if isinstance(v := getattr(module, a, None), (int, tuple))}
+    return {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}}
+
+
+@register("pruned")
+def pruned_arch(base: dict, shapes: dict, attrs: dict) -> nn.Module:
+    """``base`` rebuilt with the tensors in ``shapes`` resized and the width ``attrs`` of their modules set."""
+    model = build(base)
+    for name, shape in shapes.items():
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            raise ArtifactError(f"pruned spec names {name!r}, which the base model does not have") from None
+        old = getattr(module, leaf, None)
+        if not isinstance(old, torch.Tensor):
+            raise ArtifactError(f"pruned spec names {name!r}, which is not a tensor of the base model")
+        new = torch.empty([int(s) for s in shape], dtype=old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(module, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module._buffers[leaf] = new
+    for owner, values in attrs.items():
+        module = model.get_submodule(owner)
+        for attr, value in values.items():
+            if attr not in WIDTH_ATTRS:
+                raise ArtifactError(f"pruned spec sets {owner}.{attr}, which is not a width attribute")
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    return attach(model, {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}})

@@ -1,0 +1,98 @@
+"""Sparse storage: the ``sparse-zstd`` storage codec.
+
+Each tensor with enough zeros is stored as two zstandard-compressed ``uint8``
+tensors in ``weights.safetensors``: a packed bitmask of its non-zero elements
+(``sparse::<name>::mask``) and the non-zero values with their bytes split into
+planes (``sparse::<name>::values``; the exponent bytes of floats compress far
+better apart from the mantissa bytes). A tensor that would not get smaller
+stays dense under its own name. ``card["storage"]["meta"]`` lists every tensor's
+layout, shape, dtype and non-zero count, so the card says how each was stored.
+
+"Non-zero" means any bit set, so ``-0.0`` and NaN payloads survive: decoding
+restores the state dict bit-exactly, whatever the dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import zstandard
+
+from ..errors import ArtifactError
+from ..models.artifact import register_codec
+
+CODEC = "sparse-zstd"
+LEVEL = 19
+PREFIX = "sparse::"
+
+
+def _zstd(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(zstandard.ZstdCompressor(level=LEVEL).compress(data)), dtype=torch.uint8)
+
+
+def _unzstd(t: torch.Tensor, size: int) -> np.ndarray:
+    raw = zstandard.ZstdDecompressor().decompress(t.numpy().tobytes(), max_output_size=size)
+    if len(raw) != size:
+        raise ArtifactError(f"sparse tensor payload has {len(raw)} bytes, expected {size}")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    """(numel, itemsize) uint8 view of ``t``'s raw bytes."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).reshape(flat.numel(), flat.element_size()).numpy()
+
+
+def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
+    for name, t in state.items():
+        if name.startswith(PREFIX):
+            raise ArtifactError(f"state dict key {name!r} clashes with the {CODEC} codec's own names")
+        info = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if t.numel() and t.dtype != torch.bool:
+            raw = _as_bytes(t)
+            nonzero = raw.any(axis=1)
+            mask = _zstd(np.packbits(nonzero).tobytes())
+            values = _zstd(np.ascontiguousarray(raw[nonzero].T).tobytes())
+            if mask.numel() + values.numel() < raw.size:
+                tensors[f"{PREFIX}{name}::mask"] = mask
+                tensors[f"{PREFIX}{name}::values"] = values
+                layout[name] = {**info, "layout": "bitmask+values", "nonzeros": int(nonzero.sum())}
+                continue
+        tensors[name] = t
+        layout[name] = {**info, "layout": "dense"}
+    return tensors, {"tensors": layout, "compression": f"zstd-{LEVEL}", "value_bytes": "byte planes"}
+
+
+def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    layout = meta.get("tensors")
+    if not isinstance(layout, dict):
+        raise ArtifactError(f"{CODEC} storage meta has no tensor layout")
+    state = {}
+    for name, info in layout.items():
+        if info.get("layout") == "dense":
+            if name not in tensors:
+                raise ArtifactError(f"tensor {name!r} is missing")
+            state[name] = tensors[name]
+            continue
+        dtype = getattr(torch, str(info.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype) or info.get("layout") != "bitmask+values":
+            raise ArtifactError(f"tensor {name!r} has an unknown dtype or layout in the card")
+        shape, nnz = [int(s) for s in info["shape"]], int(info["nonzeros"])
+        numel, itemsize = math.prod(shape), torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= nnz <= numel:
+            raise ArtifactError(f"tensor {name!r}: {nnz} non-zeros cannot fit in {numel} elements")
+        nonzero = np.unpackbits(_unzstd(tensors[f"{PREFIX}{name}::mask"], -(-numel // 8)), count=numel).astype(bool)
+        if int(nonzero.sum()) != nnz:
+            raise ArtifactError(f"tensor {name!r}: its bitmask does not match its non-zero count")
+        values = _unzstd(tensors[f"{PREFIX}{name}::values"], nnz * itemsize).reshape(itemsize, nnz).T
+        raw = np.zeros((numel, itemsize), dtype=np.uint8)
+        raw[nonzero] = values
+        state[name] = torch.from_numpy(raw.reshape(-1)).view(dtype).reshape(shape).clone()
+    return state
+
+
+register_codec(CODEC, encode, decode)

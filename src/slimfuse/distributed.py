@@ -1,0 +1,86 @@
+"""Data-parallel runs on PyTorch's own engine: torchrun + DistributedDataParallel.
+
+Nothing to configure: under ``torchrun --nproc_per_node N`` (or multi-node with
+``--nnodes``/``--rdzv-endpoint``) the environment says how many processes there
+are; ``setup()`` joins the process group (gloo on CPU, NCCL on GPU) with a
+timeout on collectives, so a dead peer fails the run instead of hanging it.
+Only rank 0 writes files: the atomic writers ask :func:`is_main`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+TIMEOUT_ENV = "SLIMFUSE_DIST_TIMEOUT"  # seconds a collective may wait for a peer (default 300)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ConfigError("RANK and WORLD_SIZE must be integers (they are set by torchrun)") from None
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def setup() -> bool:
+    """Join the process group when launched by torchrun; True when training is data-parallel."""
+    rank, size = world()
+    if size <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 300)))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return True
+
+
+def all_reduce_mean(value: float) -> float:
+    """Mean of a Python number over all ranks (the value itself outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def share_modules(models: list, owner) -> None:
+    """Make every rank hold rank ``owner(i)``'s weights and metadata for ``models[i]`` (in place).
+
+    Tensors travel by ``broadcast``; the slimfuse metadata (spec, lineage, task) as JSON bytes,
+    so nothing is pickled between processes.
+    """
+    from .models.spec import ATTR
+
+    for i, model in enumerate(models):
+        src = owner(i)
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=src)
+        meta = _broadcast_json(getattr(model, ATTR, None), src)
+        if meta is not None:
+            object.__setattr__(model, ATTR, meta)
+
+
+def _broadcast_json(obj, src: int):
+    import json
+
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    dist.broadcast(size, src=src)
+    buf = payload if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(buf, src=src)
+    return json.loads(bytes(buf.tolist()).decode())

@@ -1,0 +1,133 @@
+"""``slimfuse.ensemble(members, method, data)``: combine trained models into one module."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Split, Splits
+from ..errors import ConfigError, DataError
+from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
+from ..train import predict
+from . import select
+from .combine import METHODS, Ensemble, make
+from .stacking import blend_oof, fit_meta
+
+
+def member_probas(members, split: Split | torch.Tensor) -> np.ndarray:
+    """Cached member predictions: probabilities (K, N, C) as float64."""
+    return np.stack([predict(m, split, output="proba").double().numpy() for m in members])
+
+
+def ensemble(
+    members,
+    method: str = "mean",
+    data: Splits | None = None,
+    *,
+    weights=None,
+    rounds: int = 25,
+    metric: str = "nll",
+    refine: bool = False,
+    meta: str = "linear",
+    meta_hidden: list[int] | None = None,
+    blend: float = 1.0,
+    seed: int = 0,
+) -> Ensemble:
+    """Combine trained ``members`` (any architectures, one class count) into an :class:`Ensemble`.
+
+    ``method``: ``mean`` (optionally with fixed ``weights``), ``mean-logits``, ``vote``,
+    ``weighted`` (Caruana selection on ``data.val`` predictions, ``rounds`` steps minimizing
+    ``metric``; ``refine=True`` then minimizes validation NLL over the simplex) or
+    ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
+    k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
+    fraction of ``data.val``). Members are never refitted or mutated.
+    The fitted weights are on ``ens.weights`` (members with zero weight are dropped) and in
+    the lineage; stacking's meta-training provenance is ``ens.oof``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
+    if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
+        raise ConfigError("members must be a list of trained modules")
+    members_list = list(members)
+    if not members_list or not all(isinstance(m, nn.Module) for m in members_list):
+        raise ConfigError("members must be a non-empty list of nn.Module")
+    if (method == "stacking" or (method == "weighted" and weights is None)) and data is None:
+        raise ConfigError(f"method {method!r} learns from validation predictions; pass data=")
+    classes = _classes(members_list, data)
+    members_list = [copy.deepcopy(m).eval() for m in members_list]  # the inputs stay untouched
+    step: dict = {"method": method, "members": [lineage_str(lineage_of(m)) for m in members_list]}
+    extra: dict = {}
+    if method == "weighted" and weights is None:
+        probas = member_probas(members_list, data.val)
+        y = data.val.y.numpy()
+        sel = select.caruana(probas, y, rounds=rounds, metric=metric)
+        if refine:
+            sel = select.refine(probas, y, sel)
+        step.update(weights=[round(float(w), 6) for w in sel.weights], rounds=rounds, metric=metric,
+                    best_round=sel.best_round, refined=sel.refined, val_loss=round(sel.loss, 6))
+        keep = [i for i, w in enumerate(sel.weights) if w > 0]
+        ens = make([members_list[i] for i in keep], "weighted", classes=classes, weights=sel.weights[keep])
+        extra = {"selection": sel, "kept": keep}
+    elif method == "stacking":
+        oof = getattr(members, "oof", None)
+        if oof is None:
+            oof = blend_oof(members_list, data, trained_on=getattr(members, "trained_on", None), blend=blend, seed=seed)
+        net, meta_spec = fit_meta(oof, classes, kind=meta, hidden=meta_hidden, seed=seed)
+        step.update(scheme=oof.scheme, meta=meta_spec)
+        ens = make(members_list, "stacking", classes=classes, meta=net, meta_spec=meta_spec)
+        extra = {"oof": oof}
+    else:
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            step["weights"] = [round(float(v), 6) for v in np.ravel(w)]
+        kind = "weighted" if method == "weighted" else method
+        ens = make(members_list, kind, classes=classes, weights=weights)
+    for key, value in extra.items():
+        object.__setattr__(ens, key, value)
+    task = (data.task.to_dict() if data is not None else None) or task_of(members_list[0])
+    attach(ens, spec_of(ens), lineage=[{"op": "ensemble", "params": step}], task=task)
+    return ens.eval()
+
+
+def _classes(members: list[nn.Module], data: Splits | None) -> int:
+    """The one class count all members predict; a clear error when they disagree."""
+    counts = []
+    for i, m in enumerate(members):
+        if data is not None:
+            sample = data.val.x[:2] if len(data.val) else data.train.x[:2]
+            was = m.training
+            m.eval()
+            try:
+                with torch.no_grad():
+                    out = m(sample)
+            except RuntimeError as e:
+                raise DataError(f"member {i} cannot take inputs of shape {tuple(sample.shape[1:])}: "
+                                f"{str(e).splitlines()[0]}") from None
+            finally:
+                m.train(was)
+            counts.append(int(out.shape[-1]))
+        else:
+            counts.append(_declared_classes(m, i))
+    if len(set(counts)) > 1:
+        desc = ", ".join(f"member {i}: {c}" for i, c in enumerate(counts))
+        raise ConfigError(f"ensemble members predict different numbers of classes ({desc}); "
+                          "every member must predict the same classes")
+    if data is not None and counts[0] != data.task.num_classes:
+        raise ConfigError(f"the members predict {counts[0]} classes but the data has {data.task.num_classes}")
+    return counts[0]
+
+
+def _declared_classes(m: nn.Module, i: int) -> int:
+    task = task_of(m)
+    if task and task.get("num_classes"):
+        return int(task["num_classes"])
+    args = (spec_of(m) or {}).get("args", {})
+    if isinstance(args.get("classes"), int):
+        return args["classes"]
+    last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    if last:
+        return last[-1].out_features
+    raise ConfigError(f"cannot tell how many classes member {i} predicts; pass data= so it can be run")

@@ -1,0 +1,228 @@
+"""The :class:`Ensemble` module: members plus a combiner, one ``nn.Module``.
+
+Its output is the log of the combined class probabilities, so an ensemble is
+measured, saved, exported, quantized and distilled like any model. Combiners:
+
+- ``mean``: average of member probabilities (``weights`` makes it a weighted mean);
+- ``mean-logits``: softmax of the average member logits;
+- ``vote``: majority vote; probabilities are ``(votes + mean probability) / (K + 1)``, so the
+  argmax is the majority (ties broken by mean probability) and the NLL stays finite;
+- ``stacking``: a meta-learner (a ``Linear`` or small MLP, stored as tensors) on the
+  concatenated member probabilities.
+
+Members of one architecture run as one batched call (``torch.func.stack_module_state`` +
+``vmap``) when gradients are off and the module is not being traced; otherwise, and for
+heterogeneous members, they run one by one. The batched path is checked against the loop
+the first time it is built for a set of weights, and abandoned if the two ever disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ..errors import ArtifactError, ConfigError
+from ..models import zoo
+from ..models.spec import attach, spec_of
+
+METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
+
+
+class Ensemble(nn.Module):
+    """``members`` combined by ``method``; ``forward`` returns log-probabilities (B, C)."""
+
+    def __init__(self, members, method: str = "mean", *, classes: int, weights=None, meta: nn.Module | None = None):
+        super().__init__()
+        if method not in METHODS:
+            raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
+        if len(members) == 0:
+            raise ConfigError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.method = method
+        self.classes = int(classes)
+        k = len(self.members)
+        w = torch.full((k,), 1.0 / k) if weights is None else torch.as_tensor(weights, dtype=torch.float32).clone()
+        if w.shape != (k,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"weights must be {k} non-negative numbers with a positive sum, got {w.tolist()}")
+        self.register_buffer("weights", w / w.sum())
+        if method == "stacking" and meta is None:
+            raise ConfigError("method 'stacking' needs a meta-learner")
+        self.meta = meta
+        self.vectorize = True  # set False to always run the member-by-member loop
+        self._stacked = None  # (signature, (batched fn, params, buffers) or None when only the loop is valid)
+        self._tree = None  # (members, all their submodules): what _signature watches
+        self.last_path = None  # "vmap" or "loop": how the last forward ran the members
+
+    # ---- members -------------------------------------------------------------------------------
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's logits, stacked: (K, B, C)."""
+        if self._use_vmap():
+            stacked = self._stacked_state(x)
+            if stacked is not None:
+                self.last_path = "vmap"
+                return self._vmap(stacked, x)
+        self.last_path = "loop"
+        return self._loop(x)
+
+    def _loop(self, x):
+        return torch.stack([m(x) for m in self.members])
+
+    @staticmethod
+    def _vmap(stacked, x):
+        batched, params, buffers = stacked
+        return batched(params, buffers, x)
+
+    def _use_vmap(self) -> bool:
+        return (
+            self.vectorize
+            and len(self.members) > 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None  # FLOP counters and tracers see the plain loop
+        )
+
+    def _signature(self):
+        """Changes whenever a member's tensors or submodules change (in-place updates included)."""
+        if self._tree is None or len(self._tree[0]) != len(self.members) or any(
+            a is not b for a, b in zip(self._tree[0], self.members)
+        ):
+            self._tree = (list(self.members), [s for m in self.members for s in m.modules()])
+        sig = []
+        for sub in self._tree[1]:
+            sig.extend(map(id, sub._modules.values()))
+            for t in (*sub._parameters.values(), *sub._buffers.values()):
+                sig.append(None if t is None else (t.data_ptr(), t._version))
+        return tuple(sig)
+
+    def _stacked_state(self, x):
+        sig = self._signature()
+        if self._stacked is not None and self._stacked[0] == sig:
+            return self._stacked[1]
+        self._tree = None  # something changed: re-read the module tree too
+        sig = self._signature()
+        stacked = None
+        if same_architecture(list(self.members)):
+            with torch.inference_mode(False), torch.no_grad():
+                params, buffers = stack_module_state(list(self.members))
+                params = {k: v.detach() for k, v in params.items()}
+                base = copy.deepcopy(self.members[0]).to("meta")
+
+                def one(p, b, inp):
+                    return functional_call(base, (p, b), (inp,), tie_weights=False)
+
+                candidate = (vmap(one, in_dims=(0, 0, None)), params, buffers)
+            # trust the batched path only once it reproduces the loop on real inputs
+            try:
+                if torch.allclose(self._vmap(candidate, x), self._loop(x), rtol=1e-4, atol=1e-5):
+                    stacked = candidate
+            except Exception:  # an op without a batching rule, a member that inspects its tensors ...
+                stacked = None
+        self._stacked = (sig, stacked)
+        return stacked
+
+    # ---- combiner ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_logits(x))
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """Combine member logits (K, B, C) into log-probabilities (B, C)."""
+        if self.method == "mean-logits":
+            return F.log_softmax(logits.mean(0), dim=-1)
+        logp = F.log_softmax(logits, dim=-1)
+        if self.method in ("mean", "weighted"):
+            return torch.logsumexp(logp + self.weights.log()[:, None, None], dim=0)
+        if self.method == "vote":
+            votes = F.one_hot(logits.argmax(-1), self.classes).to(logp.dtype).sum(0)
+            k = logits.shape[0]
+            return torch.log((votes + logp.exp().mean(0)) / (k + 1))
+        return F.log_softmax(self.meta(stack_features(logits)), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, classes={self.classes}, weights={[round(w, 4) for w in self.weights.tolist()]}"
+
+    def __getstate__(self):  # deepcopy / pickle: drop the cache of stacked weights
+        state = dict(self.__dict__)
+        state["_stacked"] = state["_tree"] = None
+        return state
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: rebuild the stacked weights
+        self._stacked = self._tree = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+def stack_features(logits: torch.Tensor) -> torch.Tensor:
+    """Stacking meta-features: member probabilities side by side, (K, B, C) -> (B, K*C).
+
+    Probabilities rather than log-probabilities: bounded, and less sensitive to the confidence
+    gap between fold models (meta-training) and the members refitted on all rows (inference).
+    """
+    k, b, c = logits.shape
+    return F.softmax(logits, dim=-1).permute(1, 0, 2).reshape(b, k * c)
+
+
+def same_architecture(members: list[nn.Module]) -> bool:
+    """True when ``functional_call`` on member 0 with member i's tensors computes member i.
+
+    Same module tree, hyper-parameters (repr), tensor names, shapes and dtypes; and every
+    state entry is a parameter or buffer (no packed or opaque state that vmap cannot swap).
+    """
+    if len(members) < 2:
+        return False
+    first = members[0]
+
+    def layout(m):
+        return [(k, tuple(v.shape), v.dtype) for k, v in (*m.named_parameters(), *m.named_buffers())]
+
+    want = layout(first)
+    names = {k for k, _ in (*first.named_parameters(), *first.named_buffers())}
+    if set(first.state_dict()) - names or any(m._forward_hooks or m._forward_pre_hooks for m in first.modules()):
+        return False
+    return all(type(m) is type(first) and repr(m) == repr(first) and layout(m) == want for m in members[1:])
+
+
+def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None = None) -> nn.Module:
+    """The stacking meta-learner's architecture: ``linear`` or ``mlp`` (one hidden ReLU layer per width)."""
+    if kind == "linear":
+        return nn.Linear(features, classes)
+    if kind == "mlp":
+        layers, width = [], features
+        for h in hidden or [32]:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        return nn.Sequential(*layers, nn.Linear(width, classes))
+    raise ConfigError(f"unknown meta-learner {kind!r}; choose linear (logistic regression) or mlp")
+
+
+@zoo.register("ensemble")
+def build_ensemble(members: list, method: str, classes: int, meta: dict | None = None) -> Ensemble:
+    """Rebuild an ensemble from its spec: member specs, combiner, meta-learner architecture."""
+    if not isinstance(members, list) or not members:
+        raise ArtifactError("ensemble spec: 'members' must be a non-empty list of member specs")
+    built = [zoo.build(s) for s in members]
+    try:
+        meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ArtifactError(f"ensemble spec: bad meta-learner description {meta!r} ({e})") from None
+    return make(built, method, classes=classes, meta=meta_net, meta_spec=meta)
+
+
+def make(members, method, *, classes, weights=None, meta=None, meta_spec=None) -> Ensemble:
+    """An :class:`Ensemble` with its spec attached (needs every member to have a spec)."""
+    ens = Ensemble(members, method, classes=classes, weights=weights, meta=meta)
+    specs = [spec_of(m) for m in members]
+    if any(s is None for s in specs):
+        raise ConfigError(
+            "every member needs a slimfuse spec so the ensemble can be saved and reloaded; "
+            "build members with slimfuse.zoo or slimfuse.zoo.user_model"
+        )
+    args = {"members": specs, "method": method, "classes": int(classes), "meta": meta_spec}
+    return attach(ens, {"arch": "ensemble", "args": args})

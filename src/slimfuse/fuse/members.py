@@ -1,0 +1,164 @@
+"""Train ensemble members: ``train_members(builder_or_builders, data, k, diversity)``.
+
+Diversity comes from different seeds (init and shuffling), bootstrap samples
+(``bagging``), snapshots of one run with a cyclic learning rate (``snapshot``:
+cosine annealing with warm restarts, a member saved at the end of each cycle),
+or different architectures (``architectures``: one builder per member).
+
+With ``folds=k`` every member is also trained k times on k-1 folds of the
+training split, and the fold models' predictions on their held-out fold become
+the out-of-fold meta-features that stacking needs (``members.oof``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sklearn.model_selection import KFold, StratifiedKFold
+from torch import nn
+
+from .. import distributed
+from ..data import Splits
+from ..errors import ConfigError
+from ..models.spec import derive
+from ..train import fit
+from .stacking import OutOfFold
+
+DIVERSITY = ("seed", "bagging", "snapshot", "architectures")
+
+
+class Members(list):
+    """A list of trained members; ``trained_on[i]`` are the training-split rows member i saw,
+    ``oof`` the out-of-fold meta-training set (with ``folds``), else ``None``; ``seconds`` the
+    wall-clock training time of the members and of the fold models."""
+
+    def __init__(self, models, trained_on, oof: OutOfFold | None = None, diversity: str = "seed",
+                 seconds: dict | None = None):
+        super().__init__(models)
+        self.trained_on = trained_on
+        self.oof = oof
+        self.diversity = diversity
+        self.seconds = seconds or {}
+
+
+def train_members(
+    builder: nn.Module | Callable[[], nn.Module] | list,
+    data: Splits,
+    k: int | None = None,
+    diversity: str = "seed",
+    *,
+    epochs: int = 10,
+    folds: int | None = None,
+    seed: int = 0,
+    **fit_options,
+) -> Members:
+    """Train ``k`` members on ``data.train``.
+
+    ``builder``: a module to re-initialize per member, a zero-argument callable returning a
+    fresh module, or (``architectures``) a list of those, one per member. ``epochs``: per
+    member; for ``snapshot`` the length of the one run, split into ``k`` cosine cycles.
+    ``fit_options`` go to :func:`slimfuse.fit` (``lr``, ``batch_size``, ``optimizer`` ...).
+    """
+    builders = list(builder) if isinstance(builder, (list, tuple)) else [builder]
+    if diversity not in DIVERSITY:
+        raise ConfigError(f"unknown diversity {diversity!r}; choose one of: {', '.join(DIVERSITY)}")
+    if diversity == "architectures":
+        k = len(builders) if k is None else k
+    elif len(builders) != 1:
+        raise ConfigError(f"diversity {diversity!r} takes one builder; a list of builders means 'architectures'")
+    k = 5 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k (the number of members) must be a positive integer, got {k!r}")
+    if diversity == "snapshot" and epochs % k:
+        raise ConfigError(f"snapshot: epochs ({epochs}) must be a multiple of k ({k}), one cosine cycle per member")
+    for b in builders:
+        if not (isinstance(b, nn.Module) or callable(b)):
+            raise ConfigError(f"a builder must be an nn.Module or a callable returning one, got {type(b).__name__}")
+    fit_options.setdefault("progress", False)
+    run = _Runner(builders, data, k, diversity, epochs, seed, fit_options)
+    n = len(data.train)
+    start = time.perf_counter()
+    models, seen = run(np.arange(n), seed)
+    seconds = {"members": time.perf_counter() - start, "folds": 0.0}
+    oof = None
+    if folds is not None:
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ConfigError(f"folds must be an integer >= 2, got {folds!r}")
+        y = data.train.y.numpy()
+        counts = np.bincount(y)
+        splitter = (StratifiedKFold if counts[counts > 0].min() >= folds else KFold)(folds, shuffle=True, random_state=seed)
+        c = data.task.num_classes
+        features = np.zeros((n, k, c), dtype=np.float64)
+        fold_of = np.zeros(n, dtype=np.int64)
+        trained_on: list[list[np.ndarray]] = [[] for _ in range(k)]
+        from .api import member_probas
+
+        for f, (rest, held) in enumerate(splitter.split(np.zeros(n), y)):
+            fold_models, fold_seen = run(rest, seed + 1000 * (f + 1))
+            features[held] = member_probas(fold_models, data.train.subset(held)).transpose(1, 0, 2)
+            fold_of[held] = f
+            for i in range(k):
+                trained_on[i].append(fold_seen[i])
+        oof = OutOfFold(features, y, np.arange(n), fold_of, trained_on, "k-fold")
+        seconds["folds"] = time.perf_counter() - start - seconds["members"]
+    return Members(models, seen, oof, diversity, seconds)
+
+
+class _Runner:
+    """Trains the k members on given training rows: ``run(rows, seed) -> (models, rows seen per model)``."""
+
+    def __init__(self, builders, data, k, diversity, epochs, seed, fit_options):
+        self.builders, self.data, self.k, self.diversity = builders, data, k, diversity
+        self.epochs, self.fit_options = epochs, fit_options
+
+    def fresh(self, i: int, seed: int) -> nn.Module:
+        b = self.builders[i % len(self.builders)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if isinstance(b, nn.Module):
+                model = copy.deepcopy(b)
+                for m in model.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+                return model
+            model = b()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"the builder returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    def __call__(self, rows: np.ndarray, seed: int):
+        train = self.data.train
+        if self.diversity == "snapshot":
+            snaps = []
+            per_cycle = self.epochs // self.k
+
+            def keep(model, row):
+                if row["epoch"] % per_cycle == 0:
+                    snaps.append(derive(model, copy.deepcopy(model).eval(), "snapshot", cycle=len(snaps) + 1))
+
+            fit(self.fresh(0, seed), self.data, epochs=self.epochs, schedule="cosine", cycles=self.k, seed=seed,
+                train=train.subset(rows), on_epoch_end=keep, **self.fit_options)
+            return snaps, [rows] * self.k
+        # Under torchrun each rank trains its share of the members (member i on rank i % ranks),
+        # then every rank receives the others' weights.
+        spread = distributed.setup()
+        rank, ranks = distributed.world() if spread else (0, 1)
+        models, seen = [], []
+        rng = np.random.default_rng(seed)
+        for i in range(self.k):
+            used = rng.choice(rows, size=len(rows), replace=True) if self.diversity == "bagging" else rows
+            member = self.fresh(i, seed + i)
+            if i % ranks == rank:
+                member = fit(member, self.data, epochs=self.epochs, seed=seed + i, train=train.subset(used),
+                             parallel=False, **self.fit_options)
+            models.append(member)
+            seen.append(np.unique(used))
+        if spread:
+            distributed.share_modules(models, owner=lambda i: i % ranks)
+            for m in models:
+                m.eval()
+        return models, seen

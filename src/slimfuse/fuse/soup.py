@@ -1,0 +1,146 @@
+"""Weight-space fusion: model soups and stochastic weight averaging (SWA).
+
+A soup averages the weights of models fine-tuned from one shared initialization
+(Wortsman et al., 2022): ``uniform`` averages all of them; ``greedy`` adds
+ingredients in order of validation accuracy and keeps each one only if the soup's
+validation accuracy does not drop. Averaging only works inside one loss basin:
+a soup far worse than its ingredients gets a warning naming that cause.
+BatchNorm statistics are recomputed for the averaged weights (``refresh_bn``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from ..data import Split, Splits
+from ..errors import ConfigError
+from ..models.spec import derive, spec_of
+from ..train import evaluate, fit
+
+# a soup this much less accurate than its mean ingredient is "far worse"
+FAR_WORSE = 0.05
+
+
+def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = None) -> nn.Module:
+    """Average the weights of ``models`` (same architecture, shared initialization)."""
+    if method not in ("uniform", "greedy"):
+        raise ConfigError(f"unknown soup method {method!r}; choose uniform or greedy")
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ConfigError("soup needs a non-empty list of nn.Module")
+    check_same_shapes(models)
+    if method == "greedy" and data is None:
+        raise ConfigError("a greedy soup ranks ingredients by validation accuracy; pass data=")
+    train = data.train if data is not None else None
+    if method == "uniform":
+        result = average(models, train)
+        kept = list(range(len(models)))
+    else:
+        accs = [evaluate(m, data.val)["accuracy"] for m in models]
+        order = sorted(range(len(models)), key=lambda i: -accs[i])
+        kept = [order[0]]
+        result, best = copy.deepcopy(models[order[0]]), accs[order[0]]
+        for i in order[1:]:
+            trial = average([models[j] for j in kept + [i]], train)
+            acc = evaluate(trial, data.val)["accuracy"]
+            if acc >= best:
+                kept, result, best = kept + [i], trial, acc
+        if len(kept) == 1 and len(models) > 1:
+            _warn_if_far_worse(average(models, train), models, data.val)
+    if method == "uniform" and data is not None:
+        _warn_if_far_worse(result, models, data.val)
+    return derive(models[0], result.eval(), "soup", method=method, ingredients=len(models), kept=kept)
+
+
+def check_same_shapes(models: list[nn.Module]) -> None:
+    first = models[0].state_dict()
+    for i, m in enumerate(models[1:], start=1):
+        state = m.state_dict()
+        if state.keys() != first.keys():
+            missing = sorted(set(first) ^ set(state))[:3]
+            raise ConfigError(f"soup: model {i} has different tensors than model 0 (e.g. {missing}); "
+                              "weights can only be averaged across one architecture")
+        for k, v in state.items():
+            if v.shape != first[k].shape:
+                raise ConfigError(f"soup: tensor {k!r} is {tuple(v.shape)} in model {i} but "
+                                  f"{tuple(first[k].shape)} in model 0; weights can only be averaged across one architecture")
+    if spec_of(models[0]) is not None and any(spec_of(m) != spec_of(models[0]) for m in models):
+        raise ConfigError("soup: the models have different architecture specs")
+
+
+def average(models: list[nn.Module], train: Split | None = None) -> nn.Module:
+    """Uniform weight average (integer buffers from the first model); BatchNorm refreshed on ``train``."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    avg = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v)
+           for k, v in states[0].items()}
+    out.load_state_dict(avg)
+    if train is not None:
+        refresh_bn(out, train)
+    return out.eval()
+
+
+def refresh_bn(model: nn.Module, train: Split, *, batch_size: int = 256) -> nn.Module:
+    """Recompute BatchNorm running statistics of ``model`` (in place) with one pass over ``train``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    was = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the pass
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(train), batch_size):
+            model(train.x[start : start + batch_size])
+    for bn in bns:
+        bn.momentum = 0.1
+    model.train(was)
+    return model
+
+
+def _warn_if_far_worse(result: nn.Module, models: list[nn.Module], val: Split) -> None:
+    accs = [evaluate(m, val)["accuracy"] for m in models]
+    got = evaluate(result, val)["accuracy"]
+    mean = sum(accs) / len(accs)
+    if got < mean - FAR_WORSE:
+        warnings.warn(
+            f"the uniform weight average reaches {got:.3f} validation accuracy against {mean:.3f} for its "
+            "ingredients: the models do not share a loss basin (not fine-tuned from one shared "
+            "initialization), so averaging their weights fails; combine their outputs with "
+            "slimfuse.ensemble instead",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5, swa_lr: float | None = None,
+        **fit_options) -> nn.Module:
+    """Train a copy of ``model`` with stochastic weight averaging (Izmailov et al., 2018).
+
+    The first ``start`` fraction of ``epochs`` trains as :func:`slimfuse.fit` would; the rest runs
+    at a constant ``swa_lr`` (default: ``lr``), averaging the weights at the end of every epoch.
+    BatchNorm statistics are then recomputed for the averaged weights.
+    """
+    if not 0 <= start < 1:
+        raise ConfigError(f"swa: start must be a fraction in [0, 1), got {start}")
+    first = int(round(epochs * start))
+    if epochs - first < 1:
+        raise ConfigError(f"swa: no epoch left to average (epochs={epochs}, start={start})")
+    fit_options.setdefault("progress", False)
+    fit_options.pop("op", None)
+    lr = fit_options.pop("lr", 1e-3)
+    swa_lr = swa_lr or lr
+    warm = fit(model, data, epochs=first, lr=lr, op=None, **fit_options) if first else model
+    averaged = torch.optim.swa_utils.AveragedModel(copy.deepcopy(warm), use_buffers=False)
+    fit_options.pop("schedule", None)
+    fit(warm, data, epochs=epochs - first, lr=swa_lr, op=None,
+        on_epoch_end=lambda m, row: averaged.update_parameters(m), **fit_options)
+    result = copy.deepcopy(warm)
+    result.load_state_dict(averaged.module.state_dict())
+    refresh_bn(result, data.train)
+    return derive(model, result.eval(), "swa", epochs=epochs, start=start, lr=lr, swa_lr=swa_lr)

@@ -1,0 +1,134 @@
+"""Stacking: a meta-learner on out-of-fold member predictions.
+
+Every meta-training sample carries its provenance in :class:`OutOfFold`: its id
+in a pool numbering the training split ``0..n_train-1`` and the validation split
+``n_train..``, the fold whose models produced its features, and for every
+member and fold the ids that model was trained on. ``oof.leaks()`` lists every
+(sample, member) pair where a member saw the label it predicts; stacking refuses
+to fit when it is not empty.
+
+- Members trained by :func:`slimfuse.train_members` with ``folds=k``: k-fold
+  out-of-fold predictions on the training split (each fold's models never saw it).
+- Pretrained members: a held-out blend split of the validation data, which the
+  members never trained on (members without a record of what they saw are taken
+  to have seen exactly ``data.train``).
+
+The meta-learner is scikit-learn's ``LogisticRegressionCV`` (regularization chosen
+by cross-validation on the meta-features) converted to a ``torch.nn.Linear``, or
+a small MLP trained with :func:`slimfuse.fit`; either way it is stored as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+from ..data import Split, Splits, Task
+from ..errors import ConfigError
+from ..train import fit
+from .combine import meta_module
+
+
+@dataclass
+class OutOfFold:
+    """Meta-training set with provenance (see the module docstring)."""
+
+    features: np.ndarray  # (N, K, C) member probabilities
+    y: np.ndarray  # (N,)
+    sample_ids: np.ndarray  # (N,) ids in the train+val pool
+    fold: np.ndarray  # (N,) index of the fold whose models produced the row
+    trained_on: list[list[np.ndarray]]  # [member][fold] -> pool ids that model was trained on
+    scheme: str  # "k-fold" or "blend"
+
+    def leaks(self) -> list[tuple[int, int]]:
+        """(sample id, member) pairs whose features come from a model that saw that sample."""
+        out = []
+        for k, per_fold in enumerate(self.trained_on):
+            for f, seen in enumerate(per_fold):
+                rows = self.fold == f
+                hit = np.isin(self.sample_ids[rows], seen)
+                out += [(int(i), k) for i in self.sample_ids[rows][hit]]
+        return out
+
+
+def blend_oof(members, data: Splits, *, trained_on=None, blend: float = 1.0, seed: int = 0) -> OutOfFold:
+    """Meta-training set for pretrained members: their predictions on (a fraction of) ``data.val``."""
+    from .api import member_probas
+
+    if not 0 < blend <= 1:
+        raise ConfigError(f"blend must be a fraction in (0, 1], got {blend}")
+    n_train, n_val = len(data.train), len(data.val)
+    idx = np.arange(n_val)
+    if blend < 1:
+        idx, _ = train_test_split(idx, train_size=blend, random_state=seed, stratify=data.val.y.numpy())
+        idx = np.sort(idx)
+    split = data.val.subset(idx)
+    if trained_on is None:
+        trained_on = [np.arange(n_train)] * len(members)
+    return OutOfFold(
+        features=member_probas(members, split).transpose(1, 0, 2),
+        y=split.y.numpy(),
+        sample_ids=n_train + idx,
+        fold=np.zeros(len(idx), dtype=np.int64),
+        trained_on=[[np.asarray(t)] for t in trained_on],
+        scheme="blend",
+    )
+
+
+def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "linear", data: Splits | None = None,
+             hidden: list[int] | None = None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Fit the meta-learner on ``oof``; returns (module, spec of its architecture)."""
+    leaks = oof.leaks()
+    if leaks:
+        raise ConfigError(
+            f"stacking would leak labels: {len(leaks)} meta-features come from members that saw their "
+            f"sample (first: sample {leaks[0][0]}, member {leaks[0][1]})"
+        )
+    n, k, c = oof.features.shape
+    x = oof.features.reshape(n, k * c).astype(np.float32)
+    if len(np.unique(oof.y)) < 2:
+        raise ConfigError("stacking needs at least two classes among the meta-training samples")
+    spec = {"kind": kind, "features": k * c}
+    net = meta_module(kind, k * c, classes, hidden)
+    if kind == "linear":
+        smallest = np.bincount(oof.y)[np.unique(oof.y)].min()
+        cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
+              else KFold(min(5, n), shuffle=True, random_state=seed))
+        # standardized features (folded back into the Linear below) keep lbfgs well conditioned
+        mean, std = x.mean(0), x.std(0)
+        std = np.where(std > 1e-6, std, 1.0)
+        lr = LogisticRegressionCV(Cs=8, cv=cv, max_iter=2000, scoring="neg_log_loss", random_state=seed)
+        lr.fit((x - mean) / std, oof.y)
+        weight = np.zeros((classes, k * c), dtype=np.float32)
+        bias = np.full(classes, -30.0, dtype=np.float32)  # a class never seen in training stays improbable
+        coef = lr.coef_ / std
+        intercept = lr.intercept_ - coef @ mean
+        if len(lr.classes_) == 2:  # binary: scikit-learn keeps one row for the positive class
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.concatenate([[0.0], intercept])
+        weight[lr.classes_] = coef
+        bias[lr.classes_] = intercept
+        with torch.no_grad():
+            net.weight.copy_(torch.from_numpy(weight))
+            net.bias.copy_(torch.from_numpy(bias))
+        spec["C"] = float(lr.C_[0])
+        return net, spec
+    spec["hidden"] = list(hidden or [32])
+    # early stopping on a stratified fifth of the meta-training rows
+    tr, va = train_test_split(np.arange(n), test_size=0.2, random_state=seed, stratify=_stratify(oof.y))
+    task = Task("stacking-meta", "classification", classes, (k * c,))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(oof.y)
+    meta_data = Splits(Split(xt[tr], yt[tr]), Split(xt[va], yt[va]), Split(xt[va], yt[va]), task)
+    torch.manual_seed(seed)
+    net = fit(net, meta_data, epochs=60, lr=3e-3, weight_decay=1e-4, patience=8, seed=seed, op=None,
+              progress=False)
+    return net, spec
+
+
+def _stratify(y: np.ndarray):
+    counts = np.bincount(y)
+    return y if counts[counts > 0].min() >= 2 else None

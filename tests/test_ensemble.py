@@ -1,0 +1,275 @@
+"""Ensembles, stacking, soups and SWA (slimfuse.fuse), on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import slimfuse as sf
+from slimfuse.cli import app
+from slimfuse.fuse import caruana, ensemble, refine, soup, swa, train_members
+from slimfuse.fuse.select import nll
+from slimfuse.fuse.stacking import OutOfFold, fit_meta
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sf.datasets.load("digits")
+
+
+def small_mlp(hidden=24, classes=10):
+    return lambda: sf.zoo.mlp(64, [hidden], classes)
+
+
+@pytest.fixture(scope="module")
+def members(data):
+    """Four MLPs trained from different seeds, deliberately short so they disagree."""
+    return train_members(small_mlp(), data, 4, "seed", epochs=4, lr=3e-3)
+
+
+def probas(model, split):
+    return sf.predict(model, split, output="proba").double().numpy()
+
+
+# ---- weighted (Caruana) ---------------------------------------------------------------------------
+
+def test_weighted_is_never_worse_than_the_best_member_on_its_validation_data(data, members):
+    best = min(sf.evaluate(m, data.val)["nll"] for m in members)
+    for refined in (False, True):
+        ens = ensemble(members, "weighted", data, refine=refined)
+        got = nll(probas(ens, data.val), data.val.y.numpy())
+        assert got <= best + 1e-6
+        w = ens.selection.weights
+        assert w.shape == (4,) and abs(w.sum() - 1) < 1e-9 and (w >= 0).all()
+        # the weights are reported in the lineage, and the module holds exactly the non-zero ones
+        step = sf.lineage_of(ens)[-1]["params"]
+        assert step["method"] == "weighted" and np.allclose(step["weights"], w, atol=1e-6)
+        assert torch.allclose(ens.weights.double(), torch.from_numpy(w[w > 0] / w[w > 0].sum()), atol=1e-6)
+        assert len(ens.members) == int((w > 0).sum())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(5, 40), st.integers(2, 5), st.integers(0, 10_000))
+def test_caruana_on_cached_arrays_keeps_the_best_point_of_its_trajectory(k, n, c, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(k, n, c)) * rng.uniform(0.1, 4, size=(k, 1, 1))
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    y = rng.integers(0, c, size=n)
+    sel = caruana(p, y, rounds=15)
+    assert sel.loss <= min(nll(p[j], y) for j in range(k)) + 1e-12
+    assert sel.loss == pytest.approx(min(sel.trajectory))
+    assert nll((sel.weights[:, None, None] * p).sum(0), y) == pytest.approx(sel.loss)
+    assert refine(p, y, sel).loss <= sel.loss + 1e-12
+
+
+# ---- stacking -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_stacking_meta_features_are_out_of_fold(data):
+    mem = train_members(small_mlp(16), data, 2, "bagging", epochs=3, lr=3e-3, folds=3)
+    oof, n = mem.oof, len(data.train)
+    assert oof.scheme == "k-fold" and sorted(oof.sample_ids.tolist()) == list(range(n))  # every row once
+    for row, (sid, f) in enumerate(zip(oof.sample_ids, oof.fold)):
+        for k in range(2):
+            assert sid not in set(oof.trained_on[k][f].tolist()), (row, k)
+    # the fold models really trained on the other folds (bootstrap samples of them, for bagging)
+    for k in range(2):
+        for f in range(3):
+            others = set(oof.sample_ids[oof.fold != f].tolist())
+            assert set(oof.trained_on[k][f].tolist()) <= others
+            assert len(oof.trained_on[k][f]) > 0.5 * len(others)
+    assert oof.leaks() == []
+    ens = ensemble(mem, "stacking", data)
+    assert ens.oof is oof and sf.lineage_of(ens)[-1]["params"]["scheme"] == "k-fold"
+    best = max(sf.evaluate(m, data.test)["accuracy"] for m in mem)
+    assert sf.evaluate(ens, data.test)["accuracy"] >= best - 0.05
+
+
+def test_stacking_on_pretrained_members_uses_the_held_out_validation_split(data, members):
+    ens = ensemble(members, "stacking", data)
+    oof = ens.oof
+    assert oof.scheme == "blend" and oof.leaks() == []
+    assert (oof.sample_ids >= len(data.train)).all()  # validation rows only: the members never saw them
+    assert np.array_equal(oof.y, data.val.y.numpy())
+    best = max(sf.evaluate(m, data.test)["accuracy"] for m in members)
+    assert sf.evaluate(ens, data.test)["accuracy"] >= best - 0.05
+    assert isinstance(ens.meta, torch.nn.Linear)  # the meta-learner lives in tensors, not a pickle
+
+
+def test_stacking_refuses_meta_features_from_a_member_that_saw_the_label(members, data):
+    oof = ensemble(members, "stacking", data).oof
+    seen = [[np.concatenate([t[0], oof.sample_ids[:1]])] for t in oof.trained_on]  # member saw sample 0
+    leaky = OutOfFold(oof.features, oof.y, oof.sample_ids, oof.fold, seen, "blend")
+    assert len(leaky.leaks()) == len(members)
+    with pytest.raises(sf.ConfigError, match="leak"):
+        fit_meta(leaky, 10)
+
+
+# ---- vectorized inference -----------------------------------------------------------------------
+
+def test_vmap_equals_the_member_loop(data, members):
+    for group in (members, [sf.zoo.cnn(10, 1, 8, [4], 8) for _ in range(3)]):
+        ens = ensemble(group, "mean", data)
+        with torch.inference_mode():
+            batched = ens(data.test.x)
+            assert ens.last_path == "vmap"
+            ens.vectorize = False
+            loop = ens(data.test.x)
+            assert ens.last_path == "loop"
+        # float32 batched matmuls may round differently from one matmul per member
+        assert torch.allclose(batched, loop, rtol=1e-5, atol=1e-6)
+    mixed = ensemble([members[0], sf.zoo.mlp(64, [8, 8], 10)], "mean", data)
+    with torch.inference_mode():
+        mixed(data.test.x[:4])
+    assert mixed.last_path == "loop"  # heterogeneous members fall back to the loop
+
+
+def test_vmap_follows_weight_updates(data, members):
+    ens = ensemble(members, "mean", data)
+    with torch.inference_mode():
+        before = ens(data.test.x[:8])
+    with torch.no_grad():
+        ens.members[1].out.bias[0] += 5.0  # class 0 becomes far more likely
+        after = ens(data.test.x[:8])
+    assert ens.last_path == "vmap" and not torch.allclose(before, after)
+    ens.vectorize = False
+    with torch.no_grad():
+        assert torch.allclose(after, ens(data.test.x[:8]), rtol=1e-5, atol=1e-6)
+
+
+# ---- artifacts and export -----------------------------------------------------------------------
+
+def test_ensemble_save_load_is_bit_exact(tmp_path, data, members):
+    hetero = [members[0], sf.zoo.cnn(10, 1, 8, [4], 8)]
+    cases = {
+        "weighted": ensemble(members, "weighted", data),
+        "stacking-mlp": ensemble(members, "stacking", data, meta="mlp", meta_hidden=[16]),
+        "vote": ensemble(members, "vote", data),
+        "mean-logits-hetero": ensemble(hetero, "mean-logits", data),
+    }
+    for name, ens in cases.items():
+        sf.save(ens, tmp_path / name)
+        again = sf.load(tmp_path / name)
+        assert torch.equal(sf.predict(ens, data.test), sf.predict(again, data.test)), name
+        card = json.loads((tmp_path / name / "card.json").read_text())
+        assert card["spec"]["arch"] == "ensemble" and card["lineage"][-1]["op"] == "ensemble"
+        keys = load_file(str(tmp_path / name / "weights.safetensors")).keys()
+        assert any(k.startswith("members.0.") for k in keys)
+    assert sorted(p.name for p in (tmp_path / "vote").iterdir()) == ["card.json", "weights.safetensors"]
+
+
+@pytest.mark.parametrize("method", ["weighted", "stacking", "vote"])
+def test_onnx_export_of_the_whole_ensemble_matches_torch(tmp_path, data, members, method):
+    ens = ensemble(members, method, data)
+    path = tmp_path / "ens.onnx"
+    torch.onnx.export(ens, (data.test.x[:2],), str(path), dynamo=False, input_names=["x"], output_names=["logp"],
+                      dynamic_axes={"x": {0: "batch"}, "logp": {0: "batch"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": data.test.x.numpy()})[0]
+    want = sf.predict(ens, data.test).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_members_with_different_class_counts_get_a_clear_error(data):
+    a, b = sf.zoo.mlp(64, [8], 10), sf.zoo.mlp(64, [8], 5)
+    with pytest.raises(sf.ConfigError, match=r"different numbers of classes \(member 0: 10, member 1: 5\)"):
+        ensemble([a, b], "mean")
+    with pytest.raises(sf.ConfigError, match="different numbers of classes"):
+        ensemble([a, b], "weighted", data)
+    with pytest.raises(sf.ConfigError, match="unknown ensemble method"):
+        ensemble([a], "median", data)
+    with pytest.raises(sf.ConfigError, match="pass data="):
+        ensemble([a, a], "stacking")
+
+
+# ---- soups and SWA ------------------------------------------------------------------------------
+
+def test_soups_refuse_mismatched_shapes():
+    with pytest.raises(sf.ConfigError, match=r"tensor 'fc1.weight' is \(16, 64\) in model 1 but \(8, 64\)"):
+        soup([sf.zoo.mlp(64, [8], 10), sf.zoo.mlp(64, [16], 10)], "uniform")
+    with pytest.raises(sf.ConfigError, match="different tensors"):
+        soup([sf.zoo.mlp(64, [8], 10), sf.zoo.mlp(64, [8, 8], 10)], "uniform")
+
+
+def test_greedy_soup_of_fine_tuned_models_is_no_worse_than_its_best_ingredient(data):
+    base = sf.fit(sf.zoo.mlp(64, [32], 10), data, epochs=4, lr=3e-3, progress=False)
+    tuned = [sf.fit(base, data, epochs=2, lr=1e-3, seed=s, progress=False) for s in range(3)]
+    best = max(sf.evaluate(m, data.val)["accuracy"] for m in tuned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one shared basin: no warning
+        greedy = soup(tuned, "greedy", data)
+        uniform = soup(tuned, "uniform", data)
+    assert sf.evaluate(greedy, data.val)["accuracy"] >= best
+    assert sf.evaluate(uniform, data.val)["accuracy"] >= best - 0.05
+    assert sf.lineage_of(greedy)[-1]["op"] == "soup"
+
+
+def test_soup_without_a_shared_basin_warns(data, members):
+    # the same function with its hidden units permuted: equally accurate, but a different basin
+    a = members[0]
+    b = sf.zoo.mlp(64, [24], 10)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    state = a.state_dict()
+    b.load_state_dict({"fc1.weight": state["fc1.weight"][perm], "fc1.bias": state["fc1.bias"][perm],
+                       "out.weight": state["out.weight"][:, perm], "out.bias": state["out.bias"]})
+    assert torch.allclose(sf.predict(a, data.val), sf.predict(b, data.val), atol=1e-5)
+    with pytest.warns(UserWarning, match="do not share a loss basin"):
+        soup([a, b], "uniform", data)
+
+
+@pytest.mark.slow
+def test_swa_refreshes_batchnorm_and_matches_plain_training(data):
+    net = sf.zoo.cnn(10, 1, 8, [8], 16)
+    plain = sf.fit(net, data, epochs=8, lr=3e-3, progress=False)
+    averaged = swa(net, data, epochs=8, lr=3e-3)
+    assert sf.evaluate(averaged, data.test)["accuracy"] >= sf.evaluate(plain, data.test)["accuracy"] - 0.03
+    again = sf.fuse.refresh_bn(sf.fuse.soup([averaged], "uniform"), data.train)
+    assert torch.allclose(averaged.bn1.running_mean, again.bn1.running_mean, atol=1e-5)
+    assert sf.lineage_of(averaged)[-1]["op"] == "swa"
+
+
+# ---- member training ----------------------------------------------------------------------------
+
+def test_train_members_diversity_kinds(data):
+    bag = train_members(small_mlp(8), data, 2, "bagging", epochs=1)
+    assert all(len(t) < 0.7 * len(data.train) for t in bag.trained_on)  # bootstrap: ~63% unique rows
+    snap = train_members(small_mlp(8), data, 3, "snapshot", epochs=3, lr=3e-3)
+    assert len(snap) == 3 and [s["op"] for s in sf.lineage_of(snap[2])][-1] == "snapshot"
+    assert not torch.equal(snap[0].out.weight, snap[2].out.weight)
+    archs = train_members([small_mlp(8), lambda: sf.zoo.cnn(10, 1, 8, [4], 8)], data, diversity="architectures",
+                          epochs=1)
+    assert [sf.spec_of(m)["arch"] for m in archs] == ["mlp", "cnn"]
+    with pytest.raises(sf.ConfigError, match="multiple of k"):
+        train_members(small_mlp(8), data, 3, "snapshot", epochs=4)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_trains_members_and_combines_artifacts(tmp_path):
+    run = CliRunner().invoke
+    for seed in (0, 1):
+        r = run(app, ["train", "-d", "digits", "--hidden", "16", "--epochs", "2", "--seed", str(seed),
+                      "-o", str(tmp_path / f"m{seed}")])
+        assert r.exit_code == 0, r.output
+    r = run(app, ["ensemble", str(tmp_path / "m0"), str(tmp_path / "m1"), "--method", "weighted", "-d", "digits",
+                  "-o", str(tmp_path / "ens")])
+    assert r.exit_code == 0, r.output
+    assert "weights: m0=" in r.output and sf.read_card(tmp_path / "ens")["spec"]["arch"] == "ensemble"
+    r = run(app, ["train", "-d", "digits", "--hidden", "16", "--epochs", "2", "--members", "3", "--diversity",
+                  "bagging", "-o", str(tmp_path / "bag")])
+    assert r.exit_code == 0, r.output
+    assert len(sf.load(tmp_path / "bag").members) == 3
+    r = run(app, ["ensemble", str(tmp_path / "m0"), "-d", "digits", "--method", "median", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown ensemble method" in r.output and not (tmp_path / "x").exists()
