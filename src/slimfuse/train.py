@@ -30,7 +30,7 @@ from . import distributed
 from .checkpoint import Checkpoint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
-from .models.spec import derive
+from .models.spec import derive, set_task, task_of
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,11 @@ def fit(
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
-    return derive(model, model, op, **params_rec) if op else model
+    if op:
+        derive(model, model, op, **params_rec)
+    if task_of(model) is None:
+        set_task(model, data.task.to_dict())
+    return model
 
 
 def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_train):
@@ -205,19 +209,22 @@ def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_tra
         raise DataError("the training split is empty")
 
 
-def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:
-    """One forward pass on two samples: a shape or class-count mismatch becomes a clear DataError."""
+def probe(model: nn.Module, x: torch.Tensor, *, who: str = "the model") -> torch.Tensor:
+    """Run ``model`` once in eval mode on a few samples; a shape mismatch becomes a clear DataError."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(split.x[:2])
+            return model(x[:2])
     except RuntimeError as e:
-        raise DataError(
-            f"the model cannot take inputs of shape {tuple(split.x.shape[1:])}: {str(e).splitlines()[0]}"
-        ) from None
+        raise DataError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
+
+
+def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:
+    """One forward pass on two samples: a shape or class-count mismatch becomes a clear DataError."""
+    out = probe(model, split.x)
     if out.ndim != 2:
         raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
     if num_classes is not None and out.shape[1] != num_classes:

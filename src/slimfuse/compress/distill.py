@@ -39,7 +39,7 @@ from ..data import Split, Splits
 from ..errors import ArtifactError, ConfigError, DataError
 from ..models import zoo
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
-from ..train import Batch, fit
+from ..train import Batch, fit, probe
 
 UNLABELED = -1
 
@@ -270,8 +270,7 @@ class _Taps:
         return hook
 
     def take(self) -> list[torch.Tensor]:
-        out = [self.out.pop(p) for p in self.paths]
-        return out
+        return [self.out.pop(p) for p in self.paths]
 
     def remove(self):
         for h in self.handles:
@@ -363,6 +362,9 @@ def distill(
         raise ConfigError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (isinstance(hint_weight, (int, float)) and hint_weight >= 0):
         raise ConfigError(f"hint_weight must be a non-negative number, got {hint_weight!r}")
+    if "transform" in fit_options:
+        raise ConfigError("distill caches the teacher's outputs on a fixed transfer set, so on-the-fly transforms "
+                          "cannot be used; use transfer='augment' (fixed augmented copies) instead")
     hints = dict(hints or {})
     num_classes = data.task.num_classes
     transfer_split = transfer_set(data, transfer, copies=copies, shift=shift, noise=noise, mixup=mixup, seed=seed)
@@ -403,15 +405,7 @@ def distill(
 
 
 def _check_student(student: nn.Module, x: torch.Tensor, num_classes: int) -> None:
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            out = student(x)
-    except RuntimeError as e:
-        raise DataError(f"the student cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
-    finally:
-        student.train(was_training)
+    out = probe(student, x, who="the student")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ConfigError(f"the student outputs shape {tuple(out.shape[1:])} but the data has {num_classes} classes; "
                           "teacher and student must predict the same classes")

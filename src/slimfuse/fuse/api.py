@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..data import Split, Splits
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
-from ..train import predict
+from ..train import predict, probe
 from . import select
 from .combine import METHODS, Ensemble, make
 from .stacking import blend_oof, fit_meta
@@ -98,16 +98,7 @@ def _classes(members: list[nn.Module], data: Splits | None) -> int:
     for i, m in enumerate(members):
         if data is not None:
             sample = data.val.x[:2] if len(data.val) else data.train.x[:2]
-            was = m.training
-            m.eval()
-            try:
-                with torch.no_grad():
-                    out = m(sample)
-            except RuntimeError as e:
-                raise DataError(f"member {i} cannot take inputs of shape {tuple(sample.shape[1:])}: "
-                                f"{str(e).splitlines()[0]}") from None
-            finally:
-                m.train(was)
+            out = probe(m, sample, who=f"member {i}")
             counts.append(int(out.shape[-1]))
         else:
             counts.append(_declared_classes(m, i))

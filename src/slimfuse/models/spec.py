@@ -42,6 +42,12 @@ def task_of(model: nn.Module) -> dict | None:
     return copy.deepcopy(_meta(model)["task"])
 
 
+def set_task(model: nn.Module, task: dict) -> nn.Module:
+    """Record the task (classes, input shape) a model was trained for, keeping spec and lineage."""
+    meta = _meta(model)
+    return attach(model, meta["spec"], lineage=meta["lineage"], task=task) if meta["spec"] is not None else model
+
+
 def derive(source: nn.Module, result: nn.Module, op: str, *, spec: dict | None = None, **params) -> nn.Module:
     """Give ``result`` the spec (or a new one), task and lineage of ``source`` plus step ``op``."""
     meta = _meta(source)
