@@ -2,7 +2,8 @@
 
 For LeNet-300-100 and LeNet-5: torch fp32, ONNX Runtime fp32, slimfuse's ORT int8 (dynamic, static
 QDQ, static QOperator) vs ONNX Runtime's own ``quantize_dynamic`` / ``quantize_static`` called
-directly with their defaults, ``codebook:2..8``, and prune -> codebook -> entropy. Every row is
+directly with their defaults, ``codebook:2..8``, and prune (``slimfuse.prune``, gradual global
+magnitude) -> codebook -> entropy. Every row is
 measured by ``slimfuse.measure`` (accuracy, bytes, latency); a second table times batch 256
 round-robin (several rounds, median) so that noise from other processes hits every row alike.
 
@@ -55,30 +56,7 @@ def ort_own(fp32: OnnxPredictor, calib: torch.Tensor, kind: str) -> OnnxPredicto
         return OnnxPredictor.from_bytes(dst.read_bytes())
 
 
-def magnitude_prune(model, data, stages, epochs):
-    """Gradual global magnitude pruning of weight matrices, fine-tuned through fit(after_step=...).
-
-    Stand-in until slimfuse.prune lands; the zeros are what codebook keeps.
-    """
-    pruned = copy.deepcopy(model)
-    for sparsity in stages:
-        weights = {n: p for n, p in pruned.named_parameters() if p.ndim > 1}
-        flat = torch.cat([p.detach().abs().flatten() for p in weights.values()])
-        threshold = flat.kthvalue(int(len(flat) * sparsity)).values
-        masks = {n: p.detach().abs() > threshold for n, p in weights.items()}
-
-        def keep(m, masks=masks):
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in masks:
-                        p.mul_(masks[n])
-
-        keep(pruned)
-        pruned = sf.fit(pruned, data, epochs=epochs, lr=5e-4, after_step=keep, op=None)
-    return sf.models.derive(model, pruned, "prune", sparsity=stages[-1], method="global-magnitude")
-
-
-def bench(arch: str, data, *, epochs: int, stages: tuple, quick: bool) -> tuple[list[dict], list[dict]]:
+def bench(arch: str, data, *, epochs: int, sparsity: float, quick: bool) -> tuple[list[dict], list[dict]]:
     torch.manual_seed(0)
     t0 = time.time()
     fp32 = sf.fit(sf.zoo.for_task(arch, data.task), data, epochs=epochs, seed=0)
@@ -98,8 +76,8 @@ def bench(arch: str, data, *, epochs: int, stages: tuple, quick: bool) -> tuple[
     for bits in ([4] if quick else range(2, 9)):
         models[f"codebook:{bits}"] = sf.quantize(fp32, f"codebook:{bits}", data=data, epochs=1)
     t0 = time.time()
-    pruned = magnitude_prune(fp32, data, stages, epochs=1 if quick else 2)
-    models[f"pruned {stages[-1]:.0%} (dense storage)"] = pruned
+    pruned = sf.prune(fp32, sparsity=sparsity, data=data, finetune_epochs=2 if quick else 8, seed=0)
+    models[f"pruned {sparsity:.0%} (slimfuse.prune)"] = pruned
     models["prune -> codebook:5 -> entropy"] = sf.quantize(pruned, "codebook:5", data=data, epochs=2)
     models["prune -> codebook:4 -> entropy"] = sf.quantize(pruned, "codebook:4", data=data, epochs=2)
     print(f"[{arch}] compressed in {time.time() - t0:.0f}s", flush=True)
@@ -148,8 +126,8 @@ def main():
     args = ap.parse_args()
     data = sf.datasets.load("mnist5k")
     rows, speed = [], []
-    for arch, epochs, stages in (("mlp", 20, (0.7, 0.85, 0.92, 0.95)), ("lenet5", 8, (0.6, 0.75, 0.85))):
-        r, s = bench(arch, data, epochs=2 if args.quick else epochs, stages=stages, quick=args.quick)
+    for arch, epochs, sparsity in (("mlp", 20, 0.95), ("lenet5", 8, 0.85)):
+        r, s = bench(arch, data, epochs=2 if args.quick else epochs, sparsity=sparsity, quick=args.quick)
         rows += r
         speed += s
     OUT.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,5 @@
 """codebook:N weight sharing and its entropy-coded storage codec."""
 
-import copy
-
 import pytest
 import torch
 
@@ -32,24 +30,8 @@ def test_codebook_shares_weights_shrinks_and_reloads_bit_exactly(digits_mlp, dig
     assert sf.lineage_of(back)[-1]["params"]["float_params"] == ["fc1.bias", "out.bias"]
 
 
-def _magnitude_prune(model, data, sparsity):
-    masks = {}
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in _weights(pruned).items():
-            masks[name] = p.abs() > p.abs().flatten().kthvalue(int(p.numel() * sparsity)).values
-            p.mul_(masks[name])
-
-    def keep_zeros(m):
-        with torch.no_grad():
-            for name, p in _weights(m).items():
-                p.mul_(masks[name])
-
-    return sf.fit(pruned, data, epochs=2, lr=5e-4, after_step=keep_zeros, op=None)
-
-
 def test_codebook_keeps_the_zeros_of_a_pruned_model(digits_mlp, digits, tmp_path):
-    pruned = _magnitude_prune(digits_mlp, digits, 0.8)
+    pruned = sf.prune(digits_mlp, sparsity=0.8, data=digits, finetune_epochs=2)
     q = sf.quantize(pruned, "codebook:3", data=digits, epochs=1)
     for (name, w), p in zip(_weights(q).items(), _weights(pruned).values()):
         assert torch.equal(w == 0, p == 0), name

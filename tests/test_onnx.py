@@ -98,7 +98,7 @@ def test_onnx_in_int8_onnx_out(onnx_file, digits, tmp_path):
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(proto.SerializeToString())
     for method in ("percentile", "entropy"):
-        q = sf.quantize(str(foreign), "int8-static", calib=digits.val, backend="onnxruntime", method=method)
+        q = sf.quantize(str(foreign), "int8-static", calib=digits.val, backend="onnxruntime", calibrator=method)
         assert [s["op"] for s in sf.lineage_of(q)] == ["import_onnx", "quantize"]
     result = sf.export(q, "onnx", tmp_path / "int8.onnx")
     again = load_onnx(result.path)
@@ -111,7 +111,7 @@ def test_clear_errors(digits_mlp, digits, tmp_path):
         sf.quantize(digits_mlp, "int8-static", backend="onnxruntime")
     with pytest.raises(sf.ConfigError, match="unknown quantization scheme"):
         sf.quantize(digits_mlp, "int4-magic")
-    with pytest.raises(sf.ConfigError, match="calibration method"):
+    with pytest.raises(sf.ConfigError, match="calibrator"):
         sf.quantize(digits_mlp, "int8-static", digits.val, backend="onnxruntime", calibrator="median")
     with pytest.raises(sf.ConfigError, match="unknown option"):
         sf.quantize(digits_mlp, "int8-dynamic", backend="onnxruntime", symmetric=True)
@@ -136,3 +136,21 @@ def test_cli_export_and_quantize_an_onnx_file(digits_mlp, tmp_path):
                               str(tmp_path / "out.onnx")])
     assert res.exit_code == 2 and "not an ONNX model" in res.output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_keras_style_model_nhwc_input_and_softmax_output():
+    """A foreign model taking NHWC images and ending in softmax (as Keras exporters write them)."""
+    h = onnx.helper
+    w = np.random.default_rng(0).normal(size=(32, 10)).astype(np.float32)
+    nodes = [h.make_node("Flatten", ["images"], ["flat"]), h.make_node("MatMul", ["flat", "w"], ["z"]),
+             h.make_node("Softmax", ["z"], ["probs"], axis=-1)]
+    images = h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["n", 4, 4, 2])
+    probs = h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["n", 10])
+    graph = h.make_graph(nodes, "keras_like", [images], [probs], [onnx.numpy_helper.from_array(w, "w")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    pred = sf.runtime.from_proto(model, input_layout="nhwc")
+    x = torch.rand(20, 2, 4, 4, generator=torch.Generator().manual_seed(0))  # NCHW, as slimfuse data is
+    expected = torch.log_softmax(x.permute(0, 2, 3, 1).reshape(20, 32) @ torch.from_numpy(w), dim=-1)
+    torch.testing.assert_close(pred(x), expected, atol=1e-4, rtol=1e-4)
+    assert pred.slimfuse_macs() == 320

@@ -1,5 +1,7 @@
 """slimfuse.quantize, torch backend: smaller artifacts, bounded accuracy loss, bit-exact reloads."""
 
+import functools
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,6 +14,8 @@ from slimfuse.compress.qmodules import QConv2d, QLinear
 from slimfuse.measure import artifact_bytes
 
 INT8 = ["int8-dynamic", "int8-static", "qat", "mixed"]
+# these tests are about the torch backend; backend="auto" picks onnxruntime for int8 (see BENCHMARKS.md)
+quantize = functools.partial(sf.quantize, backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def _state(model):
 def test_scheme_is_smaller_accurate_and_reloads_bit_exactly(mlp, digits, tmp_path, scheme, options, max_drop,
                                                             max_ratio):
     before = _state(mlp)
-    q = sf.quantize(mlp, scheme, calib=digits, **options)
+    q = quantize(mlp, scheme, calib=digits, **options)
     base = sf.evaluate(mlp, digits.test)["accuracy"]
     acc = sf.evaluate(q, digits.test)["accuracy"]
     assert acc >= base - max_drop, f"{scheme}: accuracy {acc:.4f} vs fp32 {base:.4f}"
@@ -60,7 +64,7 @@ def test_scheme_is_smaller_accurate_and_reloads_bit_exactly(mlp, digits, tmp_pat
 
 
 def test_int8_weights_are_really_int8_on_disk(mlp, digits, tmp_path):
-    q = sf.quantize(mlp, "int8-static", calib=digits)
+    q = quantize(mlp, "int8-static", calib=digits)
     path = sf.save(q, tmp_path / "q")
     with safe_open(str(path / "weights.safetensors"), "pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
@@ -76,14 +80,14 @@ def test_int8_weights_are_really_int8_on_disk(mlp, digits, tmp_path):
 
 
 def test_measure_reports_real_bytes_params_and_macs(mlp, digits):
-    q = sf.quantize(mlp, "int8-dynamic")
+    q = quantize(mlp, "int8-dynamic")
     rows = sf.measure({"fp32": mlp, "int8": q}, digits.test, seconds=0.1).rows
     assert rows[1]["bytes"] * 3.3 < rows[0]["bytes"]
     assert rows[1]["params"] == rows[0]["params"] and rows[1]["macs"] == rows[0]["macs"]
 
 
 def test_conv_batchnorm_relu_is_folded_fused_and_int8(cnn, digits, tmp_path):
-    q = sf.quantize(cnn, "int8-static", calib=digits.train)
+    q = quantize(cnn, "int8-static", calib=digits.train)
     assert isinstance(q.net.conv1, QConv2d) and q.net.conv1.relu and isinstance(q.net.bn1, nn.Identity)
     assert set(q.precision.values()) == {"int8-static"}
     base = sf.evaluate(cnn, digits.test)["accuracy"]
@@ -93,7 +97,7 @@ def test_conv_batchnorm_relu_is_folded_fused_and_int8(cnn, digits, tmp_path):
 
 
 def test_layers_without_a_kernel_stay_float_and_are_listed(cnn, digits, tmp_path):
-    q = sf.quantize(cnn, "int8-dynamic")  # torch has no dynamic int8 conv
+    q = quantize(cnn, "int8-dynamic")  # torch has no dynamic int8 conv
     assert q.precision["conv1"] == "fp32" and q.precision["bn1"] == "fp32" and q.precision["fc"] == "int8-dynamic"
     assert isinstance(q.net.conv1, nn.Conv2d) and isinstance(q.net.fc, QLinear)
     card = sf.read_card(sf.save(q, tmp_path / "q"))
@@ -103,7 +107,7 @@ def test_layers_without_a_kernel_stay_float_and_are_listed(cnn, digits, tmp_path
     torch.manual_seed(0)  # a layer type no scheme quantizes, in the middle of a quantized region
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 10))
     net = sf.fit(net, digits, epochs=3, progress=False)
-    s = sf.quantize(net, "int8-static", calib=digits)
+    s = quantize(net, "int8-static", calib=digits)
     assert s.precision == {"1": "int8-static", "2": "fp32", "4": "int8-static"}
     assert "LayerNorm" in s.layers["2"]["reason"]
     agree = (sf.predict(s, digits.test, output="label") == sf.predict(net, digits.test, output="label")).float().mean()
@@ -111,37 +115,37 @@ def test_layers_without_a_kernel_stay_float_and_are_listed(cnn, digits, tmp_path
 
 
 def test_mixed_keeps_sensitive_layers_until_max_drop_is_met(mlp, digits, tmp_path):
-    strict = sf.quantize(mlp, "mixed", calib=digits, max_drop=0.0)
+    strict = quantize(mlp, "mixed", calib=digits, max_drop=0.0)
     assert sf.evaluate(strict, digits.val)["accuracy"] >= sf.evaluate(mlp, digits.val)["accuracy"]
     card = sf.read_card(sf.save(strict, tmp_path / "q"))
     step = card["lineage"][-1]["params"]
     assert set(step["precision"]) == {"fc1", "fc2", "out"} and set(step["sensitivity"]) == {"fc1", "fc2", "out"}
-    loose = sf.quantize(mlp, "mixed", calib=digits, max_drop=0.5, high="fp16")
+    loose = quantize(mlp, "mixed", calib=digits, max_drop=0.5, high="fp16")
     assert set(loose.precision.values()) == {"int8-static"}
 
 
 def test_clear_errors(mlp, digits):
     with pytest.raises(sf.ConfigError, match="calibration data"):
-        sf.quantize(mlp, "int8-static")
+        quantize(mlp, "int8-static")
     with pytest.raises(sf.ConfigError, match="unknown quantization scheme 'int4'"):
-        sf.quantize(mlp, "int4")
+        quantize(mlp, "int4")
     with pytest.raises(sf.ConfigError, match="unknown calibrator"):
-        sf.quantize(mlp, "int8-static", calib=digits, calibrator="magic")
+        quantize(mlp, "int8-static", calib=digits, calibrator="magic")
     with pytest.raises(sf.ConfigError, match="its options"):
-        sf.quantize(mlp, "int8-dynamic", calibrator="entropy")
+        quantize(mlp, "int8-dynamic", calibrator="entropy")
     with pytest.raises(sf.ConfigError, match="Splits"):
-        sf.quantize(mlp, "qat", calib=digits.train)
+        quantize(mlp, "qat", calib=digits.train)
     with pytest.raises(sf.ConfigError, match="no layer it can quantize"):
-        sf.quantize(nn.Sequential(nn.Conv2d(1, 2, 3)), "int8-dynamic")
+        quantize(nn.Sequential(nn.Conv2d(1, 2, 3)), "int8-dynamic")
     with pytest.raises(sf.ConfigError, match="already quantized"):
-        sf.quantize(sf.quantize(mlp, "int8-dynamic"), "int8-dynamic")
+        quantize(quantize(mlp, "int8-dynamic"), "int8-dynamic")
 
 
 def test_cli_quantize(mlp, tmp_path):
     runner = CliRunner()
     sf.save(mlp, tmp_path / "fp32")
     res = runner.invoke(app, ["quantize", str(tmp_path / "fp32"), "--scheme", "int8-static", "--data", "digits",
-                              "-o", str(tmp_path / "q8")])
+                              "--backend", "torch", "-o", str(tmp_path / "q8")])
     assert res.exit_code == 0, res.output
     assert sf.read_card(tmp_path / "q8")["spec"]["arch"] == "quantized"
     res = runner.invoke(app, ["quantize", str(tmp_path / "fp32"), "--scheme", "int8-static", "-o", str(tmp_path / "x")])

@@ -85,6 +85,8 @@ def onnx_and_codebook_step(teacher, splits, out: Path, *, seed: int = 0) -> dict
         "teacher ONNX int8-static": load_onnx(out / "teacher-int8.onnx"),
         "teacher codebook:5": load(out / "codebook5"),
     }
+
+
 def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | None = None) -> dict:
     """90% magnitude sparsity (AGP) and half the neurons removed, each saved and reloaded from disk."""
     from ..compress.prune import prune
