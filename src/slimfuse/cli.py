@@ -238,8 +238,6 @@ def prune(
     trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
 ):
     """Prune an artifact (magnitude sparsity or whole channels) and save the result."""
-    import os
-
     from . import data as datasets
     from .compress.prune import prune as prune_model
     from .measure import counts
@@ -249,10 +247,9 @@ def prune(
     model = load(artifact, trust_factory=trust_factory)
     splits = datasets.load(data, seed=seed, label=label) if data is not None else None
 
-    def report_step(info: dict) -> None:
-        if not os.environ.get("CI"):
-            done = f"sparsity {info['sparsity']:.4f}" if "sparsity" in info else f"{info['params']:,} params"
-            typer.echo(f"prune step {info['step']}/{info['steps']}: {done}", err=True)
+    def report_step(info: dict) -> None:  # one line per pruning step, on stderr
+        done = f"sparsity {info['sparsity']:.4f}" if "sparsity" in info else f"{info['params']:,} params"
+        typer.echo(f"prune step {info['step']}/{info['steps']}: {done}", err=True)
 
     pruned = prune_model(
         model, sparsity, channels=channels, scope=scope, schedule=schedule, steps=steps, importance=importance,
