@@ -101,9 +101,10 @@ def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | No
         save(model, out / folder, metrics={"test": evaluate(model, splits.test)})
     return {name: load(out / folder) for name, (folder, _) in pruned.items()}
 def quantize_step(teacher, splits, out: Path) -> dict:
-    """int8-static quantization of the teacher (percentile calibration), saved and reloaded."""
+    """int8-static quantization of the teacher in torch (fbgemm kernels, percentile calibration),
+    saved and reloaded; the ONNX Runtime int8 row comes from ``onnx_and_codebook_step``."""
     from ..compress.quantize import quantize
 
-    q8 = quantize(teacher, "int8-static", calib=splits)
+    q8 = quantize(teacher, "int8-static", calib=splits, backend="torch")
     save(q8, out / "teacher-int8", metrics={"val": evaluate(q8, splits.val), "test": evaluate(q8, splits.test)})
-    return {"teacher int8-static": load(out / "teacher-int8")}
+    return {"teacher int8-static (torch)": load(out / "teacher-int8")}
