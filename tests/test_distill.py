@@ -189,3 +189,20 @@ def test_save_load_bit_exact_and_cli(tmp_path, digits, teacher):
     bad = runner.invoke(app, [*args, "--student", "resnet:3", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "error: student 'resnet:3'" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_distillation_from_a_real_ensemble_and_from_an_onnx_teacher(digits, teacher, tmp_path):
+    """The teachers users hand over: an `sf.ensemble` and an ONNX file run by ONNX Runtime."""
+    other = sf.fit(_mlp([96], seed=1), digits, epochs=15, seed=1)
+    ens = sf.ensemble([teacher, other], "weighted", digits)
+    sf.export(teacher, "onnx", tmp_path / "teacher.onnx", sample=digits.val)
+    onnx_teacher = sf.runtime.load_onnx(tmp_path / "teacher.onnx")
+    for t in (ens, onnx_teacher):
+        student = sf.distill(t, _mlp([16], seed=2), digits, epochs=20, lr=3e-3, seed=0)
+        assert _acc(student, digits.test) > _acc(t, digits.test) - 0.08
+    # the CLI takes either as --teacher
+    sf.save(ens, tmp_path / "ens")
+    for source in (tmp_path / "ens", tmp_path / "teacher.onnx"):
+        res = CliRunner().invoke(app, ["distill", "--teacher", str(source), "--student", "mlp:16", "--data", "digits",
+                                       "--epochs", "2", "-o", str(tmp_path / f"student-{source.stem}")])
+        assert res.exit_code == 0, res.output

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Split, Splits
-from ..errors import ArtifactError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..models import zoo
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
@@ -480,12 +480,9 @@ def load_teacher(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     """Load a teacher for the CLI: a slimfuse artifact folder (any registered architecture,
     ensembles included) or an ``.onnx`` file (through ``slimfuse.runtime.load_onnx``)."""
     from ..models import load
+    from ..runtime import load_onnx
 
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".onnx":
-        try:
-            from ..runtime import load_onnx  # type: ignore[attr-defined]
-        except ImportError:
-            raise ArtifactError(f"{path}: ONNX teachers need slimfuse.runtime.load_onnx, not in this build") from None
         return load_onnx(path)
     return load(path, trust_factory=trust_factory)
