@@ -120,6 +120,9 @@ def test_vmap_equals_the_member_loop(data, members):
     for group in (members, [sf.zoo.cnn(10, 1, 8, [4], 8) for _ in range(3)]):
         ens = ensemble(group, "mean", data)
         with torch.inference_mode():
+            ens(data.test.x[:4])
+            assert ens.last_path == "loop"  # auto on CPU: the loop, measured faster there
+            ens.vectorize = True
             batched = ens(data.test.x)
             assert ens.last_path == "vmap"
             ens.vectorize = False
@@ -128,6 +131,7 @@ def test_vmap_equals_the_member_loop(data, members):
         # float32 batched matmuls may round differently from one matmul per member
         assert torch.allclose(batched, loop, rtol=1e-5, atol=1e-6)
     mixed = ensemble([members[0], sf.zoo.mlp(64, [8, 8], 10)], "mean", data)
+    mixed.vectorize = True
     with torch.inference_mode():
         mixed(data.test.x[:4])
     assert mixed.last_path == "loop"  # heterogeneous members fall back to the loop
@@ -135,6 +139,7 @@ def test_vmap_equals_the_member_loop(data, members):
 
 def test_vmap_follows_weight_updates(data, members):
     ens = ensemble(members, "mean", data)
+    ens.vectorize = True
     with torch.inference_mode():
         before = ens(data.test.x[:8])
     with torch.no_grad():

@@ -53,7 +53,9 @@ class Ensemble(nn.Module):
         if method == "stacking" and meta is None:
             raise ConfigError("method 'stacking' needs a meta-learner")
         self.meta = meta
-        self.vectorize = True  # set False to always run the member-by-member loop
+        # None (auto): vmap for same-architecture members on an accelerator; on CPU the plain loop,
+        # which measured faster there (BENCHMARKS.md). True / False force vmap / the loop.
+        self.vectorize: bool | None = None
         self._stacked = None  # (signature, (batched fn, params, buffers) or None when only the loop is valid)
         self._tree = None  # (members, all their submodules): what _signature watches
         self.last_path = None  # "vmap" or "loop": how the last forward ran the members
@@ -78,8 +80,11 @@ class Ensemble(nn.Module):
         return batched(params, buffers, x)
 
     def _use_vmap(self) -> bool:
+        wanted = self.vectorize
+        if wanted is None:
+            wanted = any(p.device.type != "cpu" for p in self.parameters())
         return (
-            self.vectorize
+            wanted
             and len(self.members) > 1
             and not self.training
             and not torch.is_grad_enabled()
