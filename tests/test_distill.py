@@ -14,11 +14,6 @@ from slimfuse.cli import app
 from slimfuse.compress.distill import build_student, distillation_loss, teacher_outputs, transfer_set
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return sf.datasets.load("digits", seed=0)
-
-
 def _mlp(hidden, seed=0):
     torch.manual_seed(seed)
     return sf.zoo.mlp(64, hidden, 10)

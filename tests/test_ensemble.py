@@ -22,8 +22,8 @@ from slimfuse.fuse.stacking import OutOfFold, fit_meta
 
 
 @pytest.fixture(scope="module")
-def data():
-    return sf.datasets.load("digits")
+def data(digits):
+    return digits
 
 
 def small_mlp(hidden=24, classes=10):

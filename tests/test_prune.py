@@ -18,11 +18,6 @@ from slimfuse.models import folder_bytes
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return sf.datasets.load("digits")
-
-
-@pytest.fixture(scope="module")
 def dense(digits):
     torch.manual_seed(0)
     return sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64, 32]), digits, epochs=6, progress=False)

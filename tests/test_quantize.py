@@ -19,11 +19,6 @@ quantize = functools.partial(sf.quantize, backend="torch")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return sf.datasets.load("digits")
-
-
-@pytest.fixture(scope="module")
 def mlp(digits):
     torch.manual_seed(0)
     return sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[256, 128]), digits, epochs=10, progress=False)
