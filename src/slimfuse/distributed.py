@@ -39,7 +39,7 @@ def setup() -> bool:
         return False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 300)))
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
         dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
