@@ -50,7 +50,9 @@ def pareto_plot(rows: list[dict], x: str, xlabel: str, *, log: bool = True, y: s
     for r in pts:
         on = r["name"] in front
         ax.scatter(r[x], r[y], s=40, color="tab:red" if on else "tab:gray", zorder=3)
-        ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        label = r["name"] if len(r["name"]) <= 28 else r["name"][:27] + "…"
+        note = ax.annotate(label, (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        note.set_in_layout(False)  # long names must not squeeze the axes
     line = sorted((r for r in pts if r["name"] in front), key=lambda r: r[x])
     ax.plot([r[x] for r in line], [r[y] for r in line], color="tab:red", lw=1, label="Pareto front")
     if log and pts and min(r[x] for r in pts) > 0:
