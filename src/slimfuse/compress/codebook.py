@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 import torch
-import zstandard
 from torch import nn
 
 from ..data import Splits
@@ -32,10 +31,10 @@ from ..models.artifact import register_codec
 from ..models.spec import derive
 from ..train import fit
 from .quantize import register_scheme
+from .sparse import compress, decompress
 
 CODEC = "codebook"
 BITS = range(2, 9)
-ZSTD_LEVEL = 19
 MIN_CODED = 64  # tensors smaller than this are stored raw
 
 
@@ -135,17 +134,6 @@ class _Snap:
 
 # -- storage codec ------------------------------------------------------------------------------
 
-def _zstd(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-
-
-def _unzstd(data: bytes, size: int) -> bytes:
-    out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-    if len(out) != size:
-        raise ValueError(f"expected {size} bytes, decoded {len(out)}")
-    return out
-
-
 def _pack(idx: np.ndarray, bits: int) -> bytes:
     planes = (idx[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
@@ -159,7 +147,7 @@ def _unpack(data: bytes, bits: int, n: int) -> np.ndarray:
 def _indices(idx: np.ndarray, k: int) -> tuple[dict, bytes]:
     """Indices as the smaller of bit-packed+zstd and one-byte+zstd."""
     bits = max(1, math.ceil(math.log2(k)))
-    packed, plain = _zstd(_pack(idx, bits)), _zstd(idx.astype(np.uint8).tobytes())
+    packed, plain = compress(_pack(idx, bits)), compress(idx.astype(np.uint8).tobytes())
     if len(packed) <= len(plain):
         return {"bits": bits, "idx": len(packed)}, packed
     return {"bits": 8, "idx": len(plain)}, plain
@@ -178,7 +166,7 @@ def _encode_one(arr: np.ndarray) -> tuple[dict, list[bytes]]:
     if values[0] == 0 and len(values) > 1:  # exact +0.0 weights: bitmask + non-zeros' indices only
         nz = words != 0
         nz_values, nz_inverse = np.unique(words[nz], return_inverse=True)
-        mask = _zstd(np.packbits(nz, bitorder="little").tobytes())
+        mask = compress(np.packbits(nz, bitorder="little").tobytes())
         info, idx = _indices(nz_inverse.astype(np.uint8), len(nz_values))
         cand = ({"mode": "sparse", "k": len(nz_values), "nnz": int(nz.sum()), "mask": len(mask), **info},
                 [nz_values.tobytes(), mask, idx])
@@ -218,7 +206,7 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
         else:
             values = np.frombuffer(take(4 * e["k"]), dtype=np.uint32)
             if e["mode"] == "sparse":
-                nz = np.unpackbits(np.frombuffer(_unzstd(take(e["mask"]), (n + 7) // 8), np.uint8),
+                nz = np.unpackbits(np.frombuffer(decompress(take(e["mask"]), (n + 7) // 8), np.uint8),
                                    count=n, bitorder="little").astype(bool)
                 if int(nz.sum()) != e["nnz"]:
                     raise ValueError(f"{e['name']}: bitmask does not match the non-zero count")
@@ -237,8 +225,8 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
 
 def _read_indices(data: bytes, bits: int, n: int) -> np.ndarray:
     if bits == 8:
-        return np.frombuffer(_unzstd(data, n), np.uint8)
-    return _unpack(_unzstd(data, (n * bits + 7) // 8), bits, n)
+        return np.frombuffer(decompress(data, n), np.uint8)
+    return _unpack(decompress(data, (n * bits + 7) // 8), bits, n)
 
 
 register_codec(CODEC, encode, decode)

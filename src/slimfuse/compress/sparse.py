@@ -28,15 +28,25 @@ LEVEL = 19
 PREFIX = "sparse::"
 
 
+def compress(data: bytes) -> bytes:
+    """The project's entropy coder (zstd, level 19), shared by the sparse and codebook codecs."""
+    return zstandard.ZstdCompressor(level=LEVEL).compress(data)
+
+
+def decompress(data: bytes, size: int) -> bytes:
+    """Inverse of :func:`compress`; refuses a payload that does not decode to exactly ``size`` bytes."""
+    raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    if len(raw) != size:
+        raise ArtifactError(f"compressed payload decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
 def _zstd(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(zstandard.ZstdCompressor(level=LEVEL).compress(data)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(compress(data)), dtype=torch.uint8)
 
 
 def _unzstd(t: torch.Tensor, size: int) -> np.ndarray:
-    raw = zstandard.ZstdDecompressor().decompress(t.numpy().tobytes(), max_output_size=size)
-    if len(raw) != size:
-        raise ArtifactError(f"sparse tensor payload has {len(raw)} bytes, expected {size}")
-    return np.frombuffer(raw, dtype=np.uint8)
+    return np.frombuffer(decompress(t.numpy().tobytes(), size), dtype=np.uint8)
 
 
 def _as_bytes(t: torch.Tensor) -> np.ndarray:
