@@ -88,7 +88,7 @@ def train(
         from .fuse.jobs import train_ensemble
 
         trained = train_ensemble(model, splits, kwargs, members, diversity, combine, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
+                                 batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience, seed=seed)
     else:
         net = zoo.for_task(model, splits.task, **kwargs)
         # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
