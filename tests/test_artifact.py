@@ -182,7 +182,7 @@ def test_sigkill_during_save_never_leaves_half_an_artifact(tmp_path):
             sf.save(model, {str(tmp_path / "a")!r})
     """)
     reference = None
-    for delay in (0.05, 0.13, 0.31, 0.47):
+    for delay in (0.05, 0.13, 0.31, 0.47, 2.0):  # the last one lets a save finish
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)

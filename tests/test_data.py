@@ -79,6 +79,7 @@ BAD_DATA = [
     ("header only", lambda p: _write(p / "d.csv", "a,label\n"), "no data rows"),
     ("non-numeric", lambda p: _write(p / "d.csv", "a,label\n1,0\nx,1\n"), "'x' is not a number"),
     ("ragged csv", lambda p: _write(p / "d.csv", "a,label\n1,0\n1,2,3\n"), "3 fields"),
+    ("stray carriage return", lambda p: _write(p / "d.csv", "a,label\n1\r2,0\n3,1\n"), "1 fields"),
     ("latin-1 csv", lambda p: _write(p / "d.csv", "a,label\n\xe9,0\n".encode("latin-1")), "UTF-8"),
     ("one class", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n" * 20), "at least 2 classes"),
     ("suffix", lambda p: _write(p / "d.txt", "1,2"), "unsupported file type"),

@@ -152,7 +152,10 @@ def _load_csv(path: Path, *, label, seed, val, test, num_classes) -> Splits:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    try:  # newline="": the csv module handles \r, \r\n and newlines inside quotes itself
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [h.strip() for h in rows[0]]
