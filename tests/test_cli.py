@@ -63,6 +63,7 @@ BAD_CLI = [
     ("eval missing artifact", lambda p: ["eval", p / "none", "--data", "digits"], "no such artifact"),
     ("eval bad split", lambda p: ["eval", p / "none", "--data", "digits", "--split", "dev"], "--split"),
     ("info on a pickle", lambda p: (p / "m.pkl").write_bytes(b"\x80\x04K\x01.") and ["info", p / "m.pkl"], "pickle"),
+    ("unknown scenario", lambda p: ["demo", "--scenario", "speech", "-o", p / "out"], "unknown scenario"),
     ("eval zero threads", lambda p: ["eval", p / "none", "--data", "digits", "--threads", "0"], "no such artifact"),
 ]
 

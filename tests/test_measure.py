@@ -54,3 +54,25 @@ def test_latency_uses_the_thread_count_and_restores_it(digits_mlp, digits):
 def test_measure_needs_models(digits):
     with pytest.raises(sf.ConfigError):
         sf.measure({}, digits.test)
+
+
+def test_a_custom_score_replaces_accuracy_and_drives_the_report(digits_mlp, digits, tmp_path):
+    """Tasks other than classification (embeddings, rankings) bring their own score and metric."""
+    from slimfuse.measure import register_column
+    from slimfuse.pipeline.report import write_report
+
+    def agreement(model, split):  # fraction of samples where the model agrees with the reference labels
+        return {"agreement": (sf.predict(model, split, output="label") == split.y).float().mean().item()}
+
+    register_column("agreement", "agreement")
+    report = sf.measure({"mlp": digits_mlp}, digits.test, seconds=0.1, score=agreement, metric="agreement",
+                        batch=32)
+    row = report.row("mlp")
+    assert "accuracy" not in row and row["agreement"] == pytest.approx(sf.evaluate(digits_mlp, digits.test)["accuracy"])
+    assert row["throughput_b32"] > 0 and "throughput_b256" not in row
+    assert "| agreement |" in report.to_markdown() and "b32 samples/s" in report.to_markdown()
+    write_report(report, tmp_path, title="t")
+    assert "agreement vs artifact bytes" in (tmp_path / "report.html").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["metric"] == "agreement"
+    with pytest.raises(sf.ConfigError, match="no metric 'ndcg'"):
+        sf.measure({"mlp": digits_mlp}, digits.test, seconds=0.1, score=agreement, metric="ndcg")

@@ -150,13 +150,14 @@ def info(artifact: Annotated[Path, typer.Argument(help="artifact folder")]):
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default runs/demo[-SCENARIO])")] = None,
+    scenario: Annotated[str, typer.Option(help="mnist (image classification), or another built-in scenario")] = "mnist",
     seed: Seed = 0,
 ):
-    """Run the main job on mnist5k and write report.md, report.html and report.json."""
-    from .pipeline.demo import run
+    """Run the main job (default: mnist5k) and write report.md, report.html and report.json."""
+    from .pipeline.scenarios import run_scenario
 
-    report = run(out, seed=seed)
+    report, out = run_scenario(scenario, out, seed=seed)
     typer.echo(report.to_markdown())
     typer.echo(f"wrote {out}/report.md, report.html and report.json")
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -102,26 +103,42 @@ def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
     return np.asarray(times)
 
 
-def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0) -> dict:
-    check_fits(model, split)
+Score = Callable[[nn.Module, Split], dict]
+
+
+def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0,
+                score: Score | None = None, batch: int = 256) -> dict:
+    """One row. ``score(model, split) -> {metric: value}`` replaces the classification metrics
+    (accuracy, NLL) for other tasks: embedding fidelity, ranking quality."""
+    if score is None:
+        check_fits(model, split)
     row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
-    row.update(evaluate(model, split))
+    row.update((score or evaluate)(model, split))
     row.update(counts(model))
     row["macs"] = macs(model, split.x)
     row["bytes"] = artifact_bytes(model)
-    row.update(latency(model, split.x, threads=threads, seconds=seconds))
+    row.update(latency(model, split.x, threads=threads, seconds=seconds, batch=batch))
     row["threads"] = threads
     row["lineage"] = lineage_str(lineage_of(model))
     return row
 
 
-def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: int = 2, seconds: float = 1.0) -> Report:
-    """Measure one model or a dict ``{name: model}`` on ``split``; returns a :class:`Report`."""
+def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: int = 2, seconds: float = 1.0,
+            score: Score | None = None, metric: str = "accuracy", batch: int = 256) -> Report:
+    """Measure one model or a dict ``{name: model}`` on ``split``; returns a :class:`Report`.
+
+    ``score`` and ``metric`` (the higher-is-better key of ``score``'s result that plots and Pareto
+    fronts use) adapt the report to tasks other than classification; ``batch`` is the large batch
+    timed for throughput."""
     if isinstance(models, nn.Module):
         models = {"model": models}
     if not models:
         raise ConfigError("nothing to measure: no models given")
-    return Report([measure_one(n, m, split, threads=threads, seconds=seconds) for n, m in models.items()])
+    rows = [measure_one(n, m, split, threads=threads, seconds=seconds, score=score, batch=batch)
+            for n, m in models.items()]
+    if any(metric not in r for r in rows):
+        raise ConfigError(f"the score has no metric {metric!r}; it gives {sorted(set(rows[0]) - {'name'})}")
+    return Report(rows, metric=metric)
 
 
 _COLUMNS = [
@@ -129,14 +146,21 @@ _COLUMNS = [
     ("runtime", "runtime", "{}"),
     ("accuracy", "accuracy", "{:.4f}"),
     ("nll", "NLL", "{:.4f}"),
+]
+_TAIL = [
     ("params", "params", "{:,}"),
     ("nonzeros", "non-zeros", "{:,}"),
     ("macs", "MACs", "{:,}"),
     ("bytes", "bytes on disk", "{:,}"),
     ("latency_b1_p50_ms", "b1 p50 ms", "{:.3f}"),
     ("latency_b1_p95_ms", "b1 p95 ms", "{:.3f}"),
-    ("throughput_b256", "b256 samples/s", "{:,.0f}"),
 ]
+
+
+def register_column(key: str, label: str, fmt: str = "{:.4f}") -> None:
+    """Show the metric ``key`` (from a custom ``score``) in report tables, after the accuracy columns."""
+    if all(c[0] != key for c in _COLUMNS):
+        _COLUMNS.append((key, label, fmt))
 
 
 @dataclass
@@ -144,6 +168,7 @@ class Report:
     """Rows of measurements; ``to_markdown()``, ``to_json()``, ``row(name)``."""
 
     rows: list[dict] = field(default_factory=list)
+    metric: str = "accuracy"  # the higher-is-better quality metric of plots and Pareto fronts
 
     def row(self, name: str) -> dict:
         for r in self.rows:
@@ -153,7 +178,9 @@ class Report:
 
     def columns(self) -> list[tuple[str, str, str]]:
         """(key, label, format) of the standard columns present in at least one row."""
-        return [c for c in _COLUMNS if any(c[0] in r for r in self.rows)]
+        batches = sorted({int(k[len("throughput_b"):]) for r in self.rows for k in r if k.startswith("throughput_b")})
+        cols = _COLUMNS + _TAIL + [(f"throughput_b{b}", f"b{b} samples/s", "{:,.0f}") for b in batches]
+        return [c for c in cols if any(c[0] in r for r in self.rows)]
 
     @staticmethod
     def cell(row: dict, key: str, fmt: str) -> str:
@@ -172,7 +199,7 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
-        return json.dumps({"rows": self.rows}, indent=2)
+        return json.dumps({"metric": self.metric, "rows": self.rows}, indent=2)
 
     def __str__(self) -> str:
         return self.to_markdown()

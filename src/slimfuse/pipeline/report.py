@@ -77,11 +77,12 @@ def to_html(report: Report, *, title: str, sections: list[tuple[str, str]] = ())
         cells = "".join(f"<td>{html.escape(report.cell(r, key, fmt))}</td>" for key, _, fmt in cols)
         body.append(f"<tr>{cells}<td class='lineage'>{html.escape(r.get('lineage', ''))}</td></tr>")
     plots = []
+    metric = html.escape(report.metric)
     for key, label, log in PLOTS:
         if sum(r.get(key) is not None for r in report.rows) >= 1:
-            png = base64.b64encode(pareto_plot(report.rows, key, label, log=log)).decode()
-            plots.append(f"<figure><img alt='accuracy vs {html.escape(label)}' src='data:image/png;base64,{png}'>"
-                         f"<figcaption>accuracy vs {html.escape(label)}</figcaption></figure>")
+            png = base64.b64encode(pareto_plot(report.rows, key, label, log=log, y=report.metric)).decode()
+            plots.append(f"<figure><img alt='{metric} vs {html.escape(label)}' src='data:image/png;base64,{png}'>"
+                         f"<figcaption>{metric} vs {html.escape(label)}</figcaption></figure>")
     extra = "".join(f"<h2>{html.escape(h)}</h2><pre>{html.escape(text)}</pre>" for h, text in sections)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
