@@ -68,6 +68,7 @@ def test_read_interactions_orders_by_time_and_renumbers(tmp_path):
         for t, item in enumerate((101, 102, 103, 104)):
             rows.append(f"{u},{item + u},{5 - t % 2},{100 - t}")  # timestamps decrease: 104 is the oldest
     rows.append("10,111,1,50")  # rated 1: dropped with min_rating=2
+    rows.append("20,121,5,1")  # an older repeat of user 20's latest interaction: the latest one counts
     d = recsys.read_interactions(_csv(tmp_path, "\n".join(rows) + "\n"), min_rating=2)
     assert d.n_users == 2 and list(d.user_ids) == [10, 20]
     assert d.item_ids[int(d.test.y[0])] == 111 and d.item_ids[int(d.val.y[0])] == 112
