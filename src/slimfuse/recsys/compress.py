@@ -241,20 +241,24 @@ def _first_layers(model: TwoTower) -> set[str]:
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, data: Interactions, k: int, temperature: float):
     """Per user: the teacher's top-k items among those not in its training history, and their softmax."""
+    was_training = teacher.training
     teacher.eval()
     idx, prob = [], []
-    for lo in range(0, data.n_users, 1024):
-        users = torch.arange(lo, min(lo + 1024, data.n_users))
-        s = teacher(users).float().masked_fill(data.train_mask(users), float("-inf"))
-        top = s.topk(k, dim=1)
-        idx.append(top.indices)
-        prob.append((top.values / temperature).softmax(1))
+    try:
+        for lo in range(0, data.n_users, 1024):
+            users = torch.arange(lo, min(lo + 1024, data.n_users))
+            s = teacher(users).float().masked_fill(data.train_mask(users), float("-inf"))
+            top = s.topk(k, dim=1)
+            idx.append(top.indices)
+            prob.append((top.values / temperature).softmax(1))
+    finally:
+        teacher.train(was_training)
     return torch.cat(idx), torch.cat(prob)
 
 
 def distill(teacher: nn.Module, student: nn.Module, data: Interactions, *, k: int = 50, temperature: float = 1.0,
             alpha: float = 0.5, epochs: int = 15, lr: float = 1e-2, batch_size: int = 2048, seed: int = 0,
-            weight_decay: float = 1e-4, **fit_kwargs) -> nn.Module:
+            weight_decay: float | None = None, **fit_kwargs) -> nn.Module:
     """Train ``student`` on ``teacher``'s rankings (listwise) and on the training interactions.
 
     Loss per training interaction (u, i): ``alpha * T^2 * CE(teacher top-k softmax at T,
@@ -270,12 +274,15 @@ def distill(teacher: nn.Module, student: nn.Module, data: Interactions, *, k: in
     top_idx, top_p = teacher_topk(teacher, data, k, temperature)
 
     def loss(scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-        logq = (scores / temperature).log_softmax(1)
+        # the teacher's distribution is over the user's unseen items: match the student's over those
+        logq = (scores / temperature).masked_fill(data.train_mask(batch.x), float("-inf")).log_softmax(1)
         soft = -(top_p[batch.x] * logq.gather(1, top_idx[batch.x])).sum(1).mean() * temperature**2
         return alpha * soft + (1 - alpha) * F.cross_entropy(scores, batch.y)
 
     from ..train import fit
 
+    if weight_decay is None:  # as recsys.fit: only matrix factorization (all item rows move every step)
+        weight_decay = 1e-4 if isinstance(student, MF) else 0.0
     trained = fit(student, data, loss=loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, op=None,
                   weight_decay=weight_decay, **fit_kwargs)
     return derive(student, trained, "distill", teacher=_arch(teacher), k=k, temperature=temperature, alpha=alpha)

@@ -14,6 +14,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ class Interactions(Splits):
 
     def train_mask(self, users: torch.Tensor) -> torch.Tensor:
         """Boolean (len(users), n_items): the training interactions of ``users``."""
-        ptr, items = self._train_csr()
+        ptr, items = self._train_csr
         counts = (ptr[1:] - ptr[:-1])[users]
         starts = ptr[:-1][users]
         offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
@@ -76,6 +77,7 @@ class Interactions(Splits):
              items[torch.repeat_interleave(starts, counts) + offsets]] = True
         return mask
 
+    @cached_property
     def _train_csr(self):
         order = torch.argsort(self.train.x, stable=True)
         counts = torch.bincount(self.train.x, minlength=self.n_users)

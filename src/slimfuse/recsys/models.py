@@ -114,13 +114,15 @@ def bpr_loss(n_items: int, *, negatives: int = 4, seed: int = 0):
 
 
 def fit(model: nn.Module, data, *, loss: str = "softmax", negatives: int = 4, epochs: int = 15,
-        batch_size: int = 2048, lr: float = 1e-2, weight_decay: float = 1e-4, **kwargs) -> nn.Module:
+        batch_size: int = 2048, lr: float = 1e-2, weight_decay: float | None = None, **kwargs) -> nn.Module:
     """Train a recommender on ``data.train`` (one row per interaction) through ``slimfuse.fit``.
 
-    ``loss``: ``softmax`` (cross-entropy over all items: on the synthetic data it reached a clearly
-    higher NDCG than BPR, see BENCHMARKS.md) or ``bpr`` (pairwise, :func:`bpr_loss`, ``negatives``
-    uniform negatives per positive). Other keyword arguments (``seed``, ``schedule``, ``op`` ...)
-    go to ``fit``.
+    ``loss``: ``softmax`` (cross-entropy over all items) or ``bpr`` (pairwise, :func:`bpr_loss`,
+    ``negatives`` uniform negatives per positive). ``weight_decay`` defaults to 1e-4 for matrix
+    factorization with the softmax loss and 0 otherwise: Adam's L2 term on rows that get no other
+    gradient in a step (BPR's unsampled items, a two-tower's absent users) collapsed those models to
+    popularity-level NDCG (BENCHMARKS.md). Other keyword arguments (``seed``, ``schedule``, ``op``
+    ...) go to ``fit``.
     """
     from ..train import fit as train_fit
 
@@ -130,5 +132,7 @@ def fit(model: nn.Module, data, *, loss: str = "softmax", negatives: int = 4, ep
         hook = None
     else:
         raise ConfigError(f"unknown recommender loss {loss!r}; choose bpr or softmax")
+    if weight_decay is None:
+        weight_decay = 1e-4 if loss == "softmax" and isinstance(model, MF) else 0.0
     return train_fit(model, data, loss=hook, epochs=epochs, batch_size=batch_size, lr=lr,
                      weight_decay=weight_decay, **kwargs)
