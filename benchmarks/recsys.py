@@ -111,7 +111,8 @@ def main() -> None:
              "b1 p50 ms | b256 ms | fit s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r[f'ndcg@{K}']:.4f} ({r[f'ndcg@{K}'] / base[f'ndcg@{K}']:.1%}) | {r[f'recall@{K}']:.4f} | "
+            f"| {r['name']} | {r[f'ndcg@{K}']:.4f} ({r[f'ndcg@{K}'] / base[f'ndcg@{K}']:.1%}) | "
+            f"{r[f'recall@{K}']:.4f} | "
             f"{r[f'overlap@{K}']:.3f} | {r['table_bytes']:,} | {base['table_bytes'] / r['table_bytes']:.2f} | "
             f"{r['bytes']:,} | {r['latency_b1_p50_ms']:.3f} | {r['latency_b256_ms']:.2f} | {r['fit_s'] or ''} |")
     lines += ["", f"Ensemble weights (mf, bpr, two-tower): {weights}",

@@ -14,7 +14,7 @@ from ..measure import Report
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "mnist": ("slimfuse.pipeline.demo:run", "image classification on mnist5k: every technique and the full chain"),
-    "recsys": ("slimfuse.pipeline.demo_recsys:run", "recommenders on synthetic feedback: table quantization, pruning, distillation, ensembles"),
+    "recsys": ("slimfuse.pipeline.demo_recsys:run", "recommenders: quantized tables, pruning, distillation, ensembles"),
 }
 
 

@@ -37,7 +37,8 @@ def optimize_space(model: nn.Module, data: Interactions, *, seed: int = 0,
     """
     spec = spec_of(model) or {}
     if spec.get("arch") not in ("mf", "two-tower"):
-        raise ConfigError(f"optimize_space takes an mf or two-tower model, not {spec.get('arch') or type(model).__name__}")
+        what = spec.get("arch") or type(model).__name__
+        raise ConfigError(f"optimize_space takes an mf or two-tower model, not {what}")
     dim = spec["args"]["dim"]
     tune = {"data": data, "epochs": epochs, "seed": seed}
 
@@ -45,8 +46,9 @@ def optimize_space(model: nn.Module, data: Interactions, *, seed: int = 0,
         return lambda m: prune_dims(m, frac, **tune)
 
     def student(m):
-        return distill(m, zoo.build({"arch": "mf", "args": {"n_users": data.n_users, "n_items": data.n_items,
-                                                            "dim": max(1, dim // 4)}}), data, epochs=2 * epochs, seed=seed)
+        small = zoo.build({"arch": "mf", "args": {"n_users": data.n_users, "n_items": data.n_items,
+                                                  "dim": max(1, dim // 4)}})
+        return distill(m, small, data, epochs=2 * epochs, seed=seed)
 
     return [
         ("int8", lambda m: quantize_tables(m, 8)),

@@ -175,7 +175,8 @@ def quantize_tables(model: nn.Module, bits: int = 8, *, tables: list[str] | None
     names = found if tables is None else list(tables)
     unknown = sorted(set(names) - set(found))
     if unknown or not names:
-        raise ConfigError(f"no embedding table(s) {', '.join(unknown) or ''} to quantize (tables: {', '.join(found) or 'none'})")
+        raise ConfigError(f"no embedding table(s) {', '.join(unknown) or ''} to quantize "
+                          f"(tables: {', '.join(found) or 'none'})")
     net = copy.deepcopy(model)
     for name in names:
         _replace(net, name, QEmbedding.from_float(net.get_submodule(name).weight, bits))
@@ -219,7 +220,8 @@ def prune_dims(model: nn.Module, keep: float | int, *, data: Interactions | None
         spec = spec_of(model)
         r = _keep(model.users.embedding_dim, keep)
         new = zoo.build({"arch": "two-tower", "args": {**spec["args"], "dim": r}})
-        new.load_state_dict({k: v for k, v in model.state_dict().items() if k not in _first_layers(model)}, strict=False)
+        rest = {k: v for k, v in model.state_dict().items() if k not in _FIRST_LAYERS}
+        new.load_state_dict(rest, strict=False)
         for table, tower in (("users", "user_tower"), ("items", "item_tower")):
             emb, first = getattr(model, table).weight, getattr(model, tower)[0]
             cols = (emb.norm(dim=0) * first.weight.norm(dim=0)).topk(r).indices.sort().values
@@ -234,8 +236,7 @@ def prune_dims(model: nn.Module, keep: float | int, *, data: Interactions | None
     return new
 
 
-def _first_layers(model: TwoTower) -> set[str]:
-    return {"users.weight", "items.weight", "user_tower.0.weight", "item_tower.0.weight"}
+_FIRST_LAYERS = {"users.weight", "items.weight", "user_tower.0.weight", "item_tower.0.weight"}
 
 
 @torch.no_grad()

@@ -149,7 +149,8 @@ def synthetic(n_users: int = 2000, n_items: int = 1500, *, dim: int = 16, intera
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"synthetic: {key} must be a positive integer, got {v!r}")
     if n_items < 10 or interactions >= n_items // 2:
-        raise ConfigError(f"synthetic: need n_items >= 10 and interactions < n_items / 2, got {n_items}, {interactions}")
+        raise ConfigError(f"synthetic: need n_items >= 10 and interactions < n_items / 2, "
+                          f"got {n_items} and {interactions}")
     rng = np.random.default_rng(seed)
     u = rng.standard_normal((n_users, dim))
     v = rng.standard_normal((n_items, dim))

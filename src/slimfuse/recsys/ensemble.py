@@ -65,7 +65,8 @@ def rec_ensemble(members: list, method: str = "score", k: int | None = None) -> 
     return attach(ens, {"arch": "rec-ensemble", "args": {"members": members, "method": method, "k": k}})
 
 
-def select(member_scores: list[torch.Tensor], split, *, method: str, k: int, rounds: int = 25) -> tuple[list[float], float]:
+def select(member_scores: list[torch.Tensor], split, *, method: str, k: int,
+           rounds: int = 25) -> tuple[list[float], float]:
     """Greedy selection with replacement on NDCG@k of cached raw member scores; (weights, best NDCG)."""
     excluded = split.exclusion_mask(member_scores[0].shape[1])
     normed = [normalize(s, method).masked_fill(excluded, float("-inf")) for s in member_scores]

@@ -88,14 +88,16 @@ class TwoTower(nn.Module):
 def mf(n_users: int, n_items: int, dim: int = 64) -> nn.Module:
     """Matrix factorization with an item bias (train with ``recsys.fit(model, data, loss="bpr")``)."""
     _positive("mf", n_users=n_users, n_items=n_items, dim=dim)
-    return attach(MF(n_users, n_items, dim), {"arch": "mf", "args": {"n_users": n_users, "n_items": n_items, "dim": dim}})
+    args = {"n_users": n_users, "n_items": n_items, "dim": dim}
+    return attach(MF(n_users, n_items, dim), {"arch": "mf", "args": args})
 
 
 @zoo.register("two-tower")
 def two_tower(n_users: int, n_items: int, dim: int = 64, hidden: Sequence[int] = (64,), out: int = 32) -> nn.Module:
     """User and item towers (embedding table, then an MLP with ``hidden`` widths, then ``out``)."""
     hidden = list(hidden)
-    _positive("two-tower", n_users=n_users, n_items=n_items, dim=dim, out=out, **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
+    widths = {f"hidden[{i}]": h for i, h in enumerate(hidden)}
+    _positive("two-tower", n_users=n_users, n_items=n_items, dim=dim, out=out, **widths)
     args = {"n_users": n_users, "n_items": n_items, "dim": dim, "hidden": hidden, "out": out}
     return attach(TwoTower(n_users, n_items, dim, hidden, out), {"arch": "two-tower", "args": args})
 
