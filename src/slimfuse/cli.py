@@ -338,6 +338,22 @@ def ensemble(
                                   trust_factory=trust_factory))
 
 
+@app.command("run")
+@user_errors
+def run_(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file (see recipes/)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: the recipe's "
+                                             "'out', else runs/RECIPE)")] = None,
+    force: Annotated[bool, typer.Option(help="rerun every step, even those whose cached output is current")] = False,
+):
+    """Run a recipe's steps; finished steps with unchanged inputs and parameters are skipped."""
+    from .pipeline.recipe import run_recipe
+
+    results = run_recipe(recipe, out=out, force=force, log=lambda line: typer.echo(line, err=True))
+    ran = sum(r["status"] == "ran" for r in results.values())
+    typer.echo(f"{len(results)} steps: {ran} ran, {len(results) - ran} cached")
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 
