@@ -37,6 +37,21 @@ OBJECTIVES = {  # objective -> (row key, lower is better, label)
 }
 
 
+# task kind -> fn(model, data, objective) -> (moves, score, metric): the search space and quality
+# measure of tasks other than classification (registered by slimfuse.nlp, slimfuse.recsys)
+TASKS: dict[str, Callable] = {}
+
+
+def register_task(kind: str):
+    """Register ``fn(model, data, objective) -> (moves, score, metric)`` for data of task ``kind``."""
+
+    def deco(fn):
+        TASKS[kind] = fn
+        return fn
+
+    return deco
+
+
 @dataclass
 class Move:
     """One named transform. Structural moves take ``(model, seed)``; finishing moves ``(model)``."""
@@ -151,6 +166,11 @@ def optimize(
         raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
                           "split and reports on the test split")
     log = log or (lambda _: None)
+    kind = data.task.kind
+    if kind != "classification" and moves is None and score is None:
+        if kind not in TASKS:
+            raise ConfigError(f"no search space for {kind!r} tasks (known: classification, {', '.join(sorted(TASKS))})")
+        moves, score, metric = TASKS[kind](model, data, objective)
     search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
                      score=score, metric=metric, seed=seed, seconds=seconds, log=log)
     moves = classification_moves(model, data, objective) if moves is None else moves
