@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import slimfuse as sf
-from slimfuse.compress.codebook import decode, encode
+from slimfuse.compress.codebook import decode, encode, payload_bytes
 from slimfuse.export import to_onnx
 from slimfuse.models import folder_bytes
 
@@ -42,6 +43,10 @@ def test_codebook_keeps_the_zeros_of_a_pruned_model(digits_mlp, digits, tmp_path
     unpruned = folder_bytes(sf.save(sf.quantize(digits_mlp, "codebook:3"), tmp_path / "u"))
     assert folder_bytes(tmp_path / "q") < unpruned
     assert torch.equal(sf.predict(sf.load(tmp_path / "q"), digits.test), sf.predict(q, digits.test))
+    # the staged-compression table's two last stages: packed indices, then entropy coded
+    coded, packed = payload_bytes(q), payload_bytes(q, entropy=False)
+    assert coded == load_file(str(tmp_path / "q" / "weights.safetensors"))["codebook.payload"].numel()
+    assert coded < packed  # the bitmask of an 80%-zero layer and skewed indices compress
 
 
 def test_codec_is_lossless_on_bit_patterns():

@@ -19,11 +19,12 @@ from .fuse import Ensemble, ensemble, soup, swa, train_members
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
+from .search import optimize
 from .train import evaluate, fit, predict
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
-    "lineage_of", "load", "measure", "predict", "prune", "quantize", "read_card", "recsys", "runtime", "save", "soup",
-    "spec_of", "swa", "train_members", "zoo",
+    "lineage_of", "load", "measure", "optimize", "predict", "prune", "quantize", "read_card", "runtime", "save", "soup",
+    "spec_of", "swa", "train_members", "zoo", "recsys",
 ]

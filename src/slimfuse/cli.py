@@ -338,6 +338,56 @@ def ensemble(
                                   trust_factory=trust_factory))
 
 
+@app.command("run")
+@user_errors
+def run_(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file (see recipes/)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: the recipe's "
+                                             "'out', else runs/RECIPE)")] = None,
+    force: Annotated[bool, typer.Option(help="rerun every step, even those whose cached output is current")] = False,
+):
+    """Run a recipe's steps; finished steps with unchanged inputs and parameters are skipped."""
+    from .pipeline.recipe import run_recipe
+
+    results = run_recipe(recipe, out=out, force=force, log=lambda line: typer.echo(line, err=True))
+    ran = sum(r["status"] == "ran" for r in results.values())
+    typer.echo(f"{len(results)} steps: {ran} ran, {len(results) - ran} cached")
+
+
+@app.command()
+@user_errors
+def optimize(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder or .onnx file of the model to compress")],
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: best/, report.*, search.json")],
+    max_drop: Annotated[float, typer.Option(help="largest validation accuracy drop, in points (0.5 = half a point)")] = 0.5,
+    objective: Annotated[str, typer.Option(help="latency (batch 1), throughput (batch 256) or bytes")] = "latency",
+    budget: Annotated[float, typer.Option(help="time budget of the search, in seconds")] = 300.0,
+    ensemble: Annotated[bool, typer.Option(help="also try an ensemble of compressed members")] = True,
+    strict: Annotated[bool, typer.Option(help="exit with 1 when no candidate meets --max-drop")] = False,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in the card")] = False,
+):
+    """Search pruning x quantization x distillation x ensembles for the best model within --max-drop."""
+    from . import data as datasets
+    from .compress.distill import load_teacher
+    from .search import optimize as search
+
+    splits = datasets.load(data, seed=seed, label=label)
+    model = load_teacher(artifact, trust_factory=trust_factory)
+    result = search(model, splits, max_drop=max_drop, objective=objective, budget_s=budget, ensemble=ensemble,
+                    seed=seed, log=lambda line: typer.echo(line, err=True))
+    result.save(out)
+    typer.echo(result.report.to_markdown(lineage=False))
+    typer.echo("Pareto set: " + "; ".join(c.name for c in result.pareto))
+    typer.echo(result.message)
+    chosen = "best" if result.met else "closest"
+    typer.echo(f"wrote {out}/report.md, report.html, search.json" + (f", {chosen}/" if (out / chosen).exists() else ""))
+    if strict and not result.met:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app(prog_name="slimfuse")
 

@@ -60,9 +60,10 @@ def macs(model: nn.Module, sample: torch.Tensor) -> int | None:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model.eval()(sample[:1])
-        return counter.get_total_flops() // 2
     except Exception:  # an op the counter cannot trace: say "unknown" rather than guess
         return None
+    # zero means the counter saw none of the work (e.g. ONNX Runtime members of an ensemble): unknown
+    return counter.get_total_flops() // 2 or None
 
 
 def latency(model: nn.Module, x: torch.Tensor, *, threads: int = 2, seconds: float = 1.0, batch: int = 256) -> dict:

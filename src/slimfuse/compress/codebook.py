@@ -144,16 +144,16 @@ def _unpack(data: bytes, bits: int, n: int) -> np.ndarray:
     return (planes.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(1).astype(np.uint8)
 
 
-def _indices(idx: np.ndarray, k: int) -> tuple[dict, bytes]:
+def _indices(idx: np.ndarray, k: int, coder=compress) -> tuple[dict, bytes]:
     """Indices as the smaller of bit-packed+zstd and one-byte+zstd."""
     bits = max(1, math.ceil(math.log2(k)))
-    packed, plain = compress(_pack(idx, bits)), compress(idx.astype(np.uint8).tobytes())
+    packed, plain = coder(_pack(idx, bits)), coder(idx.astype(np.uint8).tobytes())
     if len(packed) <= len(plain):
         return {"bits": bits, "idx": len(packed)}, packed
     return {"bits": 8, "idx": len(plain)}, plain
 
 
-def _encode_one(arr: np.ndarray) -> tuple[dict, list[bytes]]:
+def _encode_one(arr: np.ndarray, coder=compress) -> tuple[dict, list[bytes]]:
     raw = arr.tobytes()
     if arr.dtype != np.float32 or arr.size < MIN_CODED:
         return {"mode": "raw", "len": len(raw)}, [raw]
@@ -161,13 +161,13 @@ def _encode_one(arr: np.ndarray) -> tuple[dict, list[bytes]]:
     values, inverse = np.unique(words, return_inverse=True)
     if len(values) > 256:
         return {"mode": "raw", "len": len(raw)}, [raw]
-    info, idx = _indices(inverse.astype(np.uint8), len(values))
+    info, idx = _indices(inverse.astype(np.uint8), len(values), coder)
     best = ({"mode": "dense", "k": len(values), **info}, [values.tobytes(), idx])
     if values[0] == 0 and len(values) > 1:  # exact +0.0 weights: bitmask + non-zeros' indices only
         nz = words != 0
         nz_values, nz_inverse = np.unique(words[nz], return_inverse=True)
-        mask = compress(np.packbits(nz, bitorder="little").tobytes())
-        info, idx = _indices(nz_inverse.astype(np.uint8), len(nz_values))
+        mask = coder(np.packbits(nz, bitorder="little").tobytes())
+        info, idx = _indices(nz_inverse.astype(np.uint8), len(nz_values), coder)
         cand = ({"mode": "sparse", "k": len(nz_values), "nnz": int(nz.sum()), "mask": len(mask), **info},
                 [nz_values.tobytes(), mask, idx])
         if sum(map(len, cand[1])) < sum(map(len, best[1])):
@@ -175,11 +175,18 @@ def _encode_one(arr: np.ndarray) -> tuple[dict, list[bytes]]:
     return best
 
 
-def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+def payload_bytes(model: nn.Module, *, entropy: bool = True) -> int:
+    """Bytes of a codebook model's weight payload, with or without the entropy coder (zstd): the
+    "quantized" and "entropy-coded" stages of a Deep Compression table."""
+    tensors, _ = encode(model.state_dict(), coder=compress if entropy else bytes)
+    return int(tensors["codebook.payload"].numel())
+
+
+def encode(state: dict[str, torch.Tensor], coder=compress) -> tuple[dict[str, torch.Tensor], dict]:
     entries, chunks = [], []
     for name, t in state.items():
         arr = t.detach().cpu().contiguous().numpy()
-        info, parts = _encode_one(arr)
+        info, parts = _encode_one(arr, coder)
         entries.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape), **info})
         chunks += parts
     payload = np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()

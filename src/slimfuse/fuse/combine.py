@@ -60,6 +60,13 @@ class Ensemble(nn.Module):
         self._tree = None  # (members, all their submodules): what _signature watches
         self.last_path = None  # "vmap" or "loop": how the last forward ran the members
 
+    def slimfuse_counts(self) -> dict[str, int]:
+        """Parameters of every member (ONNX Runtime members included) and of the meta-learner."""
+        from ..measure import counts
+
+        parts = [counts(m) for m in self.members] + ([counts(self.meta)] if self.meta is not None else [])
+        return {k: sum(p[k] for p in parts) for k in ("params", "nonzeros")}
+
     # ---- members -------------------------------------------------------------------------------
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits, stacked: (K, B, C)."""

@@ -20,6 +20,7 @@ a small MLP trained with :func:`slimfuse.fit`; either way it is stored as tensor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,9 @@ def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "linear", data: Splits
         mean, std = x.mean(0), x.std(0)
         std = np.where(std > 1e-6, std, 1.0)
         lr = LogisticRegressionCV(Cs=8, cv=cv, max_iter=2000, scoring="neg_log_loss", random_state=seed)
-        lr.fit((x - mean) / std, oof.y)
+        with warnings.catch_warnings():  # scikit-learn 1.9 announces 1.10's new defaults; we use neither
+            warnings.simplefilter("ignore", FutureWarning)
+            lr.fit((x - mean) / std, oof.y)
         weight = np.zeros((classes, k * c), dtype=np.float32)
         bias = np.full(classes, -30.0, dtype=np.float32)  # a class never seen in training stays improbable
         coef = lr.coef_ / std

@@ -104,13 +104,14 @@ pre {{ background: #f6f6f6; padding: 1em; white-space: pre-wrap; }}
 """
 
 
-def write_report(report: Report, folder: str | Path, *, title: str, sections: list[tuple[str, str]] = ()) -> dict:
-    """Write ``report.md``, ``report.html`` and ``report.json`` into ``folder``."""
+def write_report(report: Report, folder: str | Path, *, title: str, sections: list[tuple[str, str]] = (),
+                 stem: str = "report") -> dict:
+    """Write ``STEM.md``, ``STEM.html`` and ``STEM.json`` (default ``report.*``) into ``folder``."""
     folder = Path(folder)
     md = [f"# {title}", "", report.to_markdown()]
     for heading, text in sections:
         md += [f"## {heading}", "", text.rstrip(), ""]
-    paths = {"md": folder / "report.md", "html": folder / "report.html", "json": folder / "report.json"}
+    paths = {ext: folder / f"{stem}.{ext}" for ext in ("md", "html", "json")}
     write_text_atomic(paths["md"], "\n".join(md))
     write_text_atomic(paths["html"], to_html(report, title=title, sections=sections))
     write_text_atomic(paths["json"], report.to_json() + "\n")

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import zoo
 from ..models.spec import spec_of
+from ..search import Move, register_task
 from .compress import QEmbedding, QTables, distill, prune_dims, quantize_tables
 from .data import HeldOut, Interactions, leave_one_out, read_interactions, synthetic
 from .ensemble import RecEnsemble, ensemble
@@ -62,8 +63,25 @@ def optimize_space(model: nn.Module, data: Interactions, *, seed: int = 0,
     ]
 
 
+@register_task("recommendation")
+def search_space(model: nn.Module, data: Interactions, objective: str):
+    """``slimfuse.optimize``'s space for recommenders: int8/int4 tables as finishing moves (bytes only:
+    dequantizing on lookup costs latency), dimension pruning and a distilled student as structural
+    moves (the search applies the finishing moves to those itself), judged on NDCG@10."""
+    moves = []
+    for name, _ in optimize_space(model, data):
+        if "+" in name:  # combinations: the search composes structural and finishing moves itself
+            continue
+        if name.startswith("int"):
+            moves.append(Move(name, dict(optimize_space(model, data))[name], finishing=True, objectives=("bytes",)))
+        else:
+            moves.append(Move(name, lambda m, seed, name=name: dict(optimize_space(m, data, seed=seed))[name](m)))
+    return moves, score(10), METRIC
+
+
 __all__ = [
     "HeldOut", "Interactions", "METRIC", "MF", "QEmbedding", "QTables", "RecEnsemble", "TwoTower", "bpr_loss",
     "distill", "ensemble", "evaluate", "fit", "leave_one_out", "mf", "ndcg_at", "optimize_space", "prune_dims",
-    "quantize_tables", "read_interactions", "recall_at", "score", "synthetic", "topk_overlap", "two_tower",
+    "quantize_tables", "read_interactions", "recall_at", "score", "search_space", "synthetic", "topk_overlap",
+    "two_tower",
 ]

@@ -1,0 +1,331 @@
+"""``slimfuse.optimize``: an accuracy-aware search across pruning x quantization x distillation x ensembles.
+
+The search runs in levels, within a time budget, and measures every candidate in its deployment
+runtime (ONNX Runtime for ONNX models, torch otherwise), with real bytes on disk:
+
+1. every *finishing* move (ONNX export, int8 in ONNX Runtime and torch, codebooks) on the input
+   model: no training, so these come first;
+2. every *structural* move on the input model: magnitude pruning at several sparsities (bytes),
+   channel pruning at several fractions (latency), distillation into narrower students;
+3. every finishing move on each structural candidate that kept the metric within ``max_drop``;
+4. an ensemble of compressed members (the best finished student, trained again from other seeds).
+
+Selection uses the validation split only: the constraint is "validation metric at most
+``max_drop`` points below the input model's". The reported metric columns are measured on the test
+split. The result is never empty: the best candidate meeting the constraint, else the closest one,
+said plainly, and the whole Pareto set either way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .data import Splits
+from .errors import ConfigError, SlimfuseError
+from .measure import Report, Score, measure_one, register_column
+
+OBJECTIVES = {  # objective -> (row key, lower is better, label)
+    "latency": ("latency_b1_p50_ms", "batch-1 latency p50 (ms)"),
+    "throughput": ("latency_b256_ms", "batch-256 latency (ms)"),
+    "bytes": ("bytes", "bytes on disk"),
+}
+
+
+# task kind -> fn(model, data, objective) -> (moves, score, metric): the search space and quality
+# measure of tasks other than classification (registered by slimfuse.nlp, slimfuse.recsys)
+TASKS: dict[str, Callable] = {}
+
+
+def register_task(kind: str):
+    """Register ``fn(model, data, objective) -> (moves, score, metric)`` for data of task ``kind``."""
+
+    def deco(fn):
+        TASKS[kind] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class Move:
+    """One named transform. Structural moves take ``(model, seed)``; finishing moves ``(model)``."""
+
+    name: str
+    apply: Callable
+    finishing: bool = False
+    objectives: tuple[str, ...] = tuple(OBJECTIVES)  # the objectives it can help
+
+
+@dataclass
+class Candidate:
+    name: str
+    model: nn.Module | None
+    row: dict = field(default_factory=dict)  # test metrics, bytes, latency; plus val_<metric>
+    drop: float | None = None  # validation points below the input model (negative: better)
+    meets: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    baseline: Candidate
+    best: Candidate | None  # the best candidate meeting the constraint (None if none did)
+    closest: Candidate  # the best when one met it; else the one with the smallest drop
+    pareto: list[Candidate]
+    candidates: list[Candidate]
+    skipped: list[str]
+    objective: str
+    metric: str
+    max_drop: float
+    report: Report
+
+    @property
+    def met(self) -> bool:
+        return self.best is not None
+
+    @property
+    def message(self) -> str:
+        key = OBJECTIVES[self.objective][0]
+        c = self.best or self.closest
+        gain = self.baseline.row[key] / c.row[key] if c.row.get(key) else float("nan")
+        what = (f"{c.name}: validation {self.metric} {c.row[f'val_{self.metric}']:.4f} "
+                f"({-c.drop:+.2f} pt vs the input model), {gain:.2f}x better {self.objective}, "
+                f"{c.row['bytes']:,} bytes, batch-1 latency {c.row['latency_b1_p50_ms']:.3f} ms")
+        if self.best is not None:
+            return f"best within {self.max_drop:g} pt: {what}"
+        return (f"NO candidate kept validation {self.metric} within {self.max_drop:g} pt of the input model; "
+                f"the closest is {what}")
+
+    def save(self, out: str | Path) -> Path:
+        """Write the best model to ``out/best`` (or, when none met the constraint, the closest to
+        ``out/closest``), the report of every candidate to ``out/report.{md,html,json}`` and a summary
+        to ``out/search.json``."""
+        from .models import save
+        from .pipeline.report import write_report, write_text_atomic
+
+        out = Path(out)
+        chosen = self.best or self.closest
+        if chosen.model is not None and chosen is not self.baseline:
+            save(chosen.model, out / ("best" if self.met else "closest"), metrics={"test": {k: v for k, v in chosen.row.items()
+                                                               if isinstance(v, (int, float))}})
+        pareto = "\n".join(f"- {c.name}" for c in self.pareto)
+        failed = "\n".join(f"- {c.name}: {c.error}" for c in self.candidates if c.error) or "none"
+        write_report(self.report, out, title=f"slimfuse optimize: {self.objective} within {self.max_drop:g} pt", sections=[
+            ("Result", self.message),
+            ("Pareto set (validation metric vs objective)", pareto),
+            ("Not tried (time budget)", "\n".join(self.skipped) or "none"),
+            ("Failed candidates", failed),
+        ])
+        summary = {
+            "met": self.met, "message": self.message, "objective": self.objective, "metric": self.metric,
+            "max_drop_points": self.max_drop, "best": chosen.name if self.met else None,
+            "closest": self.closest.name, "pareto": [c.name for c in self.pareto],
+            "skipped": self.skipped, "failed": {c.name: c.error for c in self.candidates if c.error},
+            "candidates": [{"name": c.name, "drop_points": c.drop, "meets": c.meets, "seconds": c.seconds,
+                            **c.row} for c in self.candidates if not c.error],
+        }
+        write_text_atomic(out / "search.json", json.dumps(summary, indent=2) + "\n")
+        return out
+
+
+def optimize(
+    model: nn.Module,
+    data: Splits,
+    *,
+    max_drop: float = 0.5,
+    objective: str = "latency",
+    budget_s: float = 300.0,
+    moves: list[Move] | None = None,
+    score: Score | None = None,
+    metric: str = "accuracy",
+    ensemble: bool = True,
+    seed: int = 0,
+    seconds: float = 0.5,
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search compressed versions of ``model`` whose validation ``metric`` stays within ``max_drop``
+    points (0.5 = half a point of accuracy) of ``model``'s, minimizing ``objective`` (``latency``:
+    batch-1 p50; ``throughput``: batch-256 time; ``bytes``: on disk). ``budget_s`` bounds the
+    search's wall time (a candidate is not started past it). ``moves``/``score``/``metric`` adapt the
+    search to other tasks (default: classification moves, accuracy). Returns a :class:`SearchResult`.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
+        raise ConfigError(f"max_drop is in points of the metric (0.5 = half a point), 0 to 100; got {max_drop!r}")
+    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    if not isinstance(data, Splits):
+        raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
+                          "split and reports on the test split")
+    log = log or (lambda _: None)
+    kind = data.task.kind
+    if kind != "classification" and moves is None and score is None:
+        if kind not in TASKS:
+            raise ConfigError(f"no search space for {kind!r} tasks (known: classification, {', '.join(sorted(TASKS))})")
+        moves, score, metric = TASKS[kind](model, data, objective)
+    search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
+                     score=score, metric=metric, seed=seed, seconds=seconds, log=log)
+    moves = classification_moves(model, data, objective) if moves is None else moves
+    return search.run([m for m in moves if objective in m.objectives], ensemble=ensemble and score is None)
+
+
+class _Search:
+    def __init__(self, model, data, *, objective, max_drop, budget_s, score, metric, seed, seconds, log):
+        from .train import check_fits, evaluate
+
+        if score is None:
+            check_fits(model, data.val)
+        self.data, self.objective, self.max_drop, self.metric = data, objective, max_drop, metric
+        self.score = score or evaluate
+        self.seed, self.seconds, self.log = seed, seconds, log
+        self.deadline = time.perf_counter() + budget_s
+        self.key = OBJECTIVES[objective][0]
+        self.candidates: list[Candidate] = []
+        self.skipped: list[str] = []
+        register_column(f"val_{metric}", f"val {metric}")
+        self.baseline = self.evaluate("input model", lambda: model)
+        if self.baseline.error:
+            raise ConfigError(f"cannot measure the input model: {self.baseline.error}")
+
+    def evaluate(self, name: str, build: Callable[[], nn.Module]) -> Candidate:
+        if self.candidates and time.perf_counter() > self.deadline:
+            self.skipped.append(name)
+            return Candidate(name, None, error="not tried: time budget spent")
+        t0 = time.perf_counter()
+        self.log(f"candidate {name} ...")
+        try:
+            m = build()
+            val = self.score(m, self.data.val)
+            row = measure_one(name, m, self.data.test, score=self.score, seconds=self.seconds)
+        except (SlimfuseError, RuntimeError, ValueError, TypeError) as e:  # one move failing must not end the search
+            c = Candidate(name, None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            self.candidates.append(c)
+            self.log(f"candidate {name}: failed ({c.error})")
+            return c
+        if self.metric not in val:
+            raise ConfigError(f"the score has no metric {self.metric!r}; it gives {sorted(val)}")
+        row[f"val_{self.metric}"] = val[self.metric]
+        c = Candidate(name, m, row, seconds=round(time.perf_counter() - t0, 2))
+        base = self.baseline.row[f"val_{self.metric}"] if self.candidates else val[self.metric]
+        c.drop = (base - val[self.metric]) * 100
+        c.meets = c.drop <= self.max_drop + 1e-9
+        self.candidates.append(c)
+        self.log(f"candidate {name}: val {self.metric} {val[self.metric]:.4f} ({-c.drop:+.2f} pt), "
+                 f"{row['bytes']:,} bytes, b1 {row['latency_b1_p50_ms']:.3f} ms ({c.seconds:.1f} s)")
+        return c
+
+    def run(self, moves: list[Move], *, ensemble: bool) -> SearchResult:
+        structural = [m for m in moves if not m.finishing]
+        finishing = [m for m in moves if m.finishing]
+        finished = {}
+
+        def finish(parent: Candidate) -> None:
+            for mv in finishing:
+                name = mv.name if parent is self.baseline else f"{parent.name} > {mv.name}"
+                c = self.evaluate(name, lambda mv=mv, p=parent: mv.apply(p.model))
+                if c.model is not None:
+                    finished[name] = (parent, mv, c)
+
+        finish(self.baseline)  # the cheap moves first: no training, often most of the gain
+        made = {}
+        for mv in structural:
+            c = self.evaluate(mv.name, lambda mv=mv: mv.apply(self.baseline.model, self.seed))
+            if c.model is not None:
+                made[mv.name] = (mv, c)
+        ok = [c for _, c in made.values() if c.meets]
+        if not ok:  # nothing met it: finish the two closest anyway, one of them may still be the closest
+            ok = sorted((c for _, c in made.values()), key=lambda c: c.drop)[:2]
+        for parent in ok:
+            finish(parent)
+        if ensemble:
+            self.ensemble_of_compressed(made, finished)
+        return self.result()
+
+    def ensemble_of_compressed(self, made: dict, finished: dict) -> None:
+        """Three copies of the best finished structural candidate, from three seeds, averaged."""
+        pool = [(p, mv, c) for p, mv, c in finished.values() if p is not self.baseline and c.meets] or \
+               [(p, mv, c) for p, mv, c in finished.values() if p is not self.baseline]
+        if not pool:
+            return
+        parent, finish, first = min(pool, key=lambda t: t[2].row[self.key])
+        move = made[parent.name][0]
+
+        def build():
+            from .fuse import ensemble
+
+            others = [finish.apply(move.apply(self.baseline.model, self.seed + i)) for i in (1, 2)]
+            return ensemble([first.model, *others], "mean", self.data)
+
+        self.evaluate(f"ensemble of 3 x ({first.name})", build)
+
+    def result(self) -> SearchResult:
+        from .pipeline.report import pareto_front
+
+        done = [c for c in self.candidates if c.model is not None]
+        key, metric = self.key, f"val_{self.metric}"
+        meeting = [c for c in done if c.meets and c is not self.baseline]
+        best = min(meeting, key=lambda c: (c.row[key], c.drop)) if meeting else None
+        closest = best or min((c for c in done if c is not self.baseline), key=lambda c: (c.drop, c.row[key]),
+                              default=self.baseline)
+        front = set(pareto_front([c.row for c in done], key, metric))
+        pareto = sorted((c for c in done if c.name in front), key=lambda c: c.row[key])
+        report = Report([c.row for c in done], metric=self.metric)
+        return SearchResult(self.baseline, best, closest, pareto, self.candidates, self.skipped, self.objective,
+                            self.metric, self.max_drop, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classification search space
+
+
+def classification_moves(model: nn.Module, data: Splits, objective: str) -> list[Move]:
+    """Pruning (sparsity for bytes, channels for speed), distillation into 1/2- and 1/4-width
+    students, and the finishing moves: ONNX export, int8 (ONNX Runtime static and dynamic, torch
+    static), 5-bit codebooks (bytes)."""
+    from .compress.distill import build_student, distill
+    from .compress.prune import prune
+    from .compress.quantize import quantize
+    from .export import to_onnx
+
+    images = len(data.task.input_shape) == 3
+    speed = ("latency", "throughput")
+
+    def sparse(s):
+        return lambda m, seed: prune(m, s, data=data, finetune_epochs=4, seed=seed)
+
+    def channels(c):
+        return lambda m, seed: prune(m, channels=c, data=data, finetune_epochs=4, seed=seed)
+
+    def student(width):
+        def apply(m, seed):
+            import torch
+
+            torch.manual_seed(seed)
+            s = build_student(f"width={width}", m, data.task)
+            return distill(m, s, data, temperature=4.0, alpha=0.9, epochs=10, batch_size=128, lr=2e-3,
+                           schedule="cosine", transfer="augment" if images else "train", copies=2,
+                           mixup=1.0, seed=seed, progress=False)
+        return apply
+
+    def q(scheme, backend):
+        return lambda m: quantize(m, scheme, calib=data, backend=backend)
+
+    return [
+        *[Move(f"prune sparsity {s}", sparse(s), objectives=("bytes",)) for s in (0.8, 0.9, 0.95)],
+        *[Move(f"prune channels {c}", channels(c), objectives=speed) for c in (0.25, 0.5, 0.75)],
+        *[Move(f"distill width {w}", student(w)) for w in (0.5, 0.25)],
+        Move("onnx fp32", lambda m: to_onnx(m, sample=data.val), finishing=True, objectives=speed),
+        Move("int8-static (onnxruntime)", q("int8-static", "onnxruntime"), finishing=True),
+        Move("int8-dynamic (onnxruntime)", q("int8-dynamic", "onnxruntime"), finishing=True),
+        Move("int8-static (torch)", q("int8-static", "torch"), finishing=True),
+        Move("codebook:5", lambda m: quantize(m, "codebook:5", data=data, epochs=1), finishing=True,
+             objectives=("bytes",)),
+    ]

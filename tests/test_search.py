@@ -1,0 +1,99 @@
+"""slimfuse.optimize: the best within the constraint, the closest when none meets it, a Pareto set always."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import slimfuse as sf
+from slimfuse.cli import app
+from slimfuse.compress.prune import prune
+from slimfuse.compress.quantize import quantize
+from slimfuse.export import to_onnx
+from slimfuse.search import Move
+
+
+def moves(splits):
+    return [
+        Move("prune channels 0.25", lambda m, seed: prune(m, channels=0.25, data=splits, finetune_epochs=2, seed=seed)),
+        Move("prune 0.99 oneshot", lambda m, seed: prune(m, 0.99, schedule="oneshot")),  # wrecks accuracy
+        Move("int8-dynamic (torch)", lambda m: quantize(m, "int8-dynamic", backend="torch"), finishing=True),
+        Move("onnx fp32", lambda m: to_onnx(m, sample=splits.val), finishing=True),
+    ]
+
+
+@pytest.fixture(scope="module")
+def searched(digits, digits_mlp):
+    return sf.optimize(digits_mlp, digits, max_drop=2.0, objective="bytes", moves=moves(digits), seconds=0.05)
+
+
+def test_the_best_meets_the_constraint_on_validation_and_wins_the_objective(searched, digits_mlp, digits, tmp_path):
+    r = searched
+    base = sf.evaluate(digits_mlp, digits.val)["accuracy"]
+    assert r.met and r.best is not None and r.best is not r.baseline
+    assert r.best.row["val_accuracy"] >= base - 0.02 - 1e-9
+    meeting = [c for c in r.candidates if c.model is not None and c.meets and c is not r.baseline]
+    assert r.best.row["bytes"] == min(c.row["bytes"] for c in meeting) < r.baseline.row["bytes"]
+    assert "prune 0.99 oneshot" not in [c.name for c in meeting]
+    # structural candidates that met the constraint were finished: prune > int8
+    assert any(c.name == "prune channels 0.25 > int8-dynamic (torch)" for c in r.candidates)
+    # the Pareto set: nothing in it is beaten on both bytes and validation accuracy
+    done = [c for c in r.candidates if c.model is not None]
+    for p in r.pareto:
+        assert not any(o.row["bytes"] < p.row["bytes"] and o.row["val_accuracy"] > p.row["val_accuracy"] for o in done)
+    assert r.baseline in r.pareto or any(c.row["val_accuracy"] >= r.baseline.row["val_accuracy"] for c in r.pareto)
+
+    out = r.save(tmp_path / "opt")
+    best = sf.load(out / "best")
+    assert torch.equal(sf.predict(best, digits.test), sf.predict(r.best.model, digits.test))
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["met"] and summary["best"] == r.best.name and summary["pareto"]
+    assert "<img" in (out / "report.html").read_text()
+
+
+def test_an_impossible_constraint_returns_the_closest_and_the_pareto_set(digits, digits_mlp, tmp_path):
+    harsh = [Move("prune 0.99 oneshot", lambda m, seed: prune(m, 0.99, schedule="oneshot")),
+             Move("prune 0.97 oneshot", lambda m, seed: prune(m, 0.97, schedule="oneshot"))]
+    r = sf.optimize(digits_mlp, digits, max_drop=0.0, objective="bytes", moves=harsh, seconds=0.05, ensemble=False)
+    assert not r.met and r.best is None
+    assert r.closest.name == min((c for c in r.candidates if c is not r.baseline), key=lambda c: c.drop).name
+    assert r.message.startswith("NO candidate kept validation accuracy within 0 pt") and r.closest.name in r.message
+    assert r.pareto and r.baseline in r.pareto
+    out = r.save(tmp_path / "o")
+    assert (out / "closest").is_dir() and not (out / "best").exists()
+    assert json.loads((out / "search.json").read_text())["met"] is False
+
+
+def test_the_time_budget_is_respected_and_what_was_skipped_is_listed(digits, digits_mlp):
+    r = sf.optimize(digits_mlp, digits, budget_s=1e-6, moves=moves(digits), seconds=0.05)
+    assert [c.name for c in r.candidates if c.model is not None] == ["input model"]
+    assert r.skipped and "prune channels 0.25" in r.skipped
+    assert not r.met and r.closest is r.baseline
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"objective": "speed"}, "unknown objective"),
+    ({"max_drop": -1}, "max_drop"),
+    ({"budget_s": 0}, "budget_s"),
+])
+def test_bad_arguments(digits, digits_mlp, kwargs, message):
+    with pytest.raises(sf.ConfigError, match=message):
+        sf.optimize(digits_mlp, digits, **kwargs)
+
+
+@pytest.mark.slow
+def test_optimize_cli_searches_the_default_space(tmp_path, digits, digits_mlp):
+    sf.save(digits_mlp, tmp_path / "m")
+    result = CliRunner().invoke(app, ["optimize", str(tmp_path / "m"), "--data", "digits", "-o", str(tmp_path / "o"),
+                                      "--max-drop", "1", "--objective", "latency", "--budget", "60",
+                                      "--no-ensemble", "--strict"])
+    assert result.exit_code in (0, 1), result.output
+    summary = json.loads((tmp_path / "o" / "search.json").read_text())
+    names = [c["name"] for c in summary["candidates"]]
+    assert "input model" in names and any(n.startswith("prune channels") for n in names)
+    assert any("int8-static (onnxruntime)" in n for n in names)  # measured in its deployment runtime
+    assert ("Pareto set:" in result.output) and (result.exit_code == 0) == summary["met"]
+    bad = CliRunner().invoke(app, ["optimize", str(tmp_path / "m"), "--data", "digits", "-o", str(tmp_path / "x"),
+                                   "--objective", "speed"])
+    assert bad.exit_code == 2 and "unknown objective" in bad.output and not (tmp_path / "x").exists()
