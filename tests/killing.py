@@ -1,4 +1,4 @@
-"""Kill a real ``slimfuse`` process once its checkpoint has recorded a given epoch."""
+"""SIGKILL a real ``slimfuse`` command once its checkpoint has recorded an epoch, then rerun it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,3 +26,16 @@ def kill_after_epoch(command: list[str], state: Path, epoch: int, timeout: float
     assert proc.poll() is None, "the command finished before it could be killed; the test proved nothing"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def assert_killed_command_resumes(command: Callable[[Path], list[str]], folder: Path, epoch: int) -> None:
+    """``command(out)`` run straight, and killed after ``epoch`` then rerun, writes the same weights;
+    the rerun removes its checkpoint (``.OUT.checkpoint``, a plain training checkpoint)."""
+    straight, resumed = folder / "straight", folder / "resumed"
+    checkpoint = folder / ".resumed.checkpoint"
+    subprocess.run(command(straight), check=True, capture_output=True)
+    kill_after_epoch(command(resumed), checkpoint / "state.json", epoch)
+    assert not resumed.exists()
+    subprocess.run(command(resumed), check=True, capture_output=True)
+    assert (resumed / "weights.safetensors").read_bytes() == (straight / "weights.safetensors").read_bytes()
+    assert not checkpoint.exists()

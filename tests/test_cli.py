@@ -94,19 +94,12 @@ def test_help_everywhere():
 @pytest.mark.slow
 def test_killed_train_command_resumes_to_the_same_weights(tmp_path):
     """SIGKILL `slimfuse train` after its second epoch; the same command again finishes the job."""
-    import subprocess
     import sys
 
-    from killing import kill_after_epoch
+    from killing import assert_killed_command_resumes
 
     def command(out):
         return [sys.executable, "-m", "slimfuse", "train", "--data", "digits", "--hidden", "256,256",
                 "--epochs", "40", "-o", str(out)]
 
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
-    kill_after_epoch(command(tmp_path / "resumed"), tmp_path / ".resumed.checkpoint" / "state.json", 2)
-    assert not (tmp_path / "resumed").exists()
-    subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True)
-    assert (tmp_path / "resumed" / "weights.safetensors").read_bytes() == \
-        (tmp_path / "straight" / "weights.safetensors").read_bytes()
-    assert not (tmp_path / ".resumed.checkpoint").exists()
+    assert_killed_command_resumes(command, tmp_path, epoch=2)

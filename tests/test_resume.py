@@ -7,7 +7,6 @@ were missing and (b) reached bit-identical weights to an uninterrupted run with 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ import slimfuse as sf
 from slimfuse.checkpoint import Area, Checkpoint
 from slimfuse.errors import ArtifactError
 
-from killing import kill_after_epoch
+from killing import assert_killed_command_resumes
 
 
 class Crash(Exception):
@@ -182,13 +181,7 @@ def test_killed_prune_command_resumes_to_the_same_weights(tmp_path, digits):
         return [sys.executable, "-m", "slimfuse", "prune", str(tmp_path / "dense"), "--sparsity", "0.9",
                 "--data", "digits", "--finetune-epochs", "20", "-o", str(out)]
 
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
-    kill_after_epoch(command(tmp_path / "resumed"), tmp_path / ".resumed.checkpoint" / "state.json", 1)
-    assert not (tmp_path / "resumed").exists()
-    subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True)
-    assert (tmp_path / "resumed" / "weights.safetensors").read_bytes() == \
-        (tmp_path / "straight" / "weights.safetensors").read_bytes()
-    assert not (tmp_path / ".resumed.checkpoint").exists()
+    assert_killed_command_resumes(command, tmp_path, epoch=1)
 
 
 @pytest.mark.parametrize("command,epochs", [
