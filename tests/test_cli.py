@@ -94,32 +94,12 @@ def test_help_everywhere():
 @pytest.mark.slow
 def test_killed_train_command_resumes_to_the_same_weights(tmp_path):
     """SIGKILL `slimfuse train` after its second epoch; the same command again finishes the job."""
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from killing import assert_killed_command_resumes
 
     def command(out):
         return [sys.executable, "-m", "slimfuse", "train", "--data", "digits", "--hidden", "256,256",
                 "--epochs", "40", "-o", str(out)]
 
-    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
-    proc = subprocess.Popen(command(tmp_path / "resumed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / ".resumed.checkpoint" / "state.json"
-    deadline = time.time() + 300
-    def epoch():
-        try:
-            return json.loads(state.read_text())["epoch"]
-        except (OSError, ValueError):  # not written yet, or being replaced right now
-            return 0
-
-    while time.time() < deadline and proc.poll() is None and epoch() < 2:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; the test proved nothing"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "resumed").exists()
-    subprocess.run(command(tmp_path / "resumed"), check=True, capture_output=True)
-    assert (tmp_path / "resumed" / "weights.safetensors").read_bytes() == \
-        (tmp_path / "straight" / "weights.safetensors").read_bytes()
-    assert not (tmp_path / ".resumed.checkpoint").exists()
+    assert_killed_command_resumes(command, tmp_path, epoch=2)

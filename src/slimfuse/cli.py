@@ -76,6 +76,7 @@ def train(
     import torch
 
     from . import data as datasets
+    from .checkpoint import beside
     from .models import save, zoo
     from .train import evaluate, fit
 
@@ -88,12 +89,13 @@ def train(
         from .fuse.jobs import train_ensemble
 
         trained = train_ensemble(model, splits, kwargs, members, diversity, combine, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience, seed=seed)
+                                 batch_size=batch_size, lr=lr, optimizer=optimizer, patience=patience, seed=seed,
+                                 checkpoint=beside(out))
     else:
         net = zoo.for_task(model, splits.task, **kwargs)
         # Checkpoints go to a hidden sibling of the output; rerunning the same command resumes.
         trained = fit(net, splits, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      patience=patience, seed=seed, checkpoint=out.parent / f".{out.name}.checkpoint")
+                      patience=patience, seed=seed, checkpoint=beside(out))
     metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
     save(trained, out, metrics=metrics)
     typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f}")
@@ -188,6 +190,7 @@ def distill(
     import torch
 
     from . import data as datasets
+    from .checkpoint import beside
     from .compress.distill import build_student, distill as distill_, load_teacher
     from .models import save
     from .train import evaluate
@@ -211,7 +214,7 @@ def distill(
     net = build_student(student, model, splits.task)
     trained = distill_(model, net, splits, temperature=temperature, alpha=alpha, epochs=epochs,
                        transfer=transfer_data, copies=copies, mixup=mixup, hints=hints, hint_weight=hint_weight,
-                       batch_size=batch_size, lr=lr, seed=seed)
+                       batch_size=batch_size, lr=lr, seed=seed, checkpoint=beside(out))
     metrics = {"val": evaluate(trained, splits.val), "test": evaluate(trained, splits.test)}
     save(trained, out, metrics=metrics)
     typer.echo(f"saved {out}: test accuracy {metrics['test']['accuracy']:.4f} "
@@ -240,6 +243,7 @@ def prune(
 ):
     """Prune an artifact (magnitude sparsity or whole channels) and save the result."""
     from . import data as datasets
+    from .checkpoint import beside
     from .compress.prune import prune as prune_model
     from .measure import counts
     from .models import folder_bytes, load, save
@@ -255,6 +259,7 @@ def prune(
     pruned = prune_model(
         model, sparsity, channels=channels, scope=scope, schedule=schedule, steps=steps, importance=importance,
         round_to=round_to, data=splits, finetune_epochs=finetune_epochs, lr=lr, seed=seed, on_step=report_step,
+        checkpoint=beside(out),
         exclude=[e.strip() for e in exclude.split(",") if e.strip()] if exclude is not None else None,
     )
     metrics = {"val": evaluate(pruned, splits.val), "test": evaluate(pruned, splits.test)} if splits else {}
@@ -284,12 +289,14 @@ def quantize(
 ):
     """Quantize an artifact or an ONNX file (real int8 kernels, real bytes) and save the result."""
     from . import data as datasets
+    from .checkpoint import beside
     from .compress.quantize import quantize_file
 
     splits = datasets.load(data, seed=seed, label=label) if data else None
     options = {k: v for k, v in {"calibrator": calibrator, "max_drop": max_drop, "epochs": epochs,
                                  "format": format}.items() if v is not None}
-    typer.echo(quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory, **options))
+    typer.echo(quantize_file(source, scheme, out, splits, backend=backend, trust_factory=trust_factory,
+                             checkpoint=beside(out), **options))
 
 
 @app.command("export")

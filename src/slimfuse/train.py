@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import Checkpoint, run_key
+from .checkpoint import Checkpoint, Resume, fingerprint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
 from .models.spec import derive, set_task, task_of
@@ -68,7 +68,7 @@ def fit(
     on_epoch_end: Callable[[nn.Module, dict], None] | None = None,
     progress: bool | None = None,
     history: list | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Resume | None = None,
     parallel: bool | None = None,
     op: str | None = "train",
 ) -> nn.Module:
@@ -81,7 +81,9 @@ def fit(
     given ``seed``. ``history``, if given, receives one dict per epoch. With ``checkpoint``
     (a folder), the state is saved there after every epoch and a rerun with the same
     parameters resumes from it, reaching the same weights as an uninterrupted run; the
-    folder is removed when training completes. ``op`` names the
+    folder is removed when training completes. A :class:`slimfuse.checkpoint.Resume` instead
+    of a folder adds values to the checkpoint's key, extra state saved with every epoch (e.g.
+    pruning masks) or keeps the finished checkpoint (a stage of a longer job). ``op`` names the
     lineage step recorded on the result (``None``: record nothing, for techniques that
     record their own step). Under ``torchrun --nproc_per_node N`` training is data-parallel
     (DistributedDataParallel; ``batch_size`` is the global batch) with no change to the call;
@@ -97,7 +99,11 @@ def fit(
     run_params = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                   "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "seed": seed,
                   "cycles": cycles, "patience": patience, "n_train": len(train), "op": op}
-    ckpt = Checkpoint(checkpoint, run_key(model, run_params)) if checkpoint is not None else None
+    resume = checkpoint if isinstance(checkpoint, Resume) or checkpoint is None else Resume(checkpoint)
+    ckpt = None
+    if resume is not None:
+        run_params.update(data=fingerprint(train.x, train.y, data.val.x, data.val.y), extra=resume.key)
+        ckpt = Checkpoint(resume.folder, run_key(model, run_params))
     loss = loss or cross_entropy
     n = len(train)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -117,7 +123,7 @@ def fit(
         check_fits(model, train, data.task.num_classes)
         best: tuple[float, dict | None] = (-1.0, None)
         since_best, first_epoch, rows = 0, 1, []
-        resumed = ckpt.load(model=model, opt=opt, sched=sched, gen=gen) if ckpt else None
+        resumed = ckpt.load(model=model, opt=opt, sched=sched, gen=gen, extra=resume.state) if ckpt else None
         if resumed:
             first_epoch, best = resumed["epoch"] + 1, resumed["best"]
             since_best, rows = resumed["since_best"], resumed["history"]
@@ -172,14 +178,14 @@ def fit(
                         since_best += 1
                 if ckpt is not None and rank == 0:
                     ckpt.save(epoch=epoch, model=model, opt=opt, sched=sched, gen=gen, best=best,
-                              since_best=since_best, history=rows)
+                              since_best=since_best, history=rows, extra=resume.state)
                 if patience is not None and since_best >= patience:
                     break
         if best[1] is not None:
             model.load_state_dict(best[1])
     if history is not None:
         history.extend(rows)
-    if ckpt is not None and distributed.is_main():
+    if ckpt is not None and distributed.is_main() and not resume.keep:
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}

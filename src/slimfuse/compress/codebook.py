@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import Resume
 from ..data import Splits
 from ..errors import ConfigError
 from ..models.artifact import register_codec
@@ -40,16 +41,17 @@ MIN_CODED = 64  # tensors smaller than this are stored raw
 
 @register_scheme("codebook", "torch")
 def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = None, epochs: int | None = None,
-             lr: float = 1e-4, iters: int = 30, seed: int = 0, **unknown) -> nn.Module:
+             lr: float = 1e-4, iters: int = 30, seed: int = 0, checkpoint=None, **unknown) -> nn.Module:
     """Share each Linear/Conv layer's weights among ``2**N`` values (``scheme="codebook:N"``).
 
     ``data``: with training data the centroids are fine-tuned for ``epochs`` (default 2) at ``lr``.
     Parameters of other layer types (BatchNorm, embeddings...) and all biases stay float and are
-    listed in the lineage step (``float_params``).
+    listed in the lineage step (``float_params``). ``checkpoint`` (a folder): the fine-tuning
+    resumes from it when rerun with the same arguments (see :func:`slimfuse.fit`).
     """
     if unknown:
         raise ConfigError(f"unknown option(s) for codebook: {', '.join(sorted(unknown))} "
-                          "(known: data, epochs, lr, iters, seed)")
+                          "(known: data, epochs, lr, iters, seed, checkpoint)")
     bits = _bits(arg)
     if not isinstance(model, nn.Module) or getattr(model, "slimfuse_runtime", "torch") != "torch":
         raise ConfigError("codebook works on torch modules; quantize an ONNX model with int8-static/int8-dynamic")
@@ -70,7 +72,9 @@ def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = No
             assign[name] = _cluster(m.weight, 2**bits, iters)
     snap = _Snap(assign)
     if epochs:
-        q = fit(q, data, epochs=epochs, lr=lr, seed=seed, after_step=snap, op=None)
+        resume = None if checkpoint is None else Resume(checkpoint, key={"op": "codebook", "bits": bits,
+                                                                         "iters": iters})
+        q = fit(q, data, epochs=epochs, lr=lr, seed=seed, after_step=snap, op=None, checkpoint=resume)
     snap(q)
     coded = {f"{n}.weight" for n in layers}
     left = [n for n, _ in q.named_parameters() if n not in coded]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..errors import ConfigError, DataError
 from ..models import zoo
@@ -344,6 +345,7 @@ def distill(
     seed: int = 0,
     progress: bool | None = None,
     history: list | None = None,
+    checkpoint: str | Path | None = None,
     **fit_options,
 ) -> nn.Module:
     """Train a copy of ``student`` to imitate ``teacher`` on a fixed transfer set; return it.
@@ -353,6 +355,11 @@ def distill(
     FitNets hint terms weighted by ``hint_weight``. Other options (``optimizer``, ``schedule``,
     ``weight_decay``, ``patience`` ...) go to :func:`slimfuse.fit`. Neither input is mutated; the
     result records the lineage step ``distill``.
+
+    ``checkpoint`` (a folder): the training state is saved there after every epoch and a rerun
+    with the same arguments (same teacher outputs, transfer set, temperature, alpha, hints)
+    resumes from it to the same weights as an uninterrupted run; a checkpoint of other arguments
+    is replaced with a warning. The folder is removed when distillation completes.
     """
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
@@ -380,7 +387,9 @@ def distill(
 
     model: nn.Module = student
     if hints:
-        model = _hint_student(student, list(hints), teacher_feats, transfer_split.x[:2])
+        with torch.random.fork_rng(devices=[]):  # the projections' init follows ``seed`` (resumable)
+            torch.manual_seed(seed)
+            model = _hint_student(student, list(hints), teacher_feats, transfer_split.x[:2])
         shared = model.shared
 
         def loss(z, batch: Batch):
@@ -391,8 +400,13 @@ def distill(
         def loss(z, batch: Batch):
             return _loss(z, log_p_t[batch.index], batch.y, t, alpha)
 
+    if checkpoint is not None:  # the teacher's cached outputs stand for the teacher in the key
+        checkpoint = Resume(checkpoint, key={"op": "distill", "temperature": t, "alpha": float(alpha),
+                                             "hints": hints, "hint_weight": hint_weight,
+                                             "teacher": [teacher_logits, *teacher_feats]})
     trained = fit(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                  train=transfer_split, progress=progress, history=history, op=None, **fit_options)
+                  train=transfer_split, progress=progress, history=history, op=None, checkpoint=checkpoint,
+                  **fit_options)
     if hints:
         trained = trained.student  # the projections are discarded
         trained.eval()

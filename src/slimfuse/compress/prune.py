@@ -26,11 +26,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
 from ..errors import ArtifactError, ConfigError
 from ..models.spec import attach, derive, spec_of, task_of
@@ -68,6 +70,7 @@ def prune(
     seed: int = 0,
     progress: bool | None = None,
     on_step: StepCallback | None = None,
+    checkpoint: str | Path | None = None,
 ) -> nn.Module:
     """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels``.
 
@@ -86,6 +89,12 @@ def prune(
     (default: the output layer). ``lr`` (default 1e-3 unstructured, 3e-3 structured: measured,
     see BENCHMARKS.md), ``batch_size``, ``seed``: fine-tuning settings (Adam, cosine schedule).
     ``on_step(info)`` is called after every pruning step.
+
+    ``checkpoint`` (a folder): the fine-tuning state (weights, optimizer, masks and position in
+    the pruning schedule; structured: every finished step) is saved there after every epoch,
+    and a rerun with the same arguments resumes from it, reaching the same weights as an
+    uninterrupted run. A checkpoint of other arguments is replaced (with a warning); the folder
+    is removed when pruning completes.
     """
     if (sparsity is None) == (channels is None):
         raise ConfigError("prune: pass exactly one of sparsity= (unstructured) and channels= (structured)")
@@ -110,14 +119,15 @@ def prune(
         if importance is not None or round_to is not None:
             raise ConfigError("importance= and round_to= apply to structured pruning (channels=), not sparsity=")
         return _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
-                             epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step)
+                             epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step,
+                             checkpoint=checkpoint)
     if schedule != "agp":
         raise ConfigError("schedule= applies to unstructured pruning (sparsity=); structured pruning uses steps=")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
     return _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
                        round_to=round_to, data=data, epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw,
-                       on_step=on_step)
+                       on_step=on_step, checkpoint=checkpoint)
 
 
 def _check_fraction(name: str, value) -> float:
@@ -235,6 +245,13 @@ class _Masker:
         self.t += 1
         self.advance(model)
 
+    # saved with every fine-tuning epoch's checkpoint (``Resume(state=masker)``)
+    def state_dict(self) -> dict:
+        return {"masks": dict(self.masks), "done": self.done, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks, self.done, self.t = dict(state["masks"]), state["done"], state["t"]
+
 
 def agp_schedule(initial: float, final: float, steps: int, total: int) -> list[tuple[int, float]]:
     """Zhu & Gupta's cubic schedule: ``steps`` (optimizer step, sparsity) pairs within the first
@@ -243,7 +260,7 @@ def agp_schedule(initial: float, final: float, steps: int, total: int) -> list[t
     return [(j * dt, final + (initial - final) * (1 - (j + 1) / steps) ** 3) for j in range(steps)]
 
 
-def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, exclude, fit_kw, on_step):
+def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, exclude, fit_kw, on_step, checkpoint):
     _check_choice("scope", scope, ("global", "layer"))
     _check_choice("schedule", schedule, ("agp", "oneshot"))
     if schedule == "agp" and epochs == 0:
@@ -265,7 +282,9 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch)
     masker.advance(work)
     if epochs:
-        work = fit(work, data, epochs=epochs, after_step=masker.after_step, op=None, **fit_kw)
+        resume = None if checkpoint is None else Resume(checkpoint, state=masker, key={
+            "op": "prune", "sparsity": sparsity, "scope": scope, "plan": plan, "layers": list(layers)})
+        work = fit(work, data, epochs=epochs, after_step=masker.after_step, op=None, checkpoint=resume, **fit_kw)
     masker.advance(work, final=True)  # steps a very short fine-tuning could not reach
     work.eval()
     object.__setattr__(work, "slimfuse_codec", CODEC)
@@ -312,7 +331,8 @@ def _check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Si
                           "name the layers around the failing one in exclude=")
 
 
-def _structured(model, ratio, *, scope, importance, steps, round_to, data, epochs, exclude, fit_kw, on_step):
+def _structured(model, ratio, *, scope, importance, steps, round_to, data, epochs, exclude, fit_kw, on_step,
+                checkpoint):
     import torch_pruning as tp
 
     _check_choice("scope", scope, ("layer", "global"))
@@ -335,6 +355,15 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
                                                                      root_module_types=pruner.root_module_types)):
         raise ConfigError("nothing to prune: the model has no channels outside exclude= that can be removed "
                           "(e.g. its only Linear/Conv layer is the output layer)")
+    # A rerun replays the pruning steps; each finished step's fine-tuning is kept in the area,
+    # so it returns at once with the weights the next step prunes.
+    area = None
+    if checkpoint is not None and epochs:
+        params = {"op": "prune", "channels": ratio, "scope": scope, "importance": importance, "steps": steps,
+                  "round_to": round_to, "epochs": epochs, "excluded": excluded,
+                  "fit": {k: v for k, v in fit_kw.items() if k != "progress"},
+                  "data": fingerprint(data.train.x, data.train.y, data.val.x, data.val.y)}
+        area = Area(checkpoint, run_key(work, params))
     for step, step_epochs in enumerate(_epochs_per_step(epochs, steps), start=1):
         if importance == "taylor":
             _taylor_gradients(work, data)
@@ -342,11 +371,15 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
         work.zero_grad(set_to_none=True)
         _check_still_runs(work, sample, expected)
         if step_epochs:
-            tuned = fit(work, data, epochs=step_epochs, op=None, **{**fit_kw, "seed": fit_kw["seed"] + step})
+            resume = Resume(area.stage(f"step-{step}"), keep=True) if area is not None else None
+            tuned = fit(work, data, epochs=step_epochs, op=None, checkpoint=resume,
+                        **{**fit_kw, "seed": fit_kw["seed"] + step})
             work.load_state_dict(tuned.state_dict())
         on_step({"step": step, "steps": steps, "channels": ratio * step / steps,
                  "params": sum(p.numel() for p in work.parameters())})
     del pruner
+    if area is not None:
+        area.clear()
     work.eval()
     spec = shrunk_spec(model, work)
     return derive(model, work, "prune", spec=spec, channels=ratio, importance=importance, scope=scope, steps=steps,

@@ -22,12 +22,14 @@ import copy
 import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..errors import ConfigError
 from ..models.artifact import register_codec
@@ -381,8 +383,12 @@ def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile",
 
 @_scheme("qat")
 def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
-        calib_samples: int = 1024, seed: int = 0, progress: bool | None = None) -> nn.Module:
-    """Quantization-aware fine-tuning (fake-quant through ``fit``), then a real int8-static model."""
+        calib_samples: int = 1024, seed: int = 0, progress: bool | None = None,
+        checkpoint: str | Path | None = None) -> nn.Module:
+    """Quantization-aware fine-tuning (fake-quant through ``fit``), then a real int8-static model.
+
+    ``checkpoint`` (a folder): the fine-tuning is checkpointed there every epoch and a rerun with
+    the same arguments resumes from it (see :func:`slimfuse.fit`); removed when done."""
     _check_source(model)
     if not isinstance(calib, Splits):
         raise ConfigError("qat fine-tunes the model, so it needs the data set's Splits as calib= (CLI: --data)")
@@ -403,7 +409,9 @@ def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batc
         for other in (g.bn, g.relu):
             if other is not None:
                 fq.set_submodule(other, nn.Identity())
-    trained = fit(fq, calib, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None)
+    resume = None if checkpoint is None else Resume(checkpoint, key={"op": "qat", "calib_samples": calib_samples})
+    trained = fit(fq, calib, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None,
+                  checkpoint=resume)
     weights, trained_ranges = {}, {}
     for g in groups:
         m = trained.get_submodule(g.path)

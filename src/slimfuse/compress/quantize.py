@@ -8,6 +8,7 @@ whose weights really are low-precision and whose artifact is really smaller.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,11 +53,12 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
 
 
 def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *, backend: str = "auto",
-                  trust_factory: bool = False, **options) -> str:
+                  trust_factory: bool = False, checkpoint: str | Path | None = None, **options) -> str:
     """Quantize an artifact folder or an ``.onnx`` file; write an artifact folder, or an ``.onnx`` file.
 
     ``data`` (Splits) calibrates (training split), fine-tunes (qat, codebook) and validates (mixed);
-    its test split is measured into the card. Returns a one-line summary (the CLI's ``quantize``).
+    its test split is measured into the card. ``checkpoint`` (a folder): schemes that fine-tune
+    checkpoint every epoch there and resume when rerun. Returns a one-line summary (the CLI's ``quantize``).
     """
     from ..export import export
     from ..models import folder_bytes, load, save
@@ -69,6 +71,9 @@ def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *
     chosen = DEFAULT_BACKEND.get(scheme.partition(":")[0]) if backend == "auto" else backend
     if out.suffix == ".onnx" and chosen != "onnxruntime":
         raise ConfigError(f"{scheme} ({chosen}) gives a torch model: write an artifact folder, not {out.name}")
+    fn = SCHEMES.get((scheme.partition(":")[0], chosen))
+    if checkpoint is not None and fn is not None and "checkpoint" in inspect.signature(fn).parameters:
+        options["checkpoint"] = checkpoint
     q = quantize(model, scheme, calib=data, backend=backend, **options)
     metrics = {"val": evaluate(q, data.val), "test": evaluate(q, data.test)} if data is not None else {}
     if isinstance(q, OnnxPredictor) and out.suffix == ".onnx":

@@ -8,6 +8,10 @@ or different architectures (``architectures``: one builder per member).
 With ``folds=k`` every member is also trained k times on k-1 folds of the
 training split, and the fold models' predictions on their held-out fold become
 the out-of-fold meta-features that stacking needs (``members.oof``).
+
+With ``checkpoint=FOLDER`` every member's training is checkpointed each epoch; a rerun
+with the same arguments keeps the finished members, resumes the interrupted one from its
+last epoch and trains the rest, reaching the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from torch import nn
 
 from .. import distributed
+from ..checkpoint import Area, Resume, fingerprint
 from ..data import Splits
 from ..errors import ConfigError
 from ..models.spec import derive
@@ -54,6 +60,7 @@ def train_members(
     epochs: int = 10,
     folds: int | None = None,
     seed: int = 0,
+    checkpoint: str | Path | None = None,
     **fit_options,
 ) -> Members:
     """Train ``k`` members on ``data.train``.
@@ -62,6 +69,10 @@ def train_members(
     fresh module, or (``architectures``) a list of those, one per member. ``epochs``: per
     member; for ``snapshot`` the length of the one run, split into ``k`` cosine cycles.
     ``fit_options`` go to :func:`slimfuse.fit` (``lr``, ``batch_size``, ``optimizer`` ...).
+    ``checkpoint`` (a folder): every training (members, snapshots, fold models) checkpoints
+    there each epoch; a rerun with the same arguments skips the finished ones and resumes the
+    interrupted one. A checkpoint of other arguments is replaced with a warning; the folder is
+    removed when all members are trained.
     """
     builders = list(builder) if isinstance(builder, (list, tuple)) else [builder]
     if diversity not in DIVERSITY:
@@ -80,6 +91,12 @@ def train_members(
             raise ConfigError(f"a builder must be an nn.Module or a callable returning one, got {type(b).__name__}")
     fit_options.setdefault("progress", False)
     run = _Runner(builders, data, k, diversity, epochs, seed, fit_options)
+    if checkpoint is not None:
+        key = {"op": "members", "k": k, "diversity": diversity, "epochs": epochs, "folds": folds, "seed": seed,
+               "fit": {o: v for o, v in fit_options.items() if o != "progress"},
+               "data": [data.train.x, data.train.y, data.val.x, data.val.y],
+               "init": [dict(run.fresh(i, seed + i).state_dict()) for i in range(len(builders))]}
+        run.area = Area(checkpoint, fingerprint(key))
     n = len(data.train)
     start = time.perf_counter()
     models, seen = run(np.arange(n), seed)
@@ -98,13 +115,15 @@ def train_members(
         from .api import member_probas
 
         for f, (rest, held) in enumerate(splitter.split(np.zeros(n), y)):
-            fold_models, fold_seen = run(rest, seed + 1000 * (f + 1))
+            fold_models, fold_seen = run(rest, seed + 1000 * (f + 1), tag=f"fold-{f}-")
             features[held] = member_probas(fold_models, data.train.subset(held)).transpose(1, 0, 2)
             fold_of[held] = f
             for i in range(k):
                 trained_on[i].append(fold_seen[i])
         oof = OutOfFold(features, y, np.arange(n), fold_of, trained_on, "k-fold")
         seconds["folds"] = time.perf_counter() - start - seconds["members"]
+    if run.area is not None:
+        run.area.clear()
     return Members(models, seen, oof, diversity, seconds)
 
 
@@ -114,6 +133,11 @@ class _Runner:
     def __init__(self, builders, data, k, diversity, epochs, seed, fit_options):
         self.builders, self.data, self.k, self.diversity = builders, data, k, diversity
         self.epochs, self.fit_options = epochs, fit_options
+        self.area: Area | None = None  # where trainings checkpoint (train_members(checkpoint=))
+
+    def resume(self, name: str) -> Resume | None:
+        """A finished training's checkpoint is kept: a rerun of the job returns it at once."""
+        return Resume(self.area.stage(name), keep=True) if self.area is not None else None
 
     def fresh(self, i: int, seed: int) -> nn.Module:
         b = self.builders[i % len(self.builders)]
@@ -130,19 +154,30 @@ class _Runner:
             raise ConfigError(f"the builder returned {type(model).__name__}, not an nn.Module")
         return model
 
-    def __call__(self, rows: np.ndarray, seed: int):
+    def __call__(self, rows: np.ndarray, seed: int, tag: str = ""):
         train = self.data.train
         if self.diversity == "snapshot":
-            snaps = []
+            snaps: dict[int, nn.Module] = {}
             per_cycle = self.epochs // self.k
+            start = self.fresh(0, seed)
+            for cycle in range(1, self.k + 1):  # snapshots an interrupted run already took
+                saved = self.area.load_tensors(f"{tag}snapshot-{cycle}") if self.area is not None else None
+                if saved is not None:
+                    model = copy.deepcopy(start)
+                    model.load_state_dict(saved)
+                    snaps[cycle] = derive(model, model.eval(), "snapshot", cycle=cycle)
 
             def keep(model, row):
                 if row["epoch"] % per_cycle == 0:
-                    snaps.append(derive(model, copy.deepcopy(model).eval(), "snapshot", cycle=len(snaps) + 1))
+                    cycle = row["epoch"] // per_cycle
+                    snaps[cycle] = derive(model, copy.deepcopy(model).eval(), "snapshot", cycle=cycle)
+                    if self.area is not None:  # saved before the epoch's checkpoint
+                        self.area.save_tensors(f"{tag}snapshot-{cycle}", model.state_dict())
 
-            fit(self.fresh(0, seed), self.data, epochs=self.epochs, schedule="cosine", cycles=self.k, seed=seed,
-                train=train.subset(rows), on_epoch_end=keep, **self.fit_options)
-            return snaps, [rows] * self.k
+            fit(start, self.data, epochs=self.epochs, schedule="cosine", cycles=self.k, seed=seed,
+                train=train.subset(rows), on_epoch_end=keep, checkpoint=self.resume(f"{tag}snapshot"),
+                **self.fit_options)
+            return [snaps[c] for c in sorted(snaps)], [rows] * self.k
         # Under torchrun each rank trains its share of the members (member i on rank i % ranks),
         # then every rank receives the others' weights.
         spread = distributed.setup()
@@ -154,7 +189,7 @@ class _Runner:
             member = self.fresh(i, seed + i)
             if i % ranks == rank:
                 member = fit(member, self.data, epochs=self.epochs, seed=seed + i, train=train.subset(used),
-                             parallel=False, **self.fit_options)
+                             parallel=False, checkpoint=self.resume(f"{tag}member-{i}"), **self.fit_options)
             models.append(member)
             seen.append(np.unique(used))
         if spread:
