@@ -52,6 +52,15 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
 
 
 
+def checkpoint_option(scheme: str, backend: str, checkpoint: str | Path | None) -> dict:
+    """``{"checkpoint": checkpoint}`` when ``scheme`` on ``backend`` fine-tunes (and so can resume), else ``{}``."""
+    name = scheme.partition(":")[0]
+    fn = SCHEMES.get((name, DEFAULT_BACKEND.get(name) if backend == "auto" else backend))
+    if checkpoint is not None and fn is not None and "checkpoint" in inspect.signature(fn).parameters:
+        return {"checkpoint": checkpoint}
+    return {}
+
+
 def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *, backend: str = "auto",
                   trust_factory: bool = False, checkpoint: str | Path | None = None, **options) -> str:
     """Quantize an artifact folder or an ``.onnx`` file; write an artifact folder, or an ``.onnx`` file.
@@ -71,9 +80,7 @@ def quantize_file(source: str | Path, scheme: str, out: str | Path, data=None, *
     chosen = DEFAULT_BACKEND.get(scheme.partition(":")[0]) if backend == "auto" else backend
     if out.suffix == ".onnx" and chosen != "onnxruntime":
         raise ConfigError(f"{scheme} ({chosen}) gives a torch model: write an artifact folder, not {out.name}")
-    fn = SCHEMES.get((scheme.partition(":")[0], chosen))
-    if checkpoint is not None and fn is not None and "checkpoint" in inspect.signature(fn).parameters:
-        options["checkpoint"] = checkpoint
+    options.update(checkpoint_option(scheme, backend, checkpoint))
     q = quantize(model, scheme, calib=data, backend=backend, **options)
     metrics = {"val": evaluate(q, data.val), "test": evaluate(q, data.test)} if data is not None else {}
     if isinstance(q, OnnxPredictor) and out.suffix == ".onnx":

@@ -16,8 +16,9 @@ Every model step writes an artifact folder ``OUT/NAME`` (``export`` writes ``OUT
 the step's cache key: a hash of the step's parameters, the data (a file's SHA-256), the seed,
 the keys of its inputs and the slimfuse version. A rerun skips every step whose output exists
 with the same key, so an interrupted or repeated run resumes where it stopped; changing a
-step's parameters reruns it and everything downstream of it. A ``train`` step also resumes
-inside itself from its per-epoch checkpoint.
+step's parameters reruns it and everything downstream of it. A step that trains (train, prune,
+distill, qat/codebook quantization, ensemble members) also resumes inside itself from its per-epoch
+checkpoint ``OUT/.NAME.checkpoint``.
 
 Validation errors name the file, the step and the field.
 """
@@ -340,6 +341,12 @@ class RecipeRun:
                 else load(self.out / name)
         return self.models[name]
 
+    def checkpoint(self, step) -> Path:
+        """Where a training step checkpoints every epoch (``OUT/.NAME.checkpoint``): a rerun resumes it."""
+        from ..checkpoint import beside
+
+        return beside(self.out / step.name)
+
     def _keep(self, step, model) -> dict:
         from ..models import folder_bytes, save
         from ..train import evaluate
@@ -368,10 +375,10 @@ class RecipeRun:
             from ..fuse.jobs import train_ensemble
 
             model = train_ensemble(step.model, self.splits, kwargs, step.members, step.diversity, step.combine,
-                                   **fit_options)
+                                   checkpoint=self.checkpoint(step), **fit_options)
         else:
             net = zoo.for_task(step.model, self.splits.task, **kwargs)
-            model = fit(net, self.splits, checkpoint=self.out / f".{step.name}.checkpoint", **fit_options)
+            model = fit(net, self.splits, checkpoint=self.checkpoint(step), **fit_options)
         return self._keep(step, model)
 
     def _prune(self, step: PruneStep) -> dict:
@@ -379,12 +386,13 @@ class RecipeRun:
 
         options = step.model_dump(exclude={"name", "step", "input", "sparsity"}, exclude_none=True)
         return self._keep(step, prune(self.model(step.input), step.sparsity, data=self.splits,
-                                      seed=self.recipe.seed, **options))
+                                      seed=self.recipe.seed, checkpoint=self.checkpoint(step), **options))
 
     def _quantize(self, step: QuantizeStep) -> dict:
-        from ..compress.quantize import quantize
+        from ..compress.quantize import checkpoint_option, quantize
 
         options = step.model_dump(exclude={"name", "step", "input", "scheme", "backend"}, exclude_none=True)
+        options.update(checkpoint_option(step.scheme, step.backend, self.checkpoint(step)))
         return self._keep(step, quantize(self.model(step.input), step.scheme, calib=self.splits,
                                          backend=step.backend, **options))
 
@@ -395,7 +403,7 @@ class RecipeRun:
         student = build_student(step.student, teacher, self.splits.task)
         options = step.model_dump(exclude={"name", "step", "teacher", "student"}, exclude_none=True)
         return self._keep(step, distill(teacher, student, self.splits, seed=self.recipe.seed, progress=False,
-                                        **options))
+                                        checkpoint=self.checkpoint(step), **options))
 
     def _ensemble(self, step: EnsembleStep) -> dict:
         from ..fuse import ensemble
