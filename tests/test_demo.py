@@ -27,7 +27,8 @@ def test_demo_writes_its_report_with_the_chain_and_the_evidence_tables(tmp_path)
     # the chain: each stage saved, reloaded and measured; the last one runs in ONNX Runtime
     chain = [r for r in report.rows if r["name"].startswith("chain ")]
     assert [r["name"][:7] for r in chain] == ["chain 1", "chain 2", "chain 3", "chain 4"]
-    assert chain[-1]["runtime"] == "onnxruntime" and chain[-1]["bytes"] == folder_bytes(out / "chain-4-int8")
+    # bytes: the ONNX file it deploys as; the artifact folder adds its card and safetensors header
+    assert chain[-1]["runtime"] == "onnxruntime" and 0 < folder_bytes(out / "chain-4-int8") - chain[-1]["bytes"] < 4096
     assert chain[-1]["params"] < chain[1]["params"] < teacher["params"]  # pruning really removed neurons
     assert chain[-1]["bytes"] < chain[2]["bytes"] / 3  # int8 storage, not fake quantization
     # staged compression: every stage is smaller than the one before

@@ -159,7 +159,8 @@ def ensemble_evidence(members: list[nn.Module], splits: Splits, *, seed: int) ->
     weights = ", ".join(f"{w:.2f}" for w in variants["ensemble weighted (Caruana)"].selection.weights)
     body = (_table(["model", "val accuracy", "test accuracy", "test NLL"], rows) +
             f"\n\nMembers: the teacher and four LeNet-300-100s trained from other seeds on jittered data; "
-            f"Caruana weights {weights} (chosen on the validation split). {verdict}.")
+            f"Caruana weights {weights} (chosen on the validation split). {verdict}. Stacking's validation "
+            f"accuracy is in-sample: its meta-learner is fit on the validation split (the members never saw it).")
     return {n: variants[n] for n in ("best member (by val accuracy)", "ensemble weighted (Caruana)",
                                      "ensemble stacking (linear meta-learner)")}, ("Ensemble selection vs best member", body)
 
