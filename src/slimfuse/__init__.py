@@ -19,10 +19,11 @@ from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
 from .train import evaluate, fit, predict
+from . import nlp  # sentence encoders (pretrained weights and tokenizer need slimfuse[nlp])
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
-    "lineage_of", "load", "measure", "predict", "prune", "quantize", "read_card", "runtime", "save", "soup",
+    "lineage_of", "load", "measure", "nlp", "predict", "prune", "quantize", "read_card", "runtime", "save", "soup",
     "spec_of", "swa", "train_members", "zoo",
 ]

@@ -38,20 +38,30 @@ COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 @register_scheme("int8-dynamic", "onnxruntime", default=True)
-def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sample=None, **unknown) -> OnnxPredictor:
-    """int8 weights, activations quantized at run time (``MatMulInteger`` / ``DynamicQuantizeLinear``)."""
+def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sample=None, exclude=None,
+                 **unknown) -> OnnxPredictor:
+    """int8 weights, activations quantized at run time (``MatMulInteger`` / ``DynamicQuantizeLinear``).
+
+    ``exclude``: names of ONNX nodes to keep in float (mixed precision).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _check(arg, unknown, "int8-dynamic", ("per_channel", "sample"))
+    _check(arg, unknown, "int8-dynamic", ("per_channel", "sample", "exclude"))
     if sample is None and calib is not None:
         sample = _calib_inputs(calib)
     src = to_onnx(model, sample=sample)
+    exclude = sorted(exclude or ())
+    missing = set(exclude) - {n.name for n in src.proto.graph.node}
+    if missing:
+        raise ConfigError(f"int8-dynamic: no node named {', '.join(sorted(missing))} in the ONNX graph")
     with _workdir(src) as (fp32, out):
+        # DefaultTensorType: graphs from ONNX Runtime's transformer optimizer lack some type annotations
         quantize_dynamic(fp32, out, per_channel=bool(per_channel), weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=exclude,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
-    return _record(src, q, "int8-dynamic", per_channel=bool(per_channel))
+    return _record(src, q, "int8-dynamic", per_channel=bool(per_channel), exclude=exclude or None)
 
 
 @register_scheme("int8-static", "onnxruntime", default=True)
@@ -129,7 +139,7 @@ def _calib_inputs(calib) -> torch.Tensor:
     elif isinstance(calib, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32))
     elif isinstance(calib, torch.Tensor):
-        x = calib.float()
+        x = calib if not calib.is_floating_point() else calib.float()  # token ids stay int64
     else:
         raise ConfigError(f"calib must be Splits, a Split, a tensor or an array, got {type(calib).__name__}")
     if len(x) == 0:

@@ -14,6 +14,8 @@ from ..measure import Report
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "mnist": ("slimfuse.pipeline.demo:run", "image classification on mnist5k: every technique and the full chain"),
+    "nlp": ("slimfuse.pipeline.demo_nlp:run", "sentence embeddings: all-MiniLM-L6-v2 in int8, mixed precision, "
+                                              "distilled to 3 layers (needs slimfuse[nlp])"),
 }
 
 
