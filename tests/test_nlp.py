@@ -110,13 +110,14 @@ def test_onnx_export_matches_torch(model, data, ref, graph, tmp_path):
     assert graph.slimfuse["lineage"][-1]["params"]["fused"].get("SkipLayerNormalization", 0) > 0
 
 
+@pytest.mark.slow
 def test_int8_keeps_embeddings_and_mixed_precision_gains_fidelity(model, data, ref, graph, tmp_path):
     q = quantize(graph, "int8-dynamic", backend="onnxruntime")
     fid_q = nlp.fidelity(ref, nlp.embed(q, data.test.x))
     assert fid_q["mean_cosine"] > 0.98 and fid_q["min_cosine"] > 0.9
     assert artifact_bytes(q) < 0.4 * artifact_bytes(graph)
     # the target is checked on the validation sentences; the test sentences must be at least as faithful as plain int8
-    mix = nlp.mixed(model, data.val, target=min(0.9995, fid_q["mean_cosine"] + 0.003), graph=graph, samples=16)
+    mix = nlp.mixed(model, data.val, target=min(0.9995, fid_q["mean_cosine"] + 0.001), graph=graph, samples=16)
     keep = mix.slimfuse["lineage"][-1]["params"]["keep"]
     assert keep and nlp.fidelity(ref, nlp.embed(mix, data.test.x))["mean_cosine"] > fid_q["mean_cosine"]
     sf.save(mix, tmp_path / "mixed")
@@ -133,6 +134,7 @@ def test_torch_int8_reloads_bit_exactly(model, data, ref, tmp_path):
     assert torch.equal(nlp.embed(sf.load(tmp_path / "q"), data.test.x), got)
 
 
+@pytest.mark.slow
 def test_layer_dropping_and_distillation(model, data, ref, tmp_path):
     dropped = nlp.drop_layers(model, [0, 2, 4])
     student = nlp.distill_layers(model, data, layers=3, epochs=2, lr=5e-4, batch_size=16)
@@ -149,6 +151,7 @@ def test_layer_dropping_and_distillation(model, data, ref, tmp_path):
         nlp.distill_layers(model, data, layers=6)
 
 
+@pytest.mark.slow
 def test_measure_reports_throughput_bytes_and_fidelity(model, data):
     report = nlp.measure_encoders({"fp32": model, "3 layers": nlp.drop_layers(model, [0, 2, 4])}, data.test,
                                   nlp.fidelity_score(model, data.test), seconds=0.05)

@@ -107,7 +107,10 @@ def int8(model: nn.Module, calib=None, *, backend: str = "onnxruntime", mode: st
     graph = graph or ort_transformer(enc, x)
     if mode == "dynamic":
         return quantize(graph, "int8-dynamic", backend="onnxruntime", exclude=[_node(p) for p in keep])
-    return quantize(graph, "int8-static", calib=x, backend="onnxruntime", calibrator="percentile", samples=samples)
+    # weight MatMuls only: quantizing every op (Add with the -10000 padding mask, Gather, ...) gave
+    # mean cosine 0.48 on the corpus; MatMuls alone 0.998
+    return quantize(graph, "int8-static", calib=x, backend="onnxruntime", calibrator="percentile", samples=samples,
+                    op_types=["MatMul"])
 
 
 def _node(path: str) -> str:

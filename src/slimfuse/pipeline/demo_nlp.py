@@ -31,7 +31,7 @@ def run(out: str | Path = "runs/demo-nlp", *, seed: int = 0, seconds: float = 0.
     splits = sentences(n=800, seed=seed, val=0.15, test=0.25)  # 480 train, 120 val, 200 test sentences
     teacher = minilm()
     graph = ort_transformer(teacher, splits.val)
-    mix = mixed(teacher, splits.val, target=0.995, graph=graph)
+    mix = mixed(teacher, splits.val, target=0.995, graph=graph, samples=64)
     student = distill_layers(teacher, splits, layers=3, epochs=3, seed=seed)
     save(mix, out / "minilm-mixed")
     save(student, out / "minilm-3layer")
