@@ -28,7 +28,6 @@ import torch
 
 import slimfuse as sf
 from slimfuse import nlp
-from slimfuse.compress.quantize import quantize
 from slimfuse.data.sentences import sentences
 from slimfuse.export import to_onnx
 from slimfuse.runtime import OnnxPredictor
@@ -112,15 +111,17 @@ def main() -> None:
     lines = ["| model | b1 sent/s | b32 sent/s | x torch fp32 (b32) | bytes | mean cos | min cos | top-10 agree | "
              "Spearman | topic 1-NN | target |", "|" + "---|" * 11]
     for r in report.rows:
-        lines.append(f"| {r['name']} | {r['throughput_b1']:,.0f} | {r['throughput_b32']:,.0f} | {r['speedup_b32']:.2f} | "
-                     f"{r['bytes']:,} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | {r['topk_agreement']:.3f} | "
-                     f"{r['spearman']:.4f} | {r['topic_knn_accuracy']:.3f} | {'met' if r['meets_target'] else 'missed'} |")
+        lines.append(f"| {r['name']} | {r['throughput_b1']:,.0f} | {r['throughput_b32']:,.0f} | "
+                     f"{r['speedup_b32']:.2f} | {r['bytes']:,} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+                     f"{r['topk_agreement']:.3f} | {r['spearman']:.4f} | {r['topic_knn_accuracy']:.3f} | "
+                     f"{'met' if r['meets_target'] else 'missed'} |")
     lines += ["", f"{len(splits.test)} test sentences (padded to {splits.test.x.shape[1]} tokens), 2 threads. Mixed "
               f"precision kept in float: {', '.join(keep)}. Stage seconds: {timings}; total "
               f"{time.perf_counter() - t0:.0f} s."]
     OUT.mkdir(exist_ok=True)
     (OUT / "minilm.md").write_text("\n".join(lines) + "\n")
-    (OUT / "minilm.json").write_text(json.dumps({"rows": report.rows, "timings": timings, "mixed_keep": keep}, indent=2))
+    result = {"rows": report.rows, "timings": timings, "mixed_keep": keep}
+    (OUT / "minilm.json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
 
 

@@ -85,7 +85,8 @@ def test_corpus_is_seeded_varied_and_loadable():
     words = [len(s.split()) for s in text]
     assert min(words) <= 3 and max(words) >= 20
     d = sf.data.load("sentences")
-    assert d.train.x.dtype == torch.int64 and d.task.kind == "embedding" and len(d.train) + len(d.val) + len(d.test) == 2400
+    assert d.train.x.dtype == torch.int64 and d.task.kind == "embedding"
+    assert len(d.train) + len(d.val) + len(d.test) == 2400
 
 
 def test_fidelity_metrics():

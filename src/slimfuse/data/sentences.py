@@ -69,7 +69,8 @@ _TOPICS = {
         "who": ["the tourists", "a backpacker", "the airline", "our tour guide", "the cruise ship", "the travellers"],
         "did": ["booked a cheap flight", "missed the last train", "explored the old town", "cancelled the trip",
                 "crossed the mountain pass", "checked into the hotel", "lost their luggage"],
-        "what": ["the island", "the museum", "the night train", "the national park", "the harbour", "the ancient ruins"],
+        "what": ["the island", "the museum", "the night train", "the national park", "the harbour",
+                 "the ancient ruins"],
         "how": ["during the holidays", "on a tight budget", "without a map", "at sunrise"],
     },
     "health": {

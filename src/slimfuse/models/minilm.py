@@ -37,7 +37,7 @@ class Layer(nn.Module):
     def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
         super().__init__()
         self.heads, self.head_dim = heads, hidden // heads
-        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
         self.attn_out = nn.Linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn_in = nn.Linear(hidden, intermediate)
