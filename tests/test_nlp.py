@@ -117,6 +117,9 @@ def test_int8_keeps_embeddings_and_mixed_precision_gains_fidelity(model, data, r
     fid_q = nlp.fidelity(ref, nlp.embed(q, data.test.x))
     assert fid_q["mean_cosine"] > 0.98 and fid_q["min_cosine"] > 0.9
     assert artifact_bytes(q) < 0.4 * artifact_bytes(graph)
+    static = nlp.int8(model, data.val, mode="static", graph=graph)  # weight MatMuls and embeddings
+    assert nlp.fidelity(ref, nlp.embed(static, data.test.x))["mean_cosine"] > 0.99
+    assert artifact_bytes(static) < 0.4 * artifact_bytes(graph)
     # the target is checked on the validation sentences; the test sentences must be at least as faithful as plain int8
     mix = nlp.mixed(model, data.val, target=min(0.9995, fid_q["mean_cosine"] + 0.001), graph=graph, samples=16)
     keep = mix.slimfuse["lineage"][-1]["params"]["keep"]
