@@ -1,6 +1,6 @@
 # `make demo` and `make test` work on a fresh clone: they create .venv, install
 # torch==2.13.0 first (the CPU build; an unpinned torch pulls a multi-GB CUDA
-# build), then slimfuse with its dev extras. The install is skipped while the
+# build), then slimfuse with its dev and nlp extras. The install is skipped while the
 # stamp, keyed on the dependency files, is current.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,nlp]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

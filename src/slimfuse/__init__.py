@@ -6,6 +6,7 @@ function ``Module -> Module`` that never mutates its input.
 
 from . import _env  # noqa: F401  (first: keeps run-time caches out of $HOME)
 from . import data, runtime  # runtime registers the "onnx" architecture for artifacts
+from . import nlp  # sentence encoders (pretrained weights and tokenizer need slimfuse[nlp])
 from . import recsys  # registers the mf, two-tower, qtables and rec-ensemble architectures
 from . import data as datasets
 from ._version import __version__
@@ -25,6 +26,6 @@ from .train import evaluate, fit, predict
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
-    "lineage_of", "load", "measure", "optimize", "predict", "prune", "quantize", "read_card", "runtime", "save", "soup",
-    "spec_of", "swa", "train_members", "zoo", "recsys",
+    "lineage_of", "load", "measure", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
+    "runtime", "save", "soup", "spec_of", "swa", "train_members", "zoo",
 ]

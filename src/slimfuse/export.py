@@ -90,12 +90,15 @@ def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) 
     """Export with the TorchScript exporter: dynamic batch axis, weights embedded, checked."""
     net = copy.deepcopy(model).eval()  # never touch the caller's module (train/eval flag included)
     buf = io.BytesIO()
+    axes = {0: "batch"}
+    if not example.is_floating_point() and example.ndim == 2:  # token ids: any sequence length
+        axes[1] = "sequence"
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 net, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=["logits"], dynamic_axes={"input": axes, "logits": {0: "batch"}},
                 do_constant_folding=True,
             )
     except Exception as e:  # the exporter's errors are many kinds; all mean "this module cannot be exported"
@@ -105,13 +108,15 @@ def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) 
 
 
 def sample_inputs(model: nn.Module, sample=None, *, n: int = 64) -> torch.Tensor:
-    """Inputs for parity checks: ``sample`` as a float tensor, or uniform noise shaped like the task."""
+    """Inputs for parity checks: ``sample`` as a float tensor (integer token ids stay int64), or uniform
+    noise shaped like the task."""
     if isinstance(sample, Split):
         return sample.x[:256]
     if isinstance(sample, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(sample, dtype=np.float32))[:256]
+        dtype = np.int64 if np.issubdtype(sample.dtype, np.integer) else np.float32
+        return torch.from_numpy(np.ascontiguousarray(sample, dtype=dtype))[:256]
     if isinstance(sample, torch.Tensor):
-        return sample.float()[:256]
+        return (sample.long() if not sample.is_floating_point() else sample.float())[:256]
     if sample is not None:
         raise ConfigError(f"sample must be a Split, tensor or array, got {type(sample).__name__}")
     shape = input_shape(model)

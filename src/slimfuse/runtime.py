@@ -44,6 +44,10 @@ _QPARAM_INPUTS = {
 }
 
 
+# ONNX input element type -> the numpy dtype fed to it: float32 features, int64 token ids
+_INPUT_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
+
+
 def parse_onnx(data: bytes, *, where: str = "ONNX model") -> onnx.ModelProto:
     """Decode and check ONNX bytes; raise ArtifactError for anything that is not a usable model."""
     try:
@@ -62,8 +66,8 @@ def parse_onnx(data: bytes, *, where: str = "ONNX model") -> onnx.ModelProto:
     feeds = _graph_inputs(proto)
     if len(feeds) != 1:
         raise ArtifactError(f"{where}: slimfuse runs models with one tensor input; this one has {len(feeds)}")
-    if feeds[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise ArtifactError(f"{where}: the model input must be float32")
+    if feeds[0].type.tensor_type.elem_type not in _INPUT_DTYPES:
+        raise ArtifactError(f"{where}: the model input must be float32 (features) or int64 (token ids)")
     return proto
 
 
@@ -141,7 +145,8 @@ class OnnxPredictor(nn.Module):
         out = self.proto.graph.output[0].name
         producer = next((n.op_type for n in self.proto.graph.node if out in n.output), None)
         proba = self.output == "proba" or (self.output == "auto" and producer == "Softmax")
-        return {"input": feed.name, "dims": dims, "output": out, "proba": proba}
+        dtype = _INPUT_DTYPES[feed.type.tensor_type.elem_type]
+        return {"input": feed.name, "dims": dims, "output": out, "proba": proba, "dtype": dtype}
 
     def session(self, threads: int | None = None):
         """The ONNX Runtime session for ``threads`` intra-op threads (cached)."""
@@ -161,9 +166,9 @@ class OnnxPredictor(nn.Module):
         return self._sessions[n]
 
     def feed(self, x) -> np.ndarray:
-        """``x`` (torch or numpy, N x ...) as the float32 array the ONNX input expects."""
+        """``x`` (torch or numpy, N x ...) as the array the ONNX input expects (float32 or int64)."""
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        x = x.astype(np.float32, copy=False)
+        x = x.astype(self._io["dtype"], copy=False)
         if self.input_layout == "nhwc" and x.ndim == 4:
             x = x.transpose(0, 2, 3, 1)
         dims = self._io["dims"]

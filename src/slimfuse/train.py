@@ -83,7 +83,9 @@ def fit(
     parameters resumes from it, reaching the same weights as an uninterrupted run; the
     folder is removed when training completes. A :class:`slimfuse.checkpoint.Resume` instead
     of a folder adds values to the checkpoint's key, extra state saved with every epoch (e.g.
-    pruning masks) or keeps the finished checkpoint (a stage of a longer job). ``op`` names the
+    pruning masks) or keeps the finished checkpoint (a stage of a longer job). Tasks other than
+    classification (``task.kind``, e.g. ``embedding``) are trained through ``loss`` only: no class-count
+    check, no validation accuracy. ``op`` names the
     lineage step recorded on the result (``None``: record nothing, for techniques that
     record their own step). Under ``torchrun --nproc_per_node N`` training is data-parallel
     (DistributedDataParallel; ``batch_size`` is the global batch) with no change to the call;
@@ -120,7 +122,11 @@ def fit(
             sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=epochs // cycles * steps_per_epoch)
         elif schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-        check_fits(model, train, data.task.num_classes)
+        classify = data.task.kind == "classification"  # other tasks (embeddings) train through a loss hook only
+        if classify:
+            check_fits(model, train, data.task.num_classes)
+        else:
+            probe(model, train.x)
         best: tuple[float, dict | None] = (-1.0, None)
         since_best, first_epoch, rows = 0, 1, []
         resumed = ckpt.load(model=model, opt=opt, sched=sched, gen=gen, extra=resume.state) if ckpt else None
@@ -163,7 +169,7 @@ def fit(
                     seen += len(idx)
                     bar.advance()
                 row = {"epoch": epoch, "train_loss": distributed.all_reduce_mean(total / seen)}
-                if len(data.val):
+                if len(data.val) and classify:
                     row.update(evaluate(model, data.val))
                 rows.append(row)
                 if on_epoch_end is not None:

@@ -38,34 +38,46 @@ COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 @register_scheme("int8-dynamic", "onnxruntime", default=True)
-def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sample=None, **unknown) -> OnnxPredictor:
-    """int8 weights, activations quantized at run time (``MatMulInteger`` / ``DynamicQuantizeLinear``)."""
+def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sample=None, exclude=None,
+                 **unknown) -> OnnxPredictor:
+    """int8 weights, activations quantized at run time (``MatMulInteger`` / ``DynamicQuantizeLinear``).
+
+    ``exclude``: names of ONNX nodes to keep in float (mixed precision).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _check(arg, unknown, "int8-dynamic", ("per_channel", "sample"))
+    _check(arg, unknown, "int8-dynamic", ("per_channel", "sample", "exclude"))
     if sample is None and calib is not None:
         sample = _calib_inputs(calib)
     src = to_onnx(model, sample=sample)
+    exclude = sorted(exclude or ())
+    missing = set(exclude) - {n.name for n in src.proto.graph.node}
+    if missing:
+        raise ConfigError(f"int8-dynamic: no node named {', '.join(sorted(missing))} in the ONNX graph")
     with _workdir(src) as (fp32, out):
+        # DefaultTensorType: graphs from ONNX Runtime's transformer optimizer lack some type annotations
         quantize_dynamic(fp32, out, per_channel=bool(per_channel), weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=exclude,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
-    return _record(src, q, "int8-dynamic", per_channel=bool(per_channel))
+    return _record(src, q, "int8-dynamic", per_channel=bool(per_channel), exclude=exclude or None)
 
 
 @register_scheme("int8-static", "onnxruntime", default=True)
 def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_channel: bool = True,
-                format: str = "qdq", samples: int = 512, percentile: float = 99.999, **unknown) -> OnnxPredictor:
+                format: str = "qdq", samples: int = 512, percentile: float = 99.999, op_types=None,
+                **unknown) -> OnnxPredictor:
     """int8 weights and activations, activation ranges calibrated on ``calib`` (required).
 
     ``calibrator``: ``minmax``, ``percentile`` (``percentile`` of |activation|) or ``entropy`` (KL);
     ``format``: ``qdq`` (Quantize/DequantizeLinear pairs ORT fuses) or ``qoperator`` (QLinear* ops);
-    ``samples``: at most this many calibration inputs are used.
+    ``samples``: at most this many calibration inputs are used; ``op_types``: quantize only these ONNX
+    op types (e.g. ``["MatMul"]`` for transformers; default: every type ONNX Runtime can quantize).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    _check(arg, unknown, "int8-static", ("calibrator", "per_channel", "format", "samples", "percentile"))
+    _check(arg, unknown, "int8-static", ("calibrator", "per_channel", "format", "samples", "percentile", "op_types"))
     if calib is None:
         raise ConfigError("int8-static needs calibration data: pass calib=data (CLI: --data)")
     if calibrator not in METHODS:
@@ -78,19 +90,26 @@ def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_
         raise ConfigError(f"percentile must be in (50, 100], got {percentile!r}")
     x = _calib_inputs(calib)[:samples]
     src = to_onnx(model, sample=x)
-    extra = {"CalibPercentile": float(percentile)} if calibrator == "percentile" else {}
+    # MatMulConstBOnly: only weight matmuls; activation x activation products (attention scores, whose
+    # additive padding mask spans -10000..x) would lose all resolution on an 8-bit grid
+    extra = {"MatMulConstBOnly": True}
+    if calibrator == "percentile":
+        extra["CalibPercentile"] = float(percentile)
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[calibrator]
     qformat = QuantFormat.QDQ if format == "qdq" else QuantFormat.QOperator
     with _workdir(src) as (fp32, out):
         quantize_static(fp32, out, _Reader(src, x), quant_format=qformat, per_channel=bool(per_channel),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate, extra_options=extra)
+                        calibrate_method=calibrate, extra_options=extra,
+                        op_types_to_quantize=list(op_types) if op_types else None)
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
     params = {"calibrator": calibrator, "per_channel": bool(per_channel), "format": format, "samples": len(x)}
     if calibrator == "percentile":
         params["percentile"] = float(percentile)
+    if op_types:
+        params["op_types"] = list(op_types)
     return _record(src, q, "int8-static", **params)
 
 
@@ -129,7 +148,7 @@ def _calib_inputs(calib) -> torch.Tensor:
     elif isinstance(calib, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32))
     elif isinstance(calib, torch.Tensor):
-        x = calib.float()
+        x = calib if not calib.is_floating_point() else calib.float()  # token ids stay int64
     else:
         raise ConfigError(f"calib must be Splits, a Split, a tensor or an array, got {type(calib).__name__}")
     if len(x) == 0:

