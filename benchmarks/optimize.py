@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import slimfuse as sf
-from slimfuse.search import OBJECTIVES
 
 OUT = Path(__file__).parent / "out"
 RUNS = [("latency", 0.5, 150.0), ("bytes", 0.5, 150.0), ("latency", 0.0, 10.0)]
@@ -33,7 +32,7 @@ def main() -> dict:
     for objective, max_drop, budget in RUNS:
         t0 = time.perf_counter()
         r = sf.optimize(teacher, splits, objective=objective, max_drop=max_drop, budget_s=budget, seconds=1.0)
-        key = OBJECTIVES[objective][0]
+        key = r.key
         chosen = r.best or r.closest
         results.append({
             "objective": objective, "max_drop": max_drop, "budget_s": budget,

@@ -178,3 +178,17 @@ def test_optimize_space_names_transforms(model, data):
     assert {"onnxruntime int8-dynamic", "distill 3 layers", "distill 3 layers + onnxruntime int8-dynamic"} <= set(space)
     q = space["torch int8-dynamic"](model)
     assert isinstance(q, torch.nn.Module) and sf.spec_of(q)["arch"] == "quantized"
+
+
+@pytest.mark.slow
+def test_optimize_searches_an_encoder_on_mean_cosine(model, data):
+    """The registered embedding task: finishing moves first, judged on mean cosine to the input model."""
+    r = sf.optimize(model, data, max_drop=1.0, objective="bytes", budget_s=30, seconds=0.05)
+    assert r.metric == "mean_cosine" and r.key == "bytes"
+    assert r.baseline.row["val_mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    done = [c for c in r.candidates if c.model is not None and c is not r.baseline]
+    assert done and done[0].name == "onnxruntime fp32"  # the cheap moves come first
+    assert "throughput_b32" in r.baseline.row  # encoders are timed at 32 sentences, not 256
+    if r.met:
+        assert r.best.row["bytes"] < r.baseline.row["bytes"] and r.best.row["val_mean_cosine"] >= 0.99
+    assert r.pareto and all(c.model is not None for c in r.pareto)

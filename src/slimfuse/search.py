@@ -30,23 +30,24 @@ from .data import Splits
 from .errors import ConfigError, SlimfuseError
 from .measure import Report, Score, measure_one, register_column
 
-OBJECTIVES = {  # objective -> (row key, lower is better, label)
+OBJECTIVES = {  # objective -> (row key, lower is better, label); throughput times the task's large batch
     "latency": ("latency_b1_p50_ms", "batch-1 latency p50 (ms)"),
-    "throughput": ("latency_b256_ms", "batch-256 latency (ms)"),
+    "throughput": ("latency_b256_ms", "large-batch latency (ms)"),
     "bytes": ("bytes", "bytes on disk"),
 }
 
 
-# task kind -> fn(model, data, objective) -> (moves, score, metric): the search space and quality
-# measure of tasks other than classification (registered by slimfuse.nlp, slimfuse.recsys)
-TASKS: dict[str, Callable] = {}
+# task kind -> (fn(model, data, objective) -> (moves, score, metric), timed batch): the search space
+# and quality measure of tasks other than classification (registered by slimfuse.nlp, slimfuse.recsys)
+TASKS: dict[str, tuple[Callable, int]] = {}
 
 
-def register_task(kind: str):
-    """Register ``fn(model, data, objective) -> (moves, score, metric)`` for data of task ``kind``."""
+def register_task(kind: str, *, batch: int = 256):
+    """Register ``fn(model, data, objective) -> (moves, score, metric)`` for data of task ``kind``;
+    ``batch`` is the large batch timed for throughput (e.g. 32 sentences for an encoder)."""
 
     def deco(fn):
-        TASKS[kind] = fn
+        TASKS[kind] = (fn, batch)
         return fn
 
     return deco
@@ -85,6 +86,7 @@ class SearchResult:
     metric: str
     max_drop: float
     report: Report
+    key: str  # the row key the objective minimizes
 
     @property
     def met(self) -> bool:
@@ -92,7 +94,7 @@ class SearchResult:
 
     @property
     def message(self) -> str:
-        key = OBJECTIVES[self.objective][0]
+        key = self.key
         c = self.best or self.closest
         gain = self.baseline.row[key] / c.row[key] if c.row.get(key) else float("nan")
         what = (f"{c.name}: validation {self.metric} {c.row[f'val_{self.metric}']:.4f} "
@@ -166,28 +168,29 @@ def optimize(
         raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
                           "split and reports on the test split")
     log = log or (lambda _: None)
-    kind = data.task.kind
+    kind, batch = data.task.kind, 256
     if kind != "classification" and moves is None and score is None:
         if kind not in TASKS:
             raise ConfigError(f"no search space for {kind!r} tasks (known: classification, {', '.join(sorted(TASKS))})")
-        moves, score, metric = TASKS[kind](model, data, objective)
+        space, batch = TASKS[kind]
+        moves, score, metric = space(model, data, objective)
     search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
-                     score=score, metric=metric, seed=seed, seconds=seconds, log=log)
+                     score=score, metric=metric, seed=seed, seconds=seconds, log=log, batch=batch)
     moves = classification_moves(model, data, objective) if moves is None else moves
     return search.run([m for m in moves if objective in m.objectives], ensemble=ensemble and score is None)
 
 
 class _Search:
-    def __init__(self, model, data, *, objective, max_drop, budget_s, score, metric, seed, seconds, log):
+    def __init__(self, model, data, *, objective, max_drop, budget_s, score, metric, seed, seconds, log, batch):
         from .train import check_fits, evaluate
 
         if score is None:
             check_fits(model, data.val)
         self.data, self.objective, self.max_drop, self.metric = data, objective, max_drop, metric
         self.score = score or evaluate
-        self.seed, self.seconds, self.log = seed, seconds, log
+        self.seed, self.seconds, self.log, self.batch = seed, seconds, log, batch
         self.deadline = time.perf_counter() + budget_s
-        self.key = OBJECTIVES[objective][0]
+        self.key = f"latency_b{batch}_ms" if objective == "throughput" else OBJECTIVES[objective][0]
         self.candidates: list[Candidate] = []
         self.skipped: list[str] = []
         register_column(f"val_{metric}", f"val {metric}")
@@ -204,7 +207,7 @@ class _Search:
         try:
             m = build()
             val = self.score(m, self.data.val)
-            row = measure_one(name, m, self.data.test, score=self.score, seconds=self.seconds)
+            row = measure_one(name, m, self.data.test, score=self.score, seconds=self.seconds, batch=self.batch)
         except (SlimfuseError, RuntimeError, ValueError, TypeError) as e:  # one move failing must not end the search
             c = Candidate(name, None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             self.candidates.append(c)
@@ -279,7 +282,7 @@ class _Search:
         pareto = sorted((c for c in done if c.name in front), key=lambda c: c.row[key])
         report = Report([c.row for c in done], metric=self.metric)
         return SearchResult(self.baseline, best, closest, pareto, self.candidates, self.skipped, self.objective,
-                            self.metric, self.max_drop, report)
+                            self.metric, self.max_drop, report, key)
 
 
 # ---------------------------------------------------------------------------------------------
