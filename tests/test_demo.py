@@ -33,5 +33,6 @@ def test_demo_writes_its_report_with_the_chain_and_the_evidence_tables(tmp_path)
     assert chain[-1]["bytes"] < chain[2]["bytes"] / 3  # int8 storage, not fake quantization
     # staged compression: every stage is smaller than the one before
     staged = md.split("## Staged compression")[1].split("##")[0]
-    sizes = [int(line.split("|")[4].replace(",", "")) for line in staged.splitlines() if line.startswith("| ")][1:]
+    rows = [line for line in staged.splitlines() if line.startswith("| ")][1:]  # past the header
+    sizes = [int(line.split("|")[4].replace(",", "")) for line in rows]
     assert len(sizes) == 4 and sizes == sorted(sizes, reverse=True)
