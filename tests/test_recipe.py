@@ -64,6 +64,7 @@ BAD = [
     ("bad name", with_step(0, name="../evil"), "step 1 '../evil' (train): field 'name'"),
     ("prune an export", with_step(2, input="onnx"), "step 3 'int8' (quantize): refers to 'onnx'"),
     ("bad data", {**SMALL, "data": "nope.csv"}, "data 'nope.csv': not a built-in"),
+    ("embedding data", {**SMALL, "data": "sentences"}, "field 'data': recipes run classification data"),
 ]
 
 

@@ -274,6 +274,9 @@ class RecipeRun:
             self.splits = datasets.load(source, seed=recipe.seed, label=recipe.label)
         except SlimfuseError as e:
             raise type(e)(f"{path}: field 'data': {e}") from None
+        if self.splits.task.kind != "classification":
+            raise ConfigError(f"{path}: field 'data': recipes run classification data; {recipe.data!r} is "
+                              f"{self.splits.task.kind} data (use its demo scenario or slimfuse.optimize)")
         self.keys: dict[str, str] = {}
         self.models: dict = {}
         self.kinds: dict[str, str] = {}
