@@ -154,9 +154,10 @@ def optimize(
 ) -> SearchResult:
     """Search compressed versions of ``model`` whose validation ``metric`` stays within ``max_drop``
     points (0.5 = half a point of accuracy) of ``model``'s, minimizing ``objective`` (``latency``:
-    batch-1 p50; ``throughput``: batch-256 time; ``bytes``: on disk). ``budget_s`` bounds the
-    search's wall time (a candidate is not started past it). ``moves``/``score``/``metric`` adapt the
-    search to other tasks (default: classification moves, accuracy). Returns a :class:`SearchResult`.
+    batch-1 p50; ``throughput``: the time of one large batch, 256 samples or the task's own; ``bytes``:
+    on disk). ``budget_s`` bounds the search's wall time (a candidate is not started past it).
+    ``moves``/``score``/``metric`` adapt the search to other tasks (default: the classification moves
+    and accuracy, or the moves a task kind registered). Returns a :class:`SearchResult`.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
