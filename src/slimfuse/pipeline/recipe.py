@@ -246,9 +246,9 @@ def _hash(obj) -> str:
 
 def _data_identity(data: str, base: Path) -> tuple[str, str]:
     """(what to load, what the cache key sees): a built-in name, or a file and its SHA-256."""
-    from ..data.readers import BUILTIN
+    from ..data.readers import BUILTIN, TEXT
 
-    if data in BUILTIN:
+    if data in BUILTIN or data in TEXT:
         return data, data
     file = Path(data) if Path(data).is_absolute() else base / data
     if not file.is_file():
