@@ -38,6 +38,9 @@ def test_the_best_meets_the_constraint_on_validation_and_wins_the_objective(sear
     assert "prune 0.99 oneshot" not in [c.name for c in meeting]
     # structural candidates that met the constraint were finished: prune > int8
     assert any(c.name == "prune channels 0.25 > int8-dynamic (torch)" for c in r.candidates)
+    # level 3: three compressed members from three seeds, averaged
+    ens = [c for c in r.candidates if c.name.startswith("ensemble of 3 x (prune channels 0.25 > ")]
+    assert len(ens) == 1 and ens[0].model is not None and len(ens[0].model.members) == 3
     # the Pareto set: nothing in it is beaten on both bytes and validation accuracy
     done = [c for c in r.candidates if c.model is not None]
     for p in r.pareto:
