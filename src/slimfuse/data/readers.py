@@ -47,6 +47,11 @@ BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
 TEXT = {"sentences": sentences}
 
 
+def builtin_names() -> list[str]:
+    """The names ``load`` accepts besides file paths."""
+    return sorted({**BUILTIN, **TEXT})
+
+
 def load(
     name_or_path: str | Path,
     *,
@@ -79,7 +84,7 @@ def load(
     path = Path(key)
     if not path.exists():
         raise DataError(
-            f"unknown data set {key!r}: not a built-in ({', '.join(sorted({**BUILTIN, **TEXT}))}) and no such file"
+            f"unknown data set {key!r}: not a built-in ({', '.join(builtin_names())}) and no such file"
         )
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a .npz or .csv file")

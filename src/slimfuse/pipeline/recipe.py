@@ -246,13 +246,13 @@ def _hash(obj) -> str:
 
 def _data_identity(data: str, base: Path) -> tuple[str, str]:
     """(what to load, what the cache key sees): a built-in name, or a file and its SHA-256."""
-    from ..data.readers import BUILTIN, TEXT
+    from ..data.readers import builtin_names
 
-    if data in BUILTIN or data in TEXT:
+    if data in builtin_names():
         return data, data
     file = Path(data) if Path(data).is_absolute() else base / data
     if not file.is_file():
-        raise ConfigError(f"data {data!r}: not a built-in ({', '.join(sorted(BUILTIN))}) and no such file "
+        raise ConfigError(f"data {data!r}: not a built-in ({', '.join(builtin_names())}) and no such file "
                           f"(relative paths are read from the recipe's folder, {base})")
     h = hashlib.sha256()
     with open(file, "rb") as f:

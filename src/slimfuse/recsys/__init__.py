@@ -69,12 +69,12 @@ def search_space(model: nn.Module, data: Interactions, objective: str):
     dequantizing on lookup costs latency), dimension pruning and a distilled student as structural
     moves (the search applies the finishing moves to those itself), judged on NDCG@10."""
     moves = []
-    for name, _ in optimize_space(model, data):
+    for name, fn in optimize_space(model, data):
         if "+" in name:  # combinations: the search composes structural and finishing moves itself
             continue
         if name.startswith("int"):
-            moves.append(Move(name, dict(optimize_space(model, data))[name], finishing=True, objectives=("bytes",)))
-        else:
+            moves.append(Move(name, fn, finishing=True, objectives=("bytes",)))
+        else:  # structural: rebuilt per seed (the ensemble level trains copies from other seeds)
             moves.append(Move(name, lambda m, seed, name=name: dict(optimize_space(m, data, seed=seed))[name](m)))
     return moves, score(10), METRIC
 
