@@ -56,8 +56,8 @@ def test_the_best_meets_the_constraint_on_validation_and_wins_the_objective(sear
 
 
 def test_an_impossible_constraint_returns_the_closest_and_the_pareto_set(digits, digits_mlp, tmp_path):
-    harsh = [Move("prune 0.99 oneshot", lambda m, seed: prune(m, 0.99, schedule="oneshot")),
-             Move("prune 0.97 oneshot", lambda m, seed: prune(m, 0.97, schedule="oneshot"))]
+    harsh = [Move("prune 0.98 oneshot", lambda m, seed: prune(m, 0.98, schedule="oneshot")),
+             Move("prune 0.95 oneshot", lambda m, seed: prune(m, 0.95, schedule="oneshot"))]
     r = sf.optimize(digits_mlp, digits, max_drop=0.0, objective="bytes", moves=harsh, seconds=0.05, ensemble=False)
     assert not r.met and r.best is None
     assert r.closest.name == min((c for c in r.candidates if c is not r.baseline), key=lambda c: c.drop).name

@@ -41,6 +41,7 @@ from ..errors import ConfigError, DataError
 from ..models import zoo
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
+from ..validate import check
 
 UNLABELED = -1
 
@@ -346,6 +347,7 @@ def distill(
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
+    validate: bool = True,
     **fit_options,
 ) -> nn.Module:
     """Train a copy of ``student`` to imitate ``teacher`` on a fixed transfer set; return it.
@@ -360,6 +362,9 @@ def distill(
     with the same arguments (same teacher outputs, transfer set, temperature, alpha, hints)
     resumes from it to the same weights as an uninterrupted run; a checkpoint of other arguments
     is replaced with a warning. The folder is removed when distillation completes.
+
+    ``validate``: check the trained student against the teacher before returning it (crash, NaN,
+    collapse, bit-exact reload; :mod:`slimfuse.validate`); ``False`` skips it (recorded).
     """
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
@@ -410,12 +415,15 @@ def distill(
     if hints:
         trained = trained.student  # the projections are discarded
         trained.eval()
-    return derive(
+    result = derive(
         student, trained, "distill", teacher=describe(teacher), temperature=t, alpha=float(alpha),
         transfer=_describe_transfer(transfer), transfer_size=len(transfer_split), epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, hints=hints or None,
         hint_weight=hint_weight if hints else None,
     )
+    return check(result, "distill", reference=teacher if isinstance(teacher, nn.Module) else None, data=data,
+                 validate=validate, fix="more epochs=, a wider student, or a lower temperature=",
+                 floor=0.0)  # a student trained from scratch may still be poor: only a collapse is an error
 
 
 def _check_student(student: nn.Module, x: torch.Tensor, num_classes: int) -> None:

@@ -67,17 +67,23 @@ def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sampl
 @register_scheme("int8-static", "onnxruntime", default=True)
 def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_channel: bool = True,
                 format: str = "qdq", samples: int = 512, percentile: float = 99.999, op_types=None,
-                **unknown) -> OnnxPredictor:
+                exclude=None, exclude_extreme: bool = True, **unknown) -> OnnxPredictor:
     """int8 weights and activations, activation ranges calibrated on ``calib`` (required).
 
     ``calibrator``: ``minmax``, ``percentile`` (``percentile`` of |activation|) or ``entropy`` (KL);
     ``format``: ``qdq`` (Quantize/DequantizeLinear pairs ORT fuses) or ``qoperator`` (QLinear* ops);
     ``samples``: at most this many calibration inputs are used; ``op_types``: quantize only these ONNX
     op types (e.g. ``["MatMul"]`` for transformers; default: every type ONNX Runtime can quantize).
+    ``exclude``: names of ONNX nodes to keep in float. ``exclude_extreme`` (default on): nodes that
+    read or write an *extreme* tensor (any |value| >= ``EXTREME`` or non-finite: an additive
+    attention mask of ``finfo.min`` or -10000, found among the constants and on the calibration
+    sample, and followed through elementwise ops) stay in float, since one such value stretches
+    an 8-bit grid until everything else rounds to one step; the lineage lists them with the reason.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    _check(arg, unknown, "int8-static", ("calibrator", "per_channel", "format", "samples", "percentile", "op_types"))
+    _check(arg, unknown, "int8-static", ("calibrator", "per_channel", "format", "samples", "percentile", "op_types",
+                                         "exclude", "exclude_extreme"))
     if calib is None:
         raise ConfigError("int8-static needs calibration data: pass calib=data (CLI: --data)")
     if calibrator not in METHODS:
@@ -90,6 +96,12 @@ def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_
         raise ConfigError(f"percentile must be in (50, 100], got {percentile!r}")
     x = _calib_inputs(calib)[:samples]
     src = to_onnx(model, sample=x)
+    names = {n.name for n in src.proto.graph.node}
+    missing = set(exclude or ()) - names
+    if missing:
+        raise ConfigError(f"int8-static: no node named {', '.join(sorted(missing))} in the ONNX graph")
+    extreme = extreme_nodes(src, x[:64]) if exclude_extreme else {}
+    excluded = sorted(set(exclude or ()) | set(extreme))
     # MatMulConstBOnly: only weight matmuls; activation x activation products (attention scores, whose
     # additive padding mask spans -10000..x) would lose all resolution on an 8-bit grid
     extra = {"MatMulConstBOnly": True}
@@ -101,7 +113,7 @@ def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_
     with _workdir(src) as (fp32, out):
         quantize_static(fp32, out, _Reader(src, x), quant_format=qformat, per_channel=bool(per_channel),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate, extra_options=extra,
+                        calibrate_method=calibrate, extra_options=extra, nodes_to_exclude=excluded,
                         op_types_to_quantize=list(op_types) if op_types else None)
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
@@ -110,19 +122,95 @@ def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_
         params["percentile"] = float(percentile)
     if op_types:
         params["op_types"] = list(op_types)
+    if exclude:
+        params["exclude"] = sorted(exclude)
+    if extreme:
+        params["extreme_nodes"] = extreme
     return _record(src, q, "int8-static", **params)
 
 
+EXTREME = 1e4  # |value| from which a tensor counts as a mask / sentinel, not an activation
+# ops through which an extreme constant flows into the tensors they produce
+FLOWS = {"Add", "Sub", "Mul", "Div", "Neg", "Where", "Cast", "Expand", "Unsqueeze", "Squeeze", "Reshape", "Concat",
+         "Transpose", "Max", "Min", "Tile", "Slice", "Gather", "Identity", "Flatten", "Clip"}
+
+
+def extreme_nodes(src: OnnxPredictor, x: torch.Tensor) -> dict[str, str]:
+    """Nodes that read or write an extreme tensor (see ``int8_static``): ``{node name: reason}``.
+
+    Extreme tensors: float constants (initializers, ``Constant`` nodes) holding a value of magnitude
+    at least ``EXTREME`` or a non-finite one, every tensor an elementwise op (``FLOWS``) computes from
+    one, and every float tensor that reaches such values on ``x`` (the fp32 graph run once).
+    """
+    from onnx import numpy_helper
+
+    graph = src.proto.graph
+
+    def extreme(a: np.ndarray) -> bool:
+        return a.dtype.kind == "f" and a.size > 0 and not bool((np.abs(a.astype(np.float64)) < EXTREME).all())
+
+    why: dict[str, str] = {}
+    for t in graph.initializer:
+        if extreme(numpy_helper.to_array(t)):
+            why[t.name] = "constant"
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and extreme(numpy_helper.to_array(a.t)):
+                    why[n.output[0]] = "constant"
+    for name, value in _intermediates(src, x).items():
+        if name not in why and extreme(value):
+            why[name] = "calibration sample"
+    for n in graph.node:  # graph order is topological
+        if n.op_type in FLOWS and any(i in why for i in n.input):
+            for o in n.output:
+                why.setdefault(o, "computed from an extreme constant")
+    out = {}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            continue
+        hit = [t for t in list(n.input) + list(n.output) if t in why]
+        if hit and n.name:
+            out[n.name] = f"extreme values (|x| >= {EXTREME:g}, e.g. an attention mask) in {hit[0]} ({why[hit[0]]})"
+    return out
+
+
+def _intermediates(src: OnnxPredictor, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every float tensor of the fp32 graph on input ``x`` (one ONNX Runtime run with all of them as outputs)."""
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(src.proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # a graph shape inference cannot handle: constants alone decide
+        return {}
+    have = {o.name for o in proto.graph.output}
+    for vi in inferred.graph.value_info:
+        if vi.name not in have and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            proto.graph.output.append(vi)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = src.threads or 1
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, {sess.get_inputs()[0].name: src.feed(x)})
+    except Exception:  # too large to serialize, or an output ORT cannot expose: constants alone decide
+        return {}
+    return dict(zip(names, values))
+
+
 def float_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Compute nodes (MatMul/Gemm/Conv) whose weights are still float after quantization."""
-    dequantized = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    """Compute nodes (MatMul/Gemm/Conv) that still compute in float after quantization: the second
+    input is not an int8 weight (a float weight, or an activation: attention products), or the first
+    is not dequantized (QDQ); in QOperator/dynamic graphs every MatMul/Gemm/Conv left is float."""
     inits = {t.name for t in proto.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
     left = []
     for n in proto.graph.node:
-        if n.op_type in COMPUTE_OPS and len(n.input) > 1:
-            weight = n.input[1]
-            if weight in inits or weight not in dequantized:
-                left.append(n.name or n.op_type)
+        if n.op_type in COMPUTE_OPS and len(n.input) > 1 and (n.input[0] not in dq or dq.get(n.input[1]) not in inits):
+            left.append(n.name or n.op_type)
     return left
 
 

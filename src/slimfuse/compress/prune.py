@@ -38,6 +38,7 @@ from ..errors import ArtifactError, ConfigError
 from ..models.spec import attach, derive, spec_of, task_of
 from ..models.zoo import build, register
 from ..train import fit
+from ..validate import check
 from .sparse import CODEC
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,6 +46,7 @@ DEFAULT_FINETUNE_EPOCHS = 8
 DEFAULT_LR = {"sparsity": 1e-3, "channels": 3e-3}  # Adam; a shrunk network recovers faster at 3e-3 (BENCHMARKS.md)
 AGP_PRUNING_SPAN = 0.5  # fraction of the fine-tuning during which the sparsity rises (measured: BENCHMARKS.md)
 AGP_STEPS = 5
+MAX_LAYER_SPARSITY = 0.98  # unstructured: no layer loses more of its weights (a global threshold could empty one)
 # Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
 WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
                "normalized_shape", "num_embeddings", "embedding_dim")
@@ -71,6 +73,8 @@ def prune(
     progress: bool | None = None,
     on_step: StepCallback | None = None,
     checkpoint: str | Path | None = None,
+    max_layer_sparsity: float = MAX_LAYER_SPARSITY,
+    validate: bool = True,
 ) -> nn.Module:
     """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels``.
 
@@ -95,11 +99,23 @@ def prune(
     and a rerun with the same arguments resumes from it, reaching the same weights as an
     uninterrupted run. A checkpoint of other arguments is replaced (with a warning); the folder
     is removed when pruning completes.
+
+    ``max_layer_sparsity`` (unstructured, default 0.98): no layer loses more than this fraction
+    of its weights (and every layer keeps at least one), so a global threshold never removes a
+    layer whose weights are all small; the zeros a capped layer cannot take go to the others.
+    ``validate``: check the result (crash, NaN, collapse, bit-exact reload; see
+    :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
     """
+    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, (int, float)) \
+            or not 0.0 < max_layer_sparsity < 1.0:
+        raise ConfigError(f"max_layer_sparsity must be a fraction in (0, 1), got {max_layer_sparsity!r}")
     if (sparsity is None) == (channels is None):
         raise ConfigError("prune: pass exactly one of sparsity= (unstructured) and channels= (structured)")
     kind = "sparsity" if sparsity is not None else "channels"
     amount = _check_fraction(kind, sparsity if sparsity is not None else channels)
+    if kind == "sparsity" and amount > max_layer_sparsity:
+        raise ConfigError(f"sparsity={amount} is above max_layer_sparsity={max_layer_sparsity}: no layer may "
+                          "lose more than that; raise max_layer_sparsity (below 1) or ask for less sparsity")
     if finetune_epochs is None:
         finetune_epochs = DEFAULT_FINETUNE_EPOCHS if data is not None else 0
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
@@ -118,16 +134,20 @@ def prune(
     if kind == "sparsity":
         if importance is not None or round_to is not None:
             raise ConfigError("importance= and round_to= apply to structured pruning (channels=), not sparsity=")
-        return _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
-                             epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step,
-                             checkpoint=checkpoint)
+        result = _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
+                               epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step,
+                               checkpoint=checkpoint, max_layer=float(max_layer_sparsity))
+        fix = "scope='layer', a lower sparsity, a lower max_layer_sparsity, or fine-tuning (data=, finetune_epochs=)"
+        return check(result, f"prune(sparsity={amount})", reference=model, data=data, validate=validate, fix=fix)
     if schedule != "agp":
         raise ConfigError("schedule= applies to unstructured pruning (sparsity=); structured pruning uses steps=")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
-    return _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
-                       round_to=round_to, data=data, epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw,
-                       on_step=on_step, checkpoint=checkpoint)
+    result = _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
+                         round_to=round_to, data=data, epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw,
+                         on_step=on_step, checkpoint=checkpoint)
+    fix = "fewer channels, scope='layer', more steps= or fine-tuning (data=, finetune_epochs=), or exclude= the layer"
+    return check(result, f"prune(channels={amount})", reference=model, data=data, validate=validate, fix=fix)
 
 
 def _check_fraction(name: str, value) -> float:
@@ -196,25 +216,53 @@ def _keep(magnitude: torch.Tensor, zeros: int) -> torch.Tensor:
     return keep
 
 
-def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    """Keep-masks zeroing exactly ``round(sparsity * n)`` weights, globally or per layer."""
+def _layer_cap(n: int, max_layer: float) -> int:
+    """The most zeros a layer of ``n`` weights may get: ``max_layer`` of them, never all."""
+    return max(0, min(math.floor(max_layer * n + 1e-9), n - 1))
+
+
+def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str,
+                    max_layer: float = MAX_LAYER_SPARSITY) -> dict[str, torch.Tensor]:
+    """Keep-masks zeroing exactly ``round(sparsity * n)`` weights, globally or per layer.
+
+    No layer gets more than ``max_layer`` of its weights zeroed (and none loses all): under the
+    global threshold a layer over its cap is pruned to the cap and the rest of the zeros are
+    spread over the other layers by the same global ranking, so the total stays exact when it can.
+    """
     if scope == "layer":
-        return {n: _keep(w.detach().abs(), round(sparsity * w.numel())).view(w.shape) for n, w in weights.items()}
-    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()])
-    keep = _keep(flat, round(sparsity * flat.numel()))
-    out, start = {}, 0
-    for n, w in weights.items():
-        out[n] = keep[start : start + w.numel()].view(w.shape)
-        start += w.numel()
-    return out
+        return {n: _keep(w.detach().abs(), min(round(sparsity * w.numel()), _layer_cap(w.numel(), max_layer)))
+                .view(w.shape) for n, w in weights.items()}
+    zeros = round(sparsity * sum(w.numel() for w in weights.values()))
+    capped: dict[str, int] = {}  # layer -> its zeros, fixed at its cap
+    while True:
+        free = [n for n in weights if n not in capped]
+        budget = zeros - sum(capped.values())
+        if not free or budget <= 0:
+            counts = {n: 0 for n in free}
+            break
+        flat = torch.cat([weights[n].detach().abs().reshape(-1) for n in free])
+        keep = _keep(flat, min(budget, flat.numel()))
+        counts, start = {}, 0
+        for n in free:
+            k = weights[n].numel()
+            counts[n] = int((~keep[start : start + k]).sum())
+            start += k
+        over = [n for n in free if counts[n] > _layer_cap(weights[n].numel(), max_layer)]
+        if not over:
+            break
+        for n in over:
+            capped[n] = _layer_cap(weights[n].numel(), max_layer)
+    counts.update(capped)
+    return {n: _keep(w.detach().abs(), counts[n]).view(w.shape) for n, w in weights.items()}
 
 
 class _Masker:
     """Holds the masks of the layers in scope; raises the sparsity on schedule during ``fit``."""
 
     def __init__(self, names: list[str], scope: str, schedule: list[tuple[int, float]], on_step: StepCallback,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, max_layer: float = MAX_LAYER_SPARSITY):
         self.names, self.scope, self.schedule, self.on_step = names, scope, schedule, on_step
+        self.max_layer = max_layer
         self.steps_per_epoch = steps_per_epoch
         self.masks: dict[str, torch.Tensor] = {}
         self.done = 0  # pruning steps taken
@@ -236,7 +284,7 @@ class _Masker:
         if due:
             self.done += len(due)
             sparsity = due[-1][1]
-            self.masks = magnitude_masks(self._weights(model), sparsity, self.scope)
+            self.masks = magnitude_masks(self._weights(model), sparsity, self.scope, self.max_layer)
             self.on_step({"step": self.done, "steps": len(self.schedule), "sparsity": sparsity,
                           "epoch": self.t / self.steps_per_epoch})
         self.apply(model)
@@ -260,7 +308,8 @@ def agp_schedule(initial: float, final: float, steps: int, total: int) -> list[t
     return [(j * dt, final + (initial - final) * (1 - (j + 1) / steps) ** 3) for j in range(steps)]
 
 
-def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, exclude, fit_kw, on_step, checkpoint):
+def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, exclude, fit_kw, on_step, checkpoint,
+                  max_layer=MAX_LAYER_SPARSITY):
     _check_choice("scope", scope, ("global", "layer"))
     _check_choice("schedule", schedule, ("agp", "oneshot"))
     if schedule == "agp" and epochs == 0:
@@ -279,17 +328,18 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     steps_per_epoch = math.ceil(len(data.train) / fit_kw["batch_size"]) if data is not None else 1
     total = epochs * steps_per_epoch
     plan = agp_schedule(initial, sparsity, steps or AGP_STEPS, total) if schedule == "agp" else [(0, sparsity)]
-    masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch)
+    masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch, max_layer)
     masker.advance(work)
     if epochs:
         resume = None if checkpoint is None else Resume(checkpoint, state=masker, key={
-            "op": "prune", "sparsity": sparsity, "scope": scope, "plan": plan, "layers": list(layers)})
+            "op": "prune", "sparsity": sparsity, "scope": scope, "plan": plan, "layers": list(layers),
+            "max_layer": max_layer})
         work = fit(work, data, epochs=epochs, after_step=masker.after_step, op=None, checkpoint=resume, **fit_kw)
     masker.advance(work, final=True)  # steps a very short fine-tuning could not reach
     work.eval()
     object.__setattr__(work, "slimfuse_codec", CODEC)
     return derive(model, work, "prune", sparsity=sparsity, scope=scope, schedule=schedule, steps=len(plan),
-                  finetune_epochs=epochs, excluded=excluded, pruned_layers=list(layers))
+                  finetune_epochs=epochs, excluded=excluded, pruned_layers=list(layers), max_layer_sparsity=max_layer)
 
 
 # --------------------------------------------------------------------------- structured

@@ -148,7 +148,9 @@ class _Int8Layer(nn.Module):
         if self.quant_input:
             x = torch.quantize_per_tensor(x.float(), *act["in"], torch.quint8)
         y = (kernel_relu if self.relu else kernel)(x, packed, *act["out"])
-        return y.dequantize() if self.dequant_output else y
+        # fbgemm's conv writes channels-last; a float output is made contiguous NCHW again so the
+        # forward code around the layer (``x.view(x.size(0), -1)``) sees what the float layer gave
+        return y.dequantize().contiguous() if self.dequant_output else y
 
     def extra_repr(self) -> str:
         flags = [self.mode] + [n for n in ("relu", "quant_input", "dequant_output") if getattr(self, n)]
@@ -162,6 +164,7 @@ class QLinear(_Int8Layer):
                  relu: bool = False, quant_input: bool = False, dequant_output: bool = False):
         super().__init__((out_features, in_features), bias, mode=mode, relu=relu,
                          quant_input=quant_input, dequant_output=dequant_output)
+        self.in_features, self.out_features = in_features, out_features  # read by forward code
 
     @classmethod
     def like(cls, linear: nn.Linear, *, bias: bool | None = None, **flags) -> QLinear:
@@ -195,6 +198,9 @@ class QConv2d(_Int8Layer):
                          quant_input=quant_input, dequant_output=dequant_output)
         self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
         self.dilation, self.groups = nn.modules.utils._pair(dilation), groups
+        # the attributes of the Conv2d replaced, which forward code (and torchvision-style models) read
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.padding_mode, self.transposed, self.output_padding = "zeros", False, (0, 0)
 
     @classmethod
     def like(cls, conv: nn.Conv2d, *, bias: bool | None = None, **flags) -> QConv2d:

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
+from ..validate import QUANTIZE_FLOOR, check
 
 # (scheme, backend) -> fn(model, *, arg, calib, **options) -> nn.Module
 SCHEMES: dict[tuple[str, str], Callable[..., nn.Module]] = {}
@@ -32,11 +33,14 @@ def register_scheme(name: str, backend: str = "torch", *, default: bool = False)
     return deco
 
 
-def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto", **options) -> nn.Module:
+def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto", validate: bool = True,
+             **options) -> nn.Module:
     """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``).
 
     ``calib``: calibration data (a ``Split`` or tensor) for schemes that need it.
     ``backend``: ``auto`` (the measured default for the scheme), ``torch`` or ``onnxruntime``.
+    ``validate``: run the result through :func:`slimfuse.validate.check` (a crash, NaN, collapse
+    or failed reload raises ``ValidationError``); ``False`` skips it (recorded in the lineage).
     """
     if not isinstance(scheme, str) or not scheme:
         raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
@@ -48,7 +52,22 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
     if (name, chosen) not in SCHEMES:
         have = sorted(b for s, b in SCHEMES if s == name)
         raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
-    return SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
+    result = SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
+    return check(result, f"quantize({scheme}, backend={chosen})", reference=model if isinstance(model, nn.Module)
+                 else None, data=calib, validate=validate, fix=FIXES.get((name, chosen), FIXES[None]),
+                 floor=QUANTIZE_FLOOR if name in ("int8-dynamic", "int8-static", "qat", "mixed") else None)
+
+
+# what to try when a scheme's result fails validation
+FIXES = {
+    ("int8-static", "onnxruntime"): "op_types=['MatMul'] (quantize weight matmuls only), calibrator='percentile', "
+                                    "or backend='torch'",
+    ("int8-dynamic", "onnxruntime"): "backend='torch', or exclude= the failing nodes",
+    ("int8-static", "torch"): "backend='onnxruntime', scheme 'mixed' (keeps sensitive layers in float) or "
+                              "'int8-dynamic'",
+    ("int8-dynamic", "torch"): "backend='onnxruntime'",
+    None: "another scheme or backend=, or validate=False to inspect the result",
+}
 
 
 

@@ -12,6 +12,7 @@ from ..data import Split, Splits
 from ..errors import ConfigError
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
 from ..train import predict, probe
+from ..validate import check
 from . import select
 from .combine import METHODS, Ensemble, make
 from .stacking import blend_oof, fit_meta
@@ -35,6 +36,7 @@ def ensemble(
     meta_hidden: list[int] | None = None,
     blend: float = 1.0,
     seed: int = 0,
+    validate: bool = True,
 ) -> Ensemble:
     """Combine trained ``members`` (any architectures, one class count) into an :class:`Ensemble`.
 
@@ -45,7 +47,9 @@ def ensemble(
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
     fraction of ``data.val``). Members are never refitted or mutated.
     The fitted weights are on ``ens.weights`` (members with zero weight are dropped) and in
-    the lineage; stacking's meta-training provenance is ``ens.oof``.
+    the lineage; stacking's meta-training provenance is ``ens.oof``. ``validate``: check the
+    ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
+    :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -89,7 +93,8 @@ def ensemble(
         object.__setattr__(ens, key, value)
     task = (data.task.to_dict() if data is not None else None) or task_of(members_list[0])
     attach(ens, spec_of(ens), lineage=[{"op": "ensemble", "params": step}], task=task)
-    return ens.eval()
+    return check(ens.eval(), f"ensemble({method})", reference=members_list, data=data, validate=validate,
+                 fix="another method=, or leave out the member that fails on its own")
 
 
 def _classes(members: list[nn.Module], data: Splits | None) -> int:

@@ -20,13 +20,18 @@ from ..data import Split, Splits
 from ..errors import ConfigError
 from ..models.spec import derive, spec_of
 from ..train import evaluate, fit
+from ..validate import check
 
 # a soup this much less accurate than its mean ingredient is "far worse"
 FAR_WORSE = 0.05
 
 
-def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = None) -> nn.Module:
-    """Average the weights of ``models`` (same architecture, shared initialization)."""
+def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = None, *,
+         validate: bool = True) -> nn.Module:
+    """Average the weights of ``models`` (same architecture, shared initialization).
+
+    ``validate``: check the soup against its ingredients before returning it (it must agree with
+    at least one; :mod:`slimfuse.validate`); ``False`` skips it (recorded in the lineage)."""
     if method not in ("uniform", "greedy"):
         raise ConfigError(f"unknown soup method {method!r}; choose uniform or greedy")
     models = list(models)
@@ -53,7 +58,9 @@ def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = 
             _warn_if_far_worse(average(models, train), models, data.val)
     if method == "uniform" and data is not None:
         _warn_if_far_worse(result, models, data.val)
-    return derive(models[0], result.eval(), "soup", method=method, ingredients=len(models), kept=kept)
+    result = derive(models[0], result.eval(), "soup", method=method, ingredients=len(models), kept=kept)
+    return check(result, f"soup({method})", reference=models, data=data, validate=validate,
+                 fix="method='greedy' with data=, or ingredients fine-tuned from one initialization")
 
 
 def check_same_shapes(models: list[nn.Module]) -> None:
@@ -119,7 +126,7 @@ def _warn_if_far_worse(result: nn.Module, models: list[nn.Module], val: Split) -
 
 
 def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5, swa_lr: float | None = None,
-        **fit_options) -> nn.Module:
+        validate: bool = True, **fit_options) -> nn.Module:
     """Train a copy of ``model`` with stochastic weight averaging (Izmailov et al., 2018).
 
     The first ``start`` fraction of ``epochs`` trains as :func:`slimfuse.fit` would; the rest runs
@@ -143,4 +150,5 @@ def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5,
     result = copy.deepcopy(warm)
     result.load_state_dict(averaged.module.state_dict())
     refresh_bn(result, data.train)
-    return derive(model, result.eval(), "swa", epochs=epochs, start=start, lr=lr, swa_lr=swa_lr)
+    result = derive(model, result.eval(), "swa", epochs=epochs, start=start, lr=lr, swa_lr=swa_lr)
+    return check(result, "swa", reference=model, data=data, validate=validate, fix="a lower swa_lr= or a later start=")

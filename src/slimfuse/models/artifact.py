@@ -67,7 +67,9 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     codec = codec or getattr(model, "slimfuse_codec", "dense")
     if codec not in CODECS:
         raise ArtifactError(f"unknown storage codec {codec!r} (known: {', '.join(sorted(CODECS))})")
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    raw = model.state_dict()
+    tied = tied_keys(raw)
+    state = {k: v.detach().contiguous().clone() for k, v in raw.items() if k not in tied}
     tensors, codec_meta = CODECS[codec][0](state)
     card = {
         "format": FORMAT,
@@ -76,7 +78,7 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "task": task_of(model),
         "lineage": lineage_of(model),
         "metrics": metrics or {},
-        "storage": {"codec": codec, "meta": codec_meta},
+        "storage": {"codec": codec, "meta": codec_meta, **({"tied": tied} if tied else {})},
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     path = Path(path)
@@ -85,6 +87,30 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         card["weights_sha256"] = _sha256(tmp / WEIGHTS)
         (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
     return path
+
+
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first key}`` for state entries that are one tensor under several names (tied weights)."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for key, t in state.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in first:
+            tied[key] = first[ident]
+        else:
+            first[ident] = key
+    return tied
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make each alias the very tensor of its source again (a module that does not tie itself on build)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, source in tied.items():
+        if alias in params and source in params and params[alias] is not params[source]:
+            owner, _, name = alias.rpartition(".")
+            setattr(model.get_submodule(owner), name, params[source])
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -221,11 +247,17 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
         raise
     except Exception as e:  # a codec reading damaged data
         raise ArtifactError(f"{weights}: cannot decode {codec!r} storage ({e})") from None
+    tied = card["storage"].get("tied") or {}
+    if not isinstance(tied, dict) or any(not isinstance(s, str) or s not in state for s in tied.values()):
+        raise ArtifactError(f"{path}: the card's tied tensors name tensors the weights file does not hold")
+    for alias, source in tied.items():  # tied weights are stored once
+        state[alias] = state[source]
     model = build(card["spec"], trust_factory=trust_factory)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ArtifactError(f"{weights}: tensors do not fit the architecture in {CARD}: {e}") from None
+    _retie(model, tied)
     model.eval()
     attach(model, card["spec"], lineage=card["lineage"], task=card.get("task"))
     if codec != "dense":

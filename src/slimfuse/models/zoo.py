@@ -215,9 +215,12 @@ def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
     if not isinstance(arch, str) or arch not in ARCHS:
         raise ArtifactError(f"unknown architecture {arch!r} (known: {', '.join(sorted(ARCHS))})")
     try:
-        return ARCHS[arch](**args)
+        model = ARCHS[arch](**args)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"cannot build {arch!r} from its spec: {e}") from None
+    if spec_of(model) is None:  # every rebuilt module carries its spec, so it can be a member of an ensemble
+        attach(model, spec)
+    return model
 
 
 def user_model(ref: str, **kwargs) -> nn.Module:
