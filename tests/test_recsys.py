@@ -200,7 +200,9 @@ def test_quantized_tables_reload_bit_exactly_and_keep_ndcg(tmp_path, data, mf, b
     back = sf.load(tmp_path / "q")
     users = data.test.x
     assert torch.equal(back(users), q(users))
-    assert sf.lineage_of(back)[-1] == {"op": "quantize_tables", "params": {"bits": bits}}
+    step = sf.lineage_of(back)[-1]
+    assert {k: step[k] for k in ("op", "params")} == {"op": "quantize_tables", "params": {"bits": bits}}
+    assert step["validation"]["reload"] == "bit-exact"  # the card records the validation the step ran
     rows = data.n_users + data.n_items  # packed codes + float16 scale and offset per row, nothing else
     table_bytes = sum(t.numel() * t.element_size() for k, t in q.state_dict().items() if "bias" not in k)
     assert table_bytes == rows * (32 * bits // 8 + 4)

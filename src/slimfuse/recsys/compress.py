@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..models import zoo
 from ..models.spec import attach, derive, spec_of
 from ..train import Batch
+from ..validate import check
 from .data import Interactions
 from .models import MF, TwoTower, check_ids
 from .models import fit as rec_fit
@@ -186,7 +187,14 @@ def quantize_tables(model: nn.Module, bits: int = 8, *, tables: list[str] | None
     result = QTables(net, plan)
     if base is not None:
         attach(result, {"arch": "qtables", "args": {"base": base, "bits": plan}})
-    return derive(model, result, "quantize_tables", spec=spec_of(result), bits=bits)
+    result = derive(model, result, "quantize_tables", spec=spec_of(result), bits=bits)
+    return check(result, f"quantize_tables(bits={bits})", data=_users(model), fix="bits=8, or tables= without the failing one")
+
+
+def _users(model: nn.Module) -> torch.Tensor | None:
+    """A sample of user ids for the validation gate (recommenders take user ids, no data needed)."""
+    n = getattr(model, "n_users", None)
+    return torch.arange(min(int(n), 256)) if isinstance(n, int) and n > 0 else None
 
 
 def _keep(dim: int, keep: float | int) -> int:
@@ -233,7 +241,7 @@ def prune_dims(model: nn.Module, keep: float | int, *, data: Interactions | None
     if data is not None and epochs:
         with torch.enable_grad():
             new = rec_fit(new, data, epochs=epochs, lr=lr, seed=seed, op=None, **fit_kwargs)
-    return new
+    return check(new, "prune_dims", data=data if data is not None else _users(model), fix="a larger keep=")
 
 
 _FIRST_LAYERS = {"users.weight", "items.weight", "user_tower.0.weight", "item_tower.0.weight"}
@@ -286,7 +294,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: Interactions, *, k: in
         weight_decay = 1e-4 if isinstance(student, MF) else 0.0
     trained = fit(student, data, loss=loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, op=None,
                   weight_decay=weight_decay, **fit_kwargs)
-    return derive(student, trained, "distill", teacher=_arch(teacher), k=k, temperature=temperature, alpha=alpha)
+    trained = derive(student, trained, "distill", teacher=_arch(teacher), k=k, temperature=temperature, alpha=alpha)
+    return check(trained, "distill (recommender)", data=data, fix="more epochs=, or a lower lr=")
 
 
 def _arch(model: nn.Module) -> str:

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import zoo
 from ..models.spec import attach, lineage_of, lineage_str, spec_of
+from ..validate import check
 from .data import Interactions
 from .metrics import _check_k, ranks, ndcg_at, scores
 
@@ -105,4 +106,5 @@ def ensemble(members: list[nn.Module], data: Interactions, *, method: str = "sco
     if any(s is None for s in specs):  # works in memory, but cannot be saved
         return ens
     spec = {"arch": "rec-ensemble", "args": {"members": specs, "method": method, "k": k}}
-    return attach(ens, spec, lineage=[{"op": "rec_ensemble", "params": step}], task=data.task.to_dict())
+    attach(ens, spec, lineage=[{"op": "rec_ensemble", "params": step}], task=data.task.to_dict())
+    return check(ens, "ensemble (recommender)", data=data, fix="weights=, or leave out the member that fails alone")
