@@ -11,7 +11,7 @@ model that
 - *collapses*: predicts one class for the whole sample where the input model predicted
   several, or agrees with the input model on fewer than ``min(AGREEMENT_FLOOR, CHANCE_MULTIPLE /
   classes)`` of the predicted classes (``QUANTIZE_FLOOR`` for int8 quantization), or has a mean cosine with the input model's outputs below
-  ``COSINE_FLOOR`` (embeddings and other outputs);
+  ``COSINE_FLOOR`` (embeddings and other outputs; ``QUANTIZE_COSINE_FLOOR`` for int8);
 - does not save -> load -> rerun bit-exactly (in a temporary folder).
 
 Each failure is a :class:`ValidationError` naming the step, the layer where known and the fix
@@ -41,7 +41,8 @@ from .models.spec import ATTR, spec_of, task_of
 SAMPLES = 256  # inputs the gate runs (a few hundred at most keeps it cheap)
 AGREEMENT_FLOOR = 0.5  # classification: share of sample predictions equal to the input model's, at most ...
 CHANCE_MULTIPLE = 2.0  # ... this multiple of chance (1 / classes): 0.2 for 10 classes, 0.5 for 2 to 4
-QUANTIZE_FLOOR = 0.8  # int8 quantization is near-lossless: its floor is higher
+QUANTIZE_FLOOR = 0.8  # int8 quantization is near-lossless: its floor is higher ...
+QUANTIZE_COSINE_FLOOR = 0.9  # ... also for embeddings (MiniLM, raw export: 0.83 by default, 0.94 with op_types=["MatMul"])
 COSINE_FLOOR = 0.5  # other outputs: mean cosine between the result's and the input model's outputs
 COLLAPSE_MIN_SAMPLES = 16  # collapse is judged only on a sample at least this large
 
@@ -73,7 +74,8 @@ def sample_inputs(data=None, model: nn.Module | None = None, *, n: int = SAMPLES
 
 
 def check(result: nn.Module, step: str, *, reference: nn.Module | Sequence[nn.Module] | None = None, data=None,
-          validate: bool = True, fix: str = "", reload: bool = True, floor: float | None = None) -> nn.Module:
+          validate: bool = True, fix: str = "", reload: bool = True, floor: float | None = None,
+          cosine_floor: float = COSINE_FLOOR) -> nn.Module:
     """Validate ``result`` of ``step`` (see the module docstring); returns ``result`` with the outcome recorded.
 
     ``reference``: the input model (or the members/ingredients, for fusion: the result must agree
@@ -81,6 +83,7 @@ def check(result: nn.Module, step: str, *, reference: nn.Module | Sequence[nn.Mo
     least prediction agreement with the reference (classification; default ``min(AGREEMENT_FLOOR,
     CHANCE_MULTIPLE / classes)``). On a synthetic sample (no
     data given) only a collapse to one class counts: random inputs are no test of agreement.
+    ``cosine_floor``: the least mean cosine with the reference's outputs (embeddings, other outputs).
     """
     if not validate:
         return _record(result, {"ran": False, "reason": "validate=False"})
@@ -110,16 +113,17 @@ def check(result: nn.Module, step: str, *, reference: nn.Module | Sequence[nn.Mo
                      "synthetic": data is None}
     refs = [reference] if isinstance(reference, nn.Module) else list(reference or [])
     if refs:
-        outcome.update(_compare(out, refs, x, step, hint, classification=_is_classification(result, out),
-                                floor=floor, real=data is not None))
+        outcome.update(_compare(out, refs, x, step, hint, classification=_is_classification(result, out, data),
+                                floor=floor, cosine_floor=cosine_floor, real=data is not None))
     if reload:
         outcome["reload"] = _reload(result, x, out, step, hint)
     return _record(result, outcome)
 
 
-def _is_classification(model: nn.Module, out: torch.Tensor) -> bool:
-    task = task_of(model) or {}
-    return out.ndim == 2 and out.shape[1] > 1 and task.get("kind", "classification") == "classification"
+def _is_classification(model: nn.Module, out: torch.Tensor, data=None) -> bool:
+    """Logits to compare by argmax: the data's task kind decides, else the model's (classification by default)."""
+    kind = data.task.kind if isinstance(data, Splits) else (task_of(model) or {}).get("kind", "classification")
+    return out.ndim == 2 and out.shape[1] > 1 and kind == "classification"
 
 
 @torch.no_grad()
@@ -215,7 +219,7 @@ def _nonfinite_layer(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def _compare(out: torch.Tensor, refs: list[nn.Module], x: torch.Tensor, step: str, hint: str, *,
-             classification: bool, floor: float | None, real: bool) -> dict:
+             classification: bool, floor: float | None, cosine_floor: float, real: bool) -> dict:
     ref_outs = []
     for r in refs:
         with contextlib.suppress(Exception):  # a reference that cannot run this sample is no yardstick
@@ -243,10 +247,10 @@ def _compare(out: torch.Tensor, refs: list[nn.Module], x: torch.Tensor, step: st
     a = out.reshape(len(out), -1).double()
     cos = max(float(torch.nn.functional.cosine_similarity(a, o.reshape(len(o), -1).double(), dim=1).mean())
               for o in ref_outs)
-    if real and not cos >= COSINE_FLOOR:
+    if real and not cos >= cosine_floor:
         raise ValidationError(f"{step}: the result's outputs have mean cosine {cos:.3f} with the input model's "
-                              f"on {len(x)} sample inputs (floor {COSINE_FLOOR}){hint}")
-    return {"cosine": round(cos, 4), "floor": COSINE_FLOOR if real else None}
+                              f"on {len(x)} sample inputs (floor {cosine_floor}){hint}")
+    return {"cosine": round(cos, 4), "floor": cosine_floor if real else None}
 
 
 def _reload(result: nn.Module, x: torch.Tensor, out: torch.Tensor, step: str, hint: str) -> str:

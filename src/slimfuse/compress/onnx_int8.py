@@ -111,10 +111,14 @@ def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_
                  "entropy": CalibrationMethod.Entropy}[calibrator]
     qformat = QuantFormat.QDQ if format == "qdq" else QuantFormat.QOperator
     with _workdir(src) as (fp32, out):
-        quantize_static(fp32, out, _Reader(src, x), quant_format=qformat, per_channel=bool(per_channel),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate, extra_options=extra, nodes_to_exclude=excluded,
-                        op_types_to_quantize=list(op_types) if op_types else None)
+        try:
+            quantize_static(fp32, out, _Reader(src, x), quant_format=qformat, per_channel=bool(per_channel),
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=calibrate, extra_options=extra, nodes_to_exclude=excluded,
+                            op_types_to_quantize=list(op_types) if op_types else None)
+        except ValueError as e:  # e.g. numpy's histogram over a mask tensor (the histogram calibrators)
+            raise ConfigError(f"int8-static: ONNX Runtime's {calibrator} calibration failed on this graph "
+                              f"({str(e).splitlines()[0]}); try calibrator='minmax' or op_types=['MatMul']") from None
         q = OnnxPredictor.from_bytes(out.read_bytes(), threads=src.threads, input_layout=src.input_layout,
                                      output=src.output)
     params = {"calibrator": calibrator, "per_channel": bool(per_channel), "format": format, "samples": len(x)}

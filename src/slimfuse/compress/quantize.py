@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
-from ..validate import QUANTIZE_FLOOR, check
+from ..validate import COSINE_FLOOR, QUANTIZE_COSINE_FLOOR, QUANTIZE_FLOOR, check
 
 # (scheme, backend) -> fn(model, *, arg, calib, **options) -> nn.Module
 SCHEMES: dict[tuple[str, str], Callable[..., nn.Module]] = {}
@@ -55,13 +55,17 @@ def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto"
     result = SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options)
     return check(result, f"quantize({scheme}, backend={chosen})", reference=model if isinstance(model, nn.Module)
                  else None, data=calib, validate=validate, fix=FIXES.get((name, chosen), FIXES[None]),
-                 floor=QUANTIZE_FLOOR if name in ("int8-dynamic", "int8-static", "qat", "mixed") else None)
+                 floor=QUANTIZE_FLOOR if name in INT8_SCHEMES else None,
+                 cosine_floor=QUANTIZE_COSINE_FLOOR if name in INT8_SCHEMES else COSINE_FLOOR)
+
+
+INT8_SCHEMES = ("int8-dynamic", "int8-static", "qat", "mixed")  # near-lossless: the gate's higher floors
 
 
 # what to try when a scheme's result fails validation
 FIXES = {
     ("int8-static", "onnxruntime"): "op_types=['MatMul'] (quantize weight matmuls only), calibrator='percentile', "
-                                    "or backend='torch'",
+                                    "backend='torch', or for a sentence encoder slimfuse.nlp.int8 (fused graph)",
     ("int8-dynamic", "onnxruntime"): "backend='torch', or exclude= the failing nodes",
     ("int8-static", "torch"): "backend='onnxruntime', scheme 'mixed' (keeps sensitive layers in float) or "
                               "'int8-dynamic'",
