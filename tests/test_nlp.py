@@ -192,3 +192,28 @@ def test_optimize_searches_an_encoder_on_mean_cosine(model, data):
     if r.met:
         assert r.best.row["bytes"] < r.baseline.row["bytes"] and r.best.row["val_mean_cosine"] >= 0.99
     assert r.pareto and all(c.model is not None for c in r.pareto)
+
+
+@pytest.mark.slow
+def test_default_ort_int8_static_on_the_raw_encoder_excludes_the_mask_and_never_returns_a_ruined_model(model, data):
+    """Issue 21's route: ``quantize(minilm, "int8-static")`` on the raw export. The mask nodes stay float
+    (far better than with the mask calibrated); what is still too lossy stops at the step."""
+    from slimfuse.validate import QUANTIZE_COSINE_FLOOR, ValidationError, check
+
+    ref = nlp.embed(model, data.test.x)
+    masked = quantize(model, "int8-static", calib=data, exclude_extreme=False, validate=False)
+    q = quantize(model, "int8-static", calib=data, validate=False)
+    extreme = sf.lineage_of(q)[-1]["params"]["extreme_nodes"]
+    assert sum("Softmax" in n for n in extreme) == 6  # one per layer
+    before = nlp.fidelity(ref, nlp.embed(masked, data.test.x))["mean_cosine"]
+    after = nlp.fidelity(ref, nlp.embed(q, data.test.x))["mean_cosine"]
+    assert after > before + 0.2
+    gate = dict(reference=model, data=data, cosine_floor=QUANTIZE_COSINE_FLOOR, reload=False)
+    val = nlp.fidelity(nlp.embed(model, data.val.x), nlp.embed(q, data.val.x))["mean_cosine"]
+    if val < QUANTIZE_COSINE_FLOOR:
+        with pytest.raises(ValidationError, match="op_types="):
+            check(q, "quantize", fix="op_types=['MatMul']", **gate)
+    else:
+        assert check(q, "quantize", **gate) is q
+    with pytest.raises(ValidationError, match="mean cosine"):
+        check(masked, "quantize", **gate)
