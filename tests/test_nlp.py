@@ -208,7 +208,7 @@ def test_default_ort_int8_static_on_the_raw_encoder_excludes_the_mask_and_never_
     before = nlp.fidelity(ref, nlp.embed(masked, data.test.x))["mean_cosine"]
     after = nlp.fidelity(ref, nlp.embed(q, data.test.x))["mean_cosine"]
     assert after > before + 0.2
-    gate = dict(reference=model, data=data, cosine_floor=QUANTIZE_COSINE_FLOOR, reload=False)
+    gate = {"reference": model, "data": data, "cosine_floor": QUANTIZE_COSINE_FLOOR, "reload": False}
     val = nlp.fidelity(nlp.embed(model, data.val.x), nlp.embed(q, data.val.x))["mean_cosine"]
     if val < QUANTIZE_COSINE_FLOOR:
         with pytest.raises(ValidationError, match="op_types="):
