@@ -148,6 +148,16 @@ def _run(model: nn.Module, x: torch.Tensor, step: str, hint: str) -> torch.Tenso
                               f"({type(e).__name__}: {msg}){hint}") from e
 
 
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """One diagnostic forward pass with ``handles``' hooks in place (its error is ignored), then unhook."""
+    try:
+        with torch.no_grad(), contextlib.suppress(Exception):  # the hooks saw what they needed
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _crashing_layer(model: nn.Module, x: torch.Tensor) -> str:
     """`` in layer 'net.conv1' (QConv2d)``: the innermost module running when the forward pass failed."""
     stack: list[str] = []
@@ -162,14 +172,8 @@ def _crashing_layer(model: nn.Module, x: torch.Tensor) -> str:
         if stack:
             stack.pop()
 
-    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    handles += [m.register_forward_hook(post) for m in model.modules()]
-    try:
-        with torch.no_grad(), contextlib.suppress(Exception):  # the hooks saw what they needed
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, x, [m.register_forward_pre_hook(pre) for m in model.modules()]
+                + [m.register_forward_hook(post) for m in model.modules()])
     if not deepest:
         return ""
     if deepest[-1] == "":
@@ -207,14 +211,8 @@ def _nonfinite_layer(model: nn.Module, x: torch.Tensor) -> str:
         if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
             found.append(name)
 
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
-               for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad(), contextlib.suppress(Exception):  # the hooks saw what they needed
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, x, [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
+                           for n, m in model.named_modules() if n])
     return f", first in layer {found[0]!r} ({type(model.get_submodule(found[0])).__name__})" if found else ""
 
 
