@@ -243,3 +243,21 @@ def test_cli_and_recipe_run_the_same_job(tmp_path):
         (tmp_path / "run" / "t" / "weights.safetensors").read_bytes()
     assert torch.equal(sf.predict(sf.load(tmp_path / "cli"), torch.zeros(2, 1, 8, 8)),
                        sf.predict(sf.load(tmp_path / "run" / "t"), torch.zeros(2, 1, 8, 8)))
+
+
+def test_a_config_object_is_the_same_call_as_its_keywords(digits_mlp, digits):
+    """The string and keyword forms are shorthands for the configs: both give bit-identical models."""
+    x = digits.test.x[:32]
+    a = sf.quantize(digits_mlp, configs.Quantize(scheme="int8-dynamic", backend="torch"))
+    b = sf.quantize(digits_mlp, "int8-dynamic", backend="torch")
+    assert torch.equal(sf.predict(a, x), sf.predict(b, x))
+    a = sf.prune(digits_mlp, configs.Prune(sparsity=0.5, schedule="oneshot", epochs=0))
+    b = sf.prune(digits_mlp, sparsity=0.5, schedule="oneshot", epochs=0)
+    assert torch.equal(sf.predict(a, x), sf.predict(b, x))
+    members = [digits_mlp, sf.prune(digits_mlp, sparsity=0.7, schedule="oneshot", epochs=0)]
+    a = sf.ensemble(members, configs.Ensemble(method="mean"), digits)
+    assert torch.equal(sf.predict(a, x), sf.predict(sf.ensemble(members, "mean", digits), x))
+    student = sf.zoo.mlp(64, [8], 10)
+    a = sf.distill(digits_mlp, student, digits, config=configs.Distill(epochs=1, temperature=2.0), progress=False)
+    b = sf.distill(digits_mlp, student, digits, epochs=1, temperature=2.0, progress=False)
+    assert torch.equal(sf.predict(a, x), sf.predict(b, x))

@@ -233,10 +233,10 @@ def _artifact(name: str = "artifact", help: str = "artifact folder") -> click.Ar
 @verb("train", *_data(), _out(), config=configs.Train)
 def train(**kw):
     """Train a zoo model (or, with --members, an ensemble) and save it as an artifact."""
+    cfg, data = build(configs.Train, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.train(build(configs.Train, kw), data, kw["out"]).message)
+    click.echo(jobs.train(cfg, data, kw["out"]).message)
 
 
 @verb("eval", _artifact(), *_data(), _trust,
@@ -244,10 +244,10 @@ def train(**kw):
       config=configs.Measure)
 def eval_(**kw):
     """Measure an artifact: accuracy, bytes, parameters, MACs, latency."""
+    cfg, data = build(configs.Measure, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.evaluate(kw["artifact"], build(configs.Measure, kw), data, json_out=kw["json_out"],
+    click.echo(jobs.evaluate(kw["artifact"], cfg, data, json_out=kw["json_out"],
                              trust_factory=kw["trust_factory"]).message)
 
 
@@ -281,25 +281,24 @@ def demo(out, scenario, seed):
       *_data(), _out(), _trust, config=configs.Distill)
 def distill(**kw):
     """Distill a teacher into a smaller student and save the student as an artifact."""
+    student, cfg, data = configs.check_student(kw["student"]), build(configs.Distill, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.distill(kw["teacher"], kw["student"], build(configs.Distill, kw), data, kw["out"],
-                            trust_factory=kw["trust_factory"]).message)
+    click.echo(jobs.distill(kw["teacher"], student, cfg, data, kw["out"], trust_factory=kw["trust_factory"]).message)
 
 
 @verb("prune", _artifact(), _out(), *_data(required=False, help="data to fine-tune on (mnist5k, digits, .npz/.csv)"),
       _trust, config=configs.Prune)
 def prune(**kw):
     """Prune an artifact (magnitude sparsity or whole channels) and save the result."""
+    cfg, data = build(configs.Prune, kw), _data_ref(kw)
     from . import jobs
 
     def report_step(info: dict) -> None:  # one line per pruning step, on stderr
         done = f"sparsity {info['sparsity']:.4f}" if "sparsity" in info else f"{info['params']:,} params"
         click.echo(f"prune step {info['step']}/{info['steps']}: {done}", err=True)
 
-    data = _data_ref(kw)
-    click.echo(jobs.prune(kw["artifact"], build(configs.Prune, kw), data, kw["out"], on_step=report_step,
+    click.echo(jobs.prune(kw["artifact"], cfg, data, kw["out"], on_step=report_step,
                           trust_factory=kw["trust_factory"]).message)
 
 
@@ -309,10 +308,10 @@ def prune(**kw):
                                   "mixed); also adds test metrics"), _trust, config=configs.Quantize)
 def quantize(**kw):
     """Quantize an artifact or an ONNX file (real int8 kernels, real bytes) and save the result."""
+    cfg, data = build(configs.Quantize, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.quantize(kw["source"], build(configs.Quantize, kw), data, kw["out"],
+    click.echo(jobs.quantize(kw["source"], cfg, data, kw["out"],
                              trust_factory=kw["trust_factory"]).message)
 
 
@@ -320,10 +319,10 @@ def quantize(**kw):
       *_data(required=False, help="data whose validation split checks parity"), _trust, config=configs.Export)
 def export_(**kw):
     """Export an artifact to one ONNX file, checked for parity with torch."""
+    cfg, data = build(configs.Export, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.export(kw["artifact"], build(configs.Export, kw), kw["out"], data,
+    click.echo(jobs.export(kw["artifact"], cfg, kw["out"], data,
                            trust_factory=kw["trust_factory"]).message)
 
 
@@ -331,10 +330,10 @@ def export_(**kw):
       *_data(), _out(), _trust, config=configs.Ensemble)
 def ensemble(**kw):
     """Combine trained artifacts into one ensemble artifact (weights learned on the validation split)."""
+    cfg, data = build(configs.Ensemble, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    click.echo(jobs.ensemble(list(kw["artifacts"]), build(configs.Ensemble, kw), data, kw["out"],
+    click.echo(jobs.ensemble(list(kw["artifacts"]), cfg, data, kw["out"],
                              trust_factory=kw["trust_factory"]).message)
 
 
@@ -358,10 +357,10 @@ def run_(recipe, out, force):
       config=configs.Optimize)
 def optimize(**kw):
     """Search pruning x quantization x distillation x ensembles for the best model within --max-drop."""
+    cfg, data = build(configs.Optimize, kw), _data_ref(kw)
     from . import jobs
 
-    data = _data_ref(kw)
-    done = jobs.optimize(kw["artifact"], build(configs.Optimize, kw), data, kw["out"],
+    done = jobs.optimize(kw["artifact"], cfg, data, kw["out"],
                          trust_factory=kw["trust_factory"], log=lambda line: click.echo(line, err=True))
     click.echo(done.message)
     if kw["strict"] and not done.met:

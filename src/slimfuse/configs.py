@@ -48,6 +48,14 @@ def _student(text: str) -> str:
     return text.strip()
 
 
+def check_student(text: str) -> str:
+    """A student spec (``mlp:128``, ``width=0.25``...) checked for its form; a bad one is a ConfigError."""
+    try:
+        return _student(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 StudentSpec = Annotated[str, Field(max_length=256, description="mlp:128, mlp:256,128, lenet5:3,8,60,42, "
                                                                "cnn:8,16[:32] or width=0.25[,depth=1]"),
                         AfterValidator(_student)]

@@ -346,6 +346,7 @@ def distill(
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
+    config: configs.Distill | None = None,
     **fit_options,
 ) -> nn.Module:
     """Train a copy of ``student`` to imitate ``teacher`` on a fixed transfer set; return it.
@@ -360,7 +361,12 @@ def distill(
     with the same arguments (same teacher outputs, transfer set, temperature, alpha, hints)
     resumes from it to the same weights as an uninterrupted run; a checkpoint of other arguments
     is replaced with a warning. The folder is removed when distillation completes.
+
+    ``config``: a :class:`slimfuse.configs.Distill` instead of the keywords (they are its shorthand).
     """
+    if config is not None:  # the config; the keywords are its shorthand
+        return distill(teacher, student, data, seed=seed, progress=progress, history=history, checkpoint=checkpoint,
+                       **{**config.model_dump(), **fit_options})
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
     configs.Distill.build(  # one set of names and bounds

@@ -55,7 +55,7 @@ StepCallback = Callable[[dict], None]
 
 def prune(
     model: nn.Module,
-    sparsity: float | None = None,
+    sparsity: float | configs.Prune | None = None,
     *,
     channels: float | None = None,
     scope: str | None = None,
@@ -73,7 +73,8 @@ def prune(
     on_step: StepCallback | None = None,
     checkpoint: str | Path | None = None,
 ) -> nn.Module:
-    """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels``.
+    """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels`` (or a
+    :class:`slimfuse.configs.Prune` as ``sparsity``, of which the keywords are a shorthand).
 
     ``sparsity``: fraction of weights in scope set to zero (unstructured). ``scope``:
     ``global`` (one magnitude threshold across layers, default) or ``layer`` (each layer
@@ -97,6 +98,9 @@ def prune(
     uninterrupted run. A checkpoint of other arguments is replaced (with a warning); the folder
     is removed when pruning completes.
     """
+    if isinstance(sparsity, configs.Prune):
+        return prune(model, data=data, seed=seed, progress=progress, on_step=on_step, checkpoint=checkpoint,
+                     **sparsity.given())
     given = {"sparsity": sparsity, "channels": channels, "scope": scope, "schedule": schedule, "steps": steps,
              "importance": importance, "round_to": round_to, "exclude": exclude, "epochs": epochs, "lr": lr,
              "batch_size": batch_size}

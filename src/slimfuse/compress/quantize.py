@@ -35,14 +35,18 @@ def trains(scheme: str, backend: str = "auto") -> bool:
     return "checkpoint" in inspect.signature(fn).parameters
 
 
-def quantize(model: nn.Module, scheme: str, calib=None, *, backend: str = "auto", **options) -> nn.Module:
-    """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``).
+def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, backend: str = "auto",
+             **options) -> nn.Module:
+    """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``, or a
+    :class:`slimfuse.configs.Quantize`, of which the string and keyword form is a shorthand).
 
     ``calib``: calibration data (a ``Split``, ``Splits`` or tensor) for schemes that need it.
     ``backend``: ``auto`` (the measured default for the scheme), ``torch`` or ``onnxruntime``.
     ``options``: fields of :class:`slimfuse.configs.Quantize` (``samples``, ``calibrator``,
     ``max_drop`` in points, ``exclude`` ...), and ``checkpoint`` for the schemes that fine-tune.
     """
+    if isinstance(scheme, configs.Quantize):
+        scheme, backend, options = scheme.scheme, scheme.backend, {**scheme.options(), **options}
     if not isinstance(scheme, str) or not scheme:
         raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}

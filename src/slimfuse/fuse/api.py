@@ -25,7 +25,7 @@ def member_probas(members, split: Split | torch.Tensor) -> np.ndarray:
 
 def ensemble(
     members,
-    method: str = "weighted",
+    method: str | configs.Ensemble = "weighted",
     data: Splits | None = None,
     *,
     weights=None,
@@ -48,6 +48,8 @@ def ensemble(
     The fitted weights are on ``ens.weights`` (members with zero weight are dropped) and in
     the lineage; stacking's meta-training provenance is ``ens.oof``.
     """
+    if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
+        return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
     configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend)
     if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
         raise ConfigError("members must be a list of trained modules")
