@@ -62,7 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     splits = sentences(n=args.sentences, seed=args.seed, val=0.15, test=0.25)
     calib = splits.val.subset(range(min(128, len(splits.val))))
-    teacher = sf.zoo.minilm()
+    teacher = sf.nlp.minilm()
     timings: dict[str, float] = {}
 
     def timed(name, fn):
@@ -72,7 +72,7 @@ def main() -> None:
         return out
 
     graph = timed("export + ORT optimizer", lambda: nlp.ort_transformer(teacher, calib))
-    mixed = timed("mixed search", lambda: nlp.mixed(teacher, calib, target=TARGET_COSINE, graph=graph))
+    mixed = timed("mixed search", lambda: nlp.mixed(teacher, calib, max_drop=100 * (1 - TARGET_COSINE), graph=graph))
     student = timed("distill 3 layers", lambda: nlp.distill_layers(teacher, splits, layers=3, epochs=args.epochs,
                                                                      seed=args.seed))
     student_graph = nlp.ort_transformer(student, calib)

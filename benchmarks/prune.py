@@ -76,7 +76,7 @@ def unstructured(data, rows, teacher):
     rows.append({"section": "unstructured", "method": "dense", "sparsity": 0.0, **dense})
     e = FINETUNE["mlp"]
     for s in SPARSITIES:
-        ours = sf.prune(teacher, sparsity=s, data=data, finetune_epochs=e, progress=False)
+        ours = sf.prune(teacher, sparsity=s, data=data, epochs=e, progress=False)
         theirs = torch_global_l1(teacher, data, s, e)
         for method, m in (("slimfuse agp", ours), ("torch.nn.utils.prune L1", theirs)):
             rows.append({"section": "unstructured", "method": method, "sparsity": s,
@@ -96,7 +96,7 @@ def structured(data, rows, seconds):
     for r in RATIOS:
         runs = {
             "slimfuse (defaults: l1, 1 step, lr 3e-3)": lambda: sf.prune(teacher, channels=r, data=data,
-                                                                         finetune_epochs=e, progress=False),
+                                                                         epochs=e, progress=False),
             "Torch-Pruning BasePruner, lr 1e-3": lambda: torch_pruning_plain(teacher, data, r, e, 1e-3),
             "Torch-Pruning BasePruner, lr 3e-3": lambda: torch_pruning_plain(teacher, data, r, e, 3e-3),
         }

@@ -76,7 +76,7 @@ def bench(arch: str, data, *, epochs: int, sparsity: float, quick: bool) -> tupl
     for bits in ([4] if quick else range(2, 9)):
         models[f"codebook:{bits}"] = sf.quantize(fp32, f"codebook:{bits}", data=data, epochs=1)
     t0 = time.time()
-    pruned = sf.prune(fp32, sparsity=sparsity, data=data, finetune_epochs=2 if quick else 8, seed=0)
+    pruned = sf.prune(fp32, sparsity=sparsity, data=data, epochs=2 if quick else 8, seed=0)
     models[f"pruned {sparsity:.0%} (slimfuse.prune)"] = pruned
     models["prune -> codebook:5 -> entropy"] = sf.quantize(pruned, "codebook:5", data=data, epochs=2)
     models["prune -> codebook:4 -> entropy"] = sf.quantize(pruned, "codebook:4", data=data, epochs=2)

@@ -67,7 +67,7 @@ def main() -> dict:
     member = sf.zoo.for_task("mlp", data.task, hidden=[128])
     steps = {  # name -> (call with checkpoint=ck or None, epochs trained in all)
         "train (fit)": (lambda ck: sf.fit(dense, data, epochs=EPOCHS, progress=False, checkpoint=ck), EPOCHS),
-        "prune sparsity=0.9 (AGP)": (lambda ck: sf.prune(dense, 0.9, data=data, finetune_epochs=EPOCHS,
+        "prune sparsity=0.9 (AGP)": (lambda ck: sf.prune(dense, 0.9, data=data, epochs=EPOCHS,
                                                          progress=False, checkpoint=ck), EPOCHS),
         "distill (T=4)": (lambda ck: sf.distill(dense, student, data, epochs=EPOCHS, progress=False,
                                                 checkpoint=ck), EPOCHS),

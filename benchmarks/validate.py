@@ -56,7 +56,7 @@ def main() -> None:
                sf.quantize(mlp, "int8-dynamic", backend="torch", validate=False)]
     steps = {
         "prune 0.9 oneshot (MLP)": (lambda v: sf.prune(mlp, sparsity=0.9, schedule="oneshot", data=data,
-                                                       finetune_epochs=0, validate=v), mlp),
+                                                       epochs=0, validate=v), mlp),
         "int8-static ORT (MLP)": (lambda v: sf.quantize(mlp, "int8-static", calib=data, validate=v), mlp),
         "int8-static torch (MLP)": (lambda v: sf.quantize(mlp, "int8-static", calib=data, backend="torch",
                                                           validate=v), mlp),

@@ -4,7 +4,6 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("CI", "1")  # no progress bars in test output
 sys.path.insert(0, os.path.dirname(__file__))  # tests/factories.py: user factories by import path
 
 import slimfuse as sf  # noqa: E402

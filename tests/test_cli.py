@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app
@@ -58,13 +58,20 @@ BAD_CLI = [
     ("unknown model", lambda p: ["train", "--data", "digits", "--model", "vgg", "-o", p / "out"], "unknown model"),
     ("lenet on 8x8", lambda p: ["train", "--data", "digits", "--model", "lenet5", "-o", p / "out"], "12x12"),
     ("negative epochs", lambda p: ["train", "--data", "digits", "--epochs", "-3", "-o", p / "out"], "epochs"),
-    ("absurd batch", lambda p: ["train", "--data", "digits", "--batch-size", "99999999", "-o", p / "out"], "absurd"),
+    ("absurd batch", lambda p: ["train", "--data", "digits", "--batch-size", "99999999", "-o", p / "out"],
+     "--batch-size"),
+    ("zero epochs", lambda p: ["train", "--data", "digits", "--epochs", "0", "-o", p / "out"], "--epochs"),
+    ("combine without members", lambda p: ["train", "--data", "digits", "--combine", "vote", "-o", p / "out"],
+     "members > 1"),
+    ("flag typo", lambda p: ["train", "--data", "digits", "--epoch", "3", "-o", p / "out"], "--epochs"),
+    ("ensemble of one", lambda p: ["ensemble", p / "none", "--data", "digits", "-o", p / "out"], "at least two"),
+    ("export without .onnx", lambda p: ["export", p / "none", "-o", p / "out"], "*.onnx"),
     ("bad optimizer", lambda p: ["train", "--data", "digits", "--optimizer", "lion", "-o", p / "out"], "optimizer"),
     ("eval missing artifact", lambda p: ["eval", p / "none", "--data", "digits"], "no such artifact"),
     ("eval bad split", lambda p: ["eval", p / "none", "--data", "digits", "--split", "dev"], "--split"),
     ("info on a pickle", lambda p: (p / "m.pkl").write_bytes(b"\x80\x04K\x01.") and ["info", p / "m.pkl"], "pickle"),
     ("unknown scenario", lambda p: ["demo", "--scenario", "speech", "-o", p / "out"], "unknown scenario"),
-    ("eval zero threads", lambda p: ["eval", p / "none", "--data", "digits", "--threads", "0"], "no such artifact"),
+    ("eval zero threads", lambda p: ["eval", p / "none", "--data", "digits", "--threads", "0"], "--threads"),
 ]
 
 

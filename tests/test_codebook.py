@@ -32,7 +32,7 @@ def test_codebook_shares_weights_shrinks_and_reloads_bit_exactly(digits_mlp, dig
 
 
 def test_codebook_keeps_the_zeros_of_a_pruned_model(digits_mlp, digits, tmp_path):
-    pruned = sf.prune(digits_mlp, sparsity=0.8, data=digits, finetune_epochs=2)
+    pruned = sf.prune(digits_mlp, sparsity=0.8, data=digits, epochs=2)
     q = sf.quantize(pruned, "codebook:3", data=digits, epochs=1)
     for (name, w), p in zip(_weights(q).items(), _weights(pruned).values()):
         assert torch.equal(w == 0, p == 0), name
@@ -82,5 +82,5 @@ def test_bit_width_out_of_range_is_a_clear_error(digits_mlp, scheme):
 def test_codebook_refuses_onnx_models_and_unknown_options(digits_mlp):
     with pytest.raises(sf.ConfigError, match="torch modules"):
         sf.quantize(to_onnx(digits_mlp), "codebook:4")
-    with pytest.raises(sf.ConfigError, match="unknown option"):
+    with pytest.raises(sf.ConfigError, match="unknown field"):
         sf.quantize(digits_mlp, "codebook:4", clusters=3)

@@ -9,10 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app
@@ -193,7 +194,7 @@ def test_members_with_different_class_counts_get_a_clear_error(data):
         ensemble([a, b], "mean")
     with pytest.raises(sf.ConfigError, match="different numbers of classes"):
         ensemble([a, b], "weighted", data)
-    with pytest.raises(sf.ConfigError, match="unknown ensemble method"):
+    with pytest.raises(sf.ConfigError, match="field 'method': unknown value 'median'"):
         ensemble([a], "median", data)
     with pytest.raises(sf.ConfigError, match="pass data="):
         ensemble([a, a], "stacking")
@@ -278,4 +279,12 @@ def test_cli_trains_members_and_combines_artifacts(tmp_path):
     assert r.exit_code == 0, r.output
     assert len(sf.load(tmp_path / "bag").members) == 3
     r = run(app, ["ensemble", str(tmp_path / "m0"), "-d", "digits", "--method", "median", "-o", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "unknown ensemble method" in r.output and not (tmp_path / "x").exists()
+    assert r.exit_code == 2 and "--method" in r.output and not (tmp_path / "x").exists()
+
+
+def test_refresh_bn_restores_each_layers_momentum_and_the_training_mode(data):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=0.3), nn.Linear(8, 10)).eval()
+    sf.fuse.refresh_bn(net, data.train)
+    assert net[2].momentum == 0.3 and not net.training
+    features = net[1](data.train.x.flatten(1)).detach()
+    assert torch.allclose(net[2].running_mean, features.mean(0), atol=0.05)  # recomputed from the data

@@ -59,7 +59,7 @@ def test_measure_needs_models(digits):
 def test_a_custom_score_replaces_accuracy_and_drives_the_report(digits_mlp, digits, tmp_path):
     """Tasks other than classification (embeddings, rankings) bring their own score and metric."""
     from slimfuse.measure import register_column
-    from slimfuse.pipeline.report import write_report
+    from slimfuse.report import write_report
 
     def agreement(model, split):  # fraction of samples where the model agrees with the reference labels
         return {"agreement": (sf.predict(model, split, output="label") == split.y).float().mean().item()}

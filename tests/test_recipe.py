@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app
@@ -19,7 +19,7 @@ SMALL = {
     "seed": 0,
     "steps": [
         {"name": "mlp", "step": "train", "hidden": [32], "epochs": 3},
-        {"name": "pruned", "step": "prune", "input": "mlp", "sparsity": 0.5, "finetune_epochs": 1, "steps": 2},
+        {"name": "pruned", "step": "prune", "input": "mlp", "sparsity": 0.5, "epochs": 1, "steps": 2},
         {"name": "int8", "step": "quantize", "input": "pruned", "scheme": "int8-dynamic", "backend": "torch"},
         {"name": "onnx", "step": "export", "input": "mlp"},
         {"name": "report", "step": "measure", "seconds": 0.05},
@@ -52,7 +52,7 @@ BAD = [
     ("missing kind", with_step(1, step=None), "step 2: missing field 'step'"),
     ("unknown kind", with_step(1, step="prun"), "step 2: unknown step 'prun'"),
     ("bad type", with_step(0, epochs="many"), "step 1 'mlp' (train): field 'epochs'"),
-    ("negative epochs", with_step(0, epochs=-1), "step 1 'mlp' (train): field 'epochs': Input should be greater than 0"),
+    ("negative epochs", with_step(0, epochs=-1), "step 1 'mlp' (train): field 'epochs': Input should be greater than or equal to 1"),
     ("sparsity 1.5", with_step(1, sparsity=1.5), "step 2 'pruned' (prune): field 'sparsity'"),
     ("unknown field", with_step(2, bits=4), "step 3 'int8' (quantize): field 'bits': unknown field"),
     ("unknown scheme", with_step(2, scheme="int3"), "step 3 'int8' (quantize): field 'scheme': unknown quantization"),

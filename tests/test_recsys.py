@@ -284,7 +284,7 @@ def test_optimize_space_candidates_are_transforms(data, mf):
 def test_recsys_scenario_is_registered():
     from slimfuse.pipeline.scenarios import SCENARIOS
 
-    assert SCENARIOS["recsys"][0] == "slimfuse.pipeline.demo_recsys:run"
+    assert SCENARIOS["recsys"][0] == "slimfuse.recsys.demo:run"
 
 
 def test_optimize_searches_recommenders_on_ndcg(data, mf):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slimfuse.measure import Report
-from slimfuse.pipeline.report import pareto_front, write_report
+from slimfuse.report import pareto_front, write_report
 
 ROWS = [
     {"name": "fp32", "accuracy": 0.93, "bytes": 1_000_000, "latency_b1_p50_ms": 0.10, "lineage": "train"},

@@ -87,7 +87,7 @@ def dense(digits):
 def test_pruning_resumes_with_its_masks_schedule_and_finished_steps(digits, dense, tmp_path, saves, kw, crash_after,
                                                                    left):
     ck = tmp_path / "ck"
-    kw = dict(kw, data=digits, finetune_epochs=4, progress=False)
+    kw = dict(kw, data=digits, epochs=4, progress=False)
     straight = sf.prune(dense, **kw)
     resumed, trained = interrupted_then_resumed(saves, lambda: sf.prune(dense, checkpoint=ck, **kw), crash_after, ck)
     assert trained == left
@@ -179,7 +179,7 @@ def test_killed_prune_command_resumes_to_the_same_weights(tmp_path, digits):
 
     def command(out):
         return [sys.executable, "-m", "slimfuse", "prune", str(tmp_path / "dense"), "--sparsity", "0.9",
-                "--data", "digits", "--finetune-epochs", "20", "-o", str(out)]
+                "--data", "digits", "--epochs", "20", "-o", str(out)]
 
     assert_killed_command_resumes(command, tmp_path, epoch=1)
 
@@ -190,7 +190,7 @@ def test_killed_prune_command_resumes_to_the_same_weights(tmp_path, digits):
     (["quantize", "{dense}", "--scheme", "qat", "--data", "digits", "--epochs", "3"], 3),
 ])
 def test_commands_resume_where_they_crashed(tmp_path, dense, saves, command, epochs):
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from slimfuse.cli import app
 

@@ -103,10 +103,10 @@ def test_checkpoint_of_another_run_is_ignored(digits, tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"epochs": -1}, "epochs"),
     ({"batch_size": 0}, "batch_size"),
-    ({"batch_size": 10**9}, "absurd"),
+    ({"batch_size": 10**9}, "field 'batch_size'"),
     ({"lr": 0}, "lr"),
-    ({"optimizer": "lion"}, "unknown optimizer"),
-    ({"schedule": "step"}, "unknown schedule"),
+    ({"optimizer": "lion"}, "field 'optimizer': unknown value 'lion'"),
+    ({"schedule": "step"}, "field 'schedule': unknown value 'step'"),
     ({"patience": 0}, "patience"),
 ])
 def test_bad_training_arguments(digits, kwargs, message):

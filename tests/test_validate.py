@@ -17,7 +17,7 @@ from torch import nn
 
 import slimfuse as sf
 from slimfuse.compress.prune import magnitude_masks
-from slimfuse.compress.quantize import SCHEMES, register_scheme
+from slimfuse.compress.schemes import SCHEMES
 from slimfuse.models.spec import derive
 from slimfuse.validate import ValidationError, check, validation_of
 
@@ -182,15 +182,15 @@ class _Crashes(nn.Module):
 
 
 def test_a_broken_technique_result_raises_at_the_gate(digits, digits_mlp):
-    register_scheme("broken-for-test", "torch")(lambda model, *, arg=None, calib=None: derive(model, _Constant(),
-                                                                                             "quantize"))
+    real = SCHEMES[("fp16", "torch")]  # stand in a broken implementation behind the real verb
+    SCHEMES[("fp16", "torch")] = lambda model, *, arg=None, calib=None: derive(model, _Constant(), "quantize")
     try:
         with pytest.raises(ValidationError, match="collapsed: it predicts class 0 for all"):
-            sf.quantize(digits_mlp, "broken-for-test", calib=digits)
-        kept = sf.quantize(digits_mlp, "broken-for-test", calib=digits, validate=False)
+            sf.quantize(digits_mlp, "fp16", calib=digits)
+        kept = sf.quantize(digits_mlp, "fp16", calib=digits, validate=False)
         assert validation_of(kept)["ran"] is False
     finally:
-        SCHEMES.pop(("broken-for-test", "torch"))
+        SCHEMES[("fp16", "torch")] = real
     with pytest.raises(ValidationError, match=r"step-x: the result crashes on its first call in layer 'inner.2' "
                                               r"\(Unflatten\).*try fix-y"):
         check(_Crashes(), "step-x", reference=digits_mlp, data=digits, fix="fix-y")

@@ -57,25 +57,8 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def share_modules(models: list, owner) -> None:
-    """Make every rank hold rank ``owner(i)``'s weights and metadata for ``models[i]`` (in place).
-
-    Tensors travel by ``broadcast``; the slimfuse metadata (spec, lineage, task) as JSON bytes,
-    so nothing is pickled between processes.
-    """
-    from .models.spec import ATTR
-
-    for i, model in enumerate(models):
-        src = owner(i)
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                dist.broadcast(t, src=src)
-        meta = _broadcast_json(getattr(model, ATTR, None), src)
-        if meta is not None:
-            object.__setattr__(model, ATTR, meta)
-
-
-def _broadcast_json(obj, src: int):
+def broadcast_json(obj, src: int):
+    """Send a JSON-able value from rank ``src`` to every rank (bytes, never a pickle)."""
     import json
 
     payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)

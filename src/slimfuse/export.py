@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from . import configs
 from .data import Split
 from .errors import ArtifactError, ConfigError
 from .models.artifact import write_bytes_atomic
@@ -29,7 +30,6 @@ from .models.spec import derive, spec_of, task_of
 from .train import predict
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
 
-FORMATS = ("onnx",)
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ def export(model: nn.Module, format: str, path: str | Path, *, sample=None, opse
     random inputs shaped like the model's task. The export fails with ArtifactError when ONNX
     Runtime's logits differ from torch's by more than ``atol + rtol * max|logits|``.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r} (supported: {', '.join(FORMATS)})")
+    configs.Export.build(format=format, opset=opset, atol=atol, rtol=rtol)  # one set of names and bounds
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give the path of the .onnx file to write")

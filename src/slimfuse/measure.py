@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import configs
 from .data import Split
 from .errors import ConfigError
 from .models.artifact import folder_bytes, save
@@ -131,6 +132,7 @@ def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: 
     ``score`` and ``metric`` (the higher-is-better key of ``score``'s result that plots and Pareto
     fronts use) adapt the report to tasks other than classification; ``batch`` is the large batch
     timed for throughput."""
+    configs.Measure.build(threads=threads, seconds=seconds)
     if isinstance(models, nn.Module):
         models = {"model": models}
     if not models:
@@ -170,6 +172,7 @@ class Report:
 
     rows: list[dict] = field(default_factory=list)
     metric: str = "accuracy"  # the higher-is-better quality metric of plots and Pareto fronts
+    extra: list[tuple[str, str, str]] = field(default_factory=list)  # this report's own (key, label, format) columns
 
     def row(self, name: str) -> dict:
         for r in self.rows:
@@ -180,7 +183,7 @@ class Report:
     def columns(self) -> list[tuple[str, str, str]]:
         """(key, label, format) of the standard columns present in at least one row."""
         batches = sorted({int(k[len("throughput_b"):]) for r in self.rows for k in r if k.startswith("throughput_b")})
-        cols = _COLUMNS + _TAIL + [(f"throughput_b{b}", f"b{b} samples/s", "{:,.0f}") for b in batches]
+        cols = _COLUMNS + self.extra + _TAIL + [(f"throughput_b{b}", f"b{b} samples/s", "{:,.0f}") for b in batches]
         return [c for c in cols if any(c[0] in r for r in self.rows)]
 
     @staticmethod

@@ -26,9 +26,10 @@ from typing import Callable
 
 from torch import nn
 
+from . import configs
 from .data import Splits
 from .errors import ConfigError, SlimfuseError
-from .measure import Report, Score, measure_one, register_column
+from .measure import Report, Score, measure_one
 
 OBJECTIVES = {  # objective -> (row key, lower is better, label); throughput times the task's large batch
     "latency": ("latency_b1_p50_ms", "batch-1 latency p50 (ms)"),
@@ -110,7 +111,8 @@ class SearchResult:
         ``out/closest``), the report of every candidate to ``out/report.{md,html,json}`` and a summary
         to ``out/search.json``."""
         from .models import save
-        from .pipeline.report import write_report, write_text_atomic
+        from .models.artifact import write_text_atomic
+        from .report import write_report
 
         out = Path(out)
         chosen = self.best or self.closest
@@ -159,25 +161,21 @@ def optimize(
     ``moves``/``score``/``metric`` adapt the search to other tasks (default: the classification moves
     and accuracy, or the moves a task kind registered). Returns a :class:`SearchResult`.
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
-        raise ConfigError(f"max_drop is in points of the metric (0.5 = half a point), 0 to 100; got {max_drop!r}")
-    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
-        raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
+    configs.Optimize.build(max_drop=max_drop, objective=objective, budget_s=budget_s, ensemble=ensemble)
     if not isinstance(data, Splits):
         raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
                           "split and reports on the test split")
     log = log or (lambda _: None)
     kind, batch = data.task.kind, 256
-    if kind != "classification" and moves is None and score is None:
+    if moves is None and score is None:
         if kind not in TASKS:
-            raise ConfigError(f"no search space for {kind!r} tasks (known: classification, {', '.join(sorted(TASKS))})")
+            raise ConfigError(f"no search space for {kind!r} tasks (known: {', '.join(sorted(TASKS))})")
         space, batch = TASKS[kind]
         moves, score, metric = space(model, data, objective)
+    elif moves is None:
+        raise ConfigError("a custom score= needs its own moves= (the registered search spaces bring both)")
     search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
                      score=score, metric=metric, seed=seed, seconds=seconds, log=log, batch=batch)
-    moves = classification_moves(model, data, objective) if moves is None else moves
     return search.run([m for m in moves if objective in m.objectives], ensemble=ensemble and score is None)
 
 
@@ -194,7 +192,6 @@ class _Search:
         self.key = f"latency_b{batch}_ms" if objective == "throughput" else OBJECTIVES[objective][0]
         self.candidates: list[Candidate] = []
         self.skipped: list[str] = []
-        register_column(f"val_{metric}", f"val {metric}")
         self.baseline = self.evaluate("input model", lambda: model)
         if self.baseline.error:
             raise ConfigError(f"cannot measure the input model: {self.baseline.error}")
@@ -209,7 +206,8 @@ class _Search:
             m = build()
             val = self.score(m, self.data.val)
             row = measure_one(name, m, self.data.test, score=self.score, seconds=self.seconds, batch=self.batch)
-        except (SlimfuseError, RuntimeError, ValueError, TypeError) as e:  # one move failing must not end the search
+        except (SlimfuseError, RuntimeError, ValueError) as e:  # one move failing must not end the search;
+            # a TypeError, AttributeError or KeyError is a programming error and propagates
             c = Candidate(name, None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             self.candidates.append(c)
             self.log(f"candidate {name}: failed ({c.error})")
@@ -271,7 +269,7 @@ class _Search:
         self.evaluate(f"ensemble of 3 x ({first.name})", build)
 
     def result(self) -> SearchResult:
-        from .pipeline.report import pareto_front
+        from .report import pareto_front
 
         done = [c for c in self.candidates if c.model is not None]
         key, metric = self.key, f"val_{self.metric}"
@@ -281,7 +279,8 @@ class _Search:
                               default=self.baseline)
         front = set(pareto_front([c.row for c in done], key, metric))
         pareto = sorted((c for c in done if c.name in front), key=lambda c: c.row[key])
-        report = Report([c.row for c in done], metric=self.metric)
+        report = Report([c.row for c in done], metric=self.metric,
+                        extra=[(f"val_{self.metric}", f"val {self.metric}", "{:.4f}")])
         return SearchResult(self.baseline, best, closest, pareto, self.candidates, self.skipped, self.objective,
                             self.metric, self.max_drop, report, key)
 
@@ -290,12 +289,19 @@ class _Search:
 # The classification search space
 
 
+@register_task("classification")
+def classification_space(model: nn.Module, data: Splits, objective: str) -> tuple[list[Move], None, str]:
+    """The classification search space: its moves, the default score (accuracy, NLL) and ``accuracy``."""
+    return classification_moves(model, data, objective), None, "accuracy"
+
+
 def classification_moves(model: nn.Module, data: Splits, objective: str) -> list[Move]:
     """Pruning (sparsity for bytes, channels for speed), distillation into 1/2- and 1/4-width
     students, and the finishing moves: ONNX export, int8 (ONNX Runtime static and dynamic, torch
     static), 5-bit codebooks (bytes)."""
-    from .compress.distill import build_student, distill
+    from .compress.distill import distill
     from .compress.prune import prune
+    from .models import zoo
     from .compress.quantize import quantize
     from .export import to_onnx
 
@@ -303,17 +309,17 @@ def classification_moves(model: nn.Module, data: Splits, objective: str) -> list
     speed = ("latency", "throughput")
 
     def sparse(s):
-        return lambda m, seed: prune(m, s, data=data, finetune_epochs=4, seed=seed)
+        return lambda m, seed: prune(m, s, data=data, epochs=4, seed=seed)
 
     def channels(c):
-        return lambda m, seed: prune(m, channels=c, data=data, finetune_epochs=4, seed=seed)
+        return lambda m, seed: prune(m, channels=c, data=data, epochs=4, seed=seed)
 
     def student(width):
         def apply(m, seed):
             import torch
 
             torch.manual_seed(seed)
-            s = build_student(f"width={width}", m, data.task)
+            s = zoo.student(m, width=width)
             return distill(m, s, data, temperature=4.0, alpha=0.9, epochs=10, batch_size=128, lr=2e-3,
                            schedule="cosine", transfer="augment" if images else "train", copies=2,
                            mixup=1.0, seed=seed, progress=False)

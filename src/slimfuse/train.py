@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import configs, distributed
 from .checkpoint import Checkpoint, Resume, fingerprint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
@@ -74,7 +74,7 @@ def fit(
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
 
-    ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``None`` or
+    ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``none`` (or ``None``) or
     ``cosine``; with ``cycles=k`` the cosine restarts k times (warm restarts, one cycle per
     ``epochs / k`` epochs), as snapshot ensembles need. With ``patience``, training stops after that many epochs without a better
     validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
@@ -92,6 +92,7 @@ def fit(
     ``parallel=False`` trains locally on each rank (ensemble members spread over ranks).
     """
     train = data.train if train is None else train
+    schedule = None if schedule == "none" else schedule
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1 or (epochs and epochs % cycles):
         raise ConfigError(f"cycles must be a positive integer dividing epochs ({epochs}), got {cycles!r}")
@@ -203,20 +204,8 @@ def fit(
 
 
 def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_train):
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size > 2**20:
-        raise ConfigError(f"batch_size {batch_size} is absurd (at most {2**20})")
-    if not (isinstance(lr, (int, float)) and 0 < lr < 10):
-        raise ConfigError(f"lr must be in (0, 10), got {lr!r}")
-    if optimizer not in ("adam", "sgd"):
-        raise ConfigError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
-    if schedule not in (None, "cosine"):
-        raise ConfigError(f"unknown schedule {schedule!r}; choose cosine or none")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ConfigError(f"patience must be a positive integer, got {patience!r}")
+    configs.FineTune.build(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                           schedule=schedule or "none", patience=patience)  # one set of names and bounds
     if n_train == 0:
         raise DataError("the training split is empty")
 

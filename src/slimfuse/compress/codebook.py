@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..models.artifact import register_codec
 from ..models.spec import derive
 from ..train import fit
-from .quantize import register_scheme
+from .schemes import register_scheme
 from .sparse import compress, decompress
 
 CODEC = "codebook"

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import configs
 from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..errors import ConfigError, DataError
-from ..models import zoo
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
 from ..validate import check
@@ -347,6 +347,7 @@ def distill(
     progress: bool | None = None,
     history: list | None = None,
     checkpoint: str | Path | None = None,
+    config: configs.Distill | None = None,
     validate: bool = True,
     **fit_options,
 ) -> nn.Module:
@@ -363,17 +364,20 @@ def distill(
     resumes from it to the same weights as an uninterrupted run; a checkpoint of other arguments
     is replaced with a warning. The folder is removed when distillation completes.
 
+    ``config``: a :class:`slimfuse.configs.Distill` instead of the keywords (they are its shorthand).
     ``validate``: check the trained student against the teacher before returning it (crash, NaN,
     collapse, bit-exact reload; :mod:`slimfuse.validate`); ``False`` skips it (recorded).
     """
+    if config is not None:  # the config; the keywords are its shorthand
+        return distill(teacher, student, data, seed=seed, progress=progress, history=history, checkpoint=checkpoint,
+                       validate=validate, **{**config.model_dump(), **fit_options})
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < 1e4):
-        raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ConfigError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not (isinstance(hint_weight, (int, float)) and hint_weight >= 0):
-        raise ConfigError(f"hint_weight must be a non-negative number, got {hint_weight!r}")
+    configs.Distill.build(  # one set of names and bounds
+        temperature=temperature, alpha=alpha, epochs=epochs, copies=copies, shift=shift, noise=noise, mixup=mixup,
+        hints=dict(hints or {}), hint_weight=hint_weight, batch_size=batch_size, lr=lr,
+        **({"transfer": transfer} if isinstance(transfer, str) else {}),
+        **{k: fit_options[k] for k in ("optimizer", "schedule") if fit_options.get(k) is not None})
     if "transform" in fit_options:
         raise ConfigError("distill caches the teacher's outputs on a fixed transfer set, so on-the-fly transforms "
                           "cannot be used; use transfer='augment' (fixed augmented copies) instead")
@@ -459,52 +463,3 @@ def _describe_transfer(transfer) -> str:
 
 
 # --- students and teachers for the CLI -----------------------------------------------------------
-
-
-def build_student(text: str, teacher: nn.Module, task) -> nn.Module:
-    """A student from a short spec: ``mlp:128``, ``mlp:256,128``, ``lenet5:3,8,60,42``,
-    ``cnn:8,16`` (``cnn:8,16:32`` sets the hidden width) or ``width=0.25[,depth=1]`` (the
-    teacher's architecture, narrower/shallower: :func:`slimfuse.zoo.student`)."""
-    text = text.strip()
-    if text.startswith(("width=", "depth=")):
-        kwargs = {}
-        for item in text.split(","):
-            key, _, value = item.partition("=")
-            if key not in ("width", "depth") or key in kwargs:
-                raise ConfigError(f"student {text!r}: expected width=FRACTION[,depth=N]")
-            try:
-                kwargs[key] = float(value) if key == "width" else int(value)
-            except ValueError:
-                raise ConfigError(f"student {text!r}: {key} must be a number, got {value!r}") from None
-        return zoo.student(teacher, **kwargs)
-    arch, _, rest = text.partition(":")
-    parts = rest.split(":") if rest else []
-    if arch not in ("mlp", "lenet5", "cnn") or not parts or len(parts) > (2 if arch == "cnn" else 1):
-        raise ConfigError(f"student {text!r}: use mlp:W[,W...], lenet5:C1,C2,F1,F2, cnn:C1[,C2...][:H] "
-                          "or width=FRACTION[,depth=N]")
-    widths = [_int(v, text) for v in parts[0].split(",")]
-    if arch == "mlp":
-        return zoo.for_task("mlp", task, hidden=widths)
-    kwargs = {"widths": widths}
-    if len(parts) == 2:
-        kwargs["hidden"] = _int(parts[1], text)
-    return zoo.for_task(arch, task, **kwargs)
-
-
-def _int(value: str, text: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"student {text!r}: widths must be integers, got {value!r}") from None
-
-
-def load_teacher(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
-    """Load a teacher for the CLI: a slimfuse artifact folder (any registered architecture,
-    ensembles included) or an ``.onnx`` file (through ``slimfuse.runtime.load_onnx``)."""
-    from ..models import load
-    from ..runtime import load_onnx
-
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".onnx":
-        return load_onnx(path)
-    return load(path, trust_factory=trust_factory)

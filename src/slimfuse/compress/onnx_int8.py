@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..export import to_onnx
 from ..models.spec import derive, spec_of
 from ..runtime import OnnxPredictor
-from .quantize import register_scheme
+from .schemes import register_scheme
 
 METHODS = ("minmax", "percentile", "entropy")
 FORMATS = ("qdq", "qoperator")
@@ -66,7 +66,7 @@ def int8_dynamic(model, *, arg=None, calib=None, per_channel: bool = True, sampl
 
 @register_scheme("int8-static", "onnxruntime", default=True)
 def int8_static(model, *, arg=None, calib=None, calibrator: str = "minmax", per_channel: bool = True,
-                format: str = "qdq", samples: int = 512, percentile: float = 99.999, op_types=None,
+                format: str = "qdq", samples: int = 512, percentile: float = 99.99, op_types=None,
                 exclude=None, exclude_extreme: bool = True, **unknown) -> OnnxPredictor:
     """int8 weights and activations, activation ranges calibrated on ``calib`` (required).
 

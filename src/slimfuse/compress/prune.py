@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import configs
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
 from ..errors import ArtifactError, ConfigError
@@ -56,7 +57,7 @@ StepCallback = Callable[[dict], None]
 
 def prune(
     model: nn.Module,
-    sparsity: float | None = None,
+    sparsity: float | configs.Prune | None = None,
     *,
     channels: float | None = None,
     scope: str | None = None,
@@ -65,7 +66,7 @@ def prune(
     importance: str | None = None,
     round_to: int | None = None,
     data: Splits | None = None,
-    finetune_epochs: int | None = None,
+    epochs: int | None = None,
     exclude: list[str] | None = None,
     lr: float | None = None,
     batch_size: int = 64,
@@ -76,7 +77,8 @@ def prune(
     max_layer_sparsity: float = MAX_LAYER_SPARSITY,
     validate: bool = True,
 ) -> nn.Module:
-    """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels``.
+    """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels`` (or a
+    :class:`slimfuse.configs.Prune` as ``sparsity``, of which the keywords are a shorthand).
 
     ``sparsity``: fraction of weights in scope set to zero (unstructured). ``scope``:
     ``global`` (one magnitude threshold across layers, default) or ``layer`` (each layer
@@ -88,7 +90,7 @@ def prune(
     ``l1`` (default), ``l2`` or ``taylor`` (first-order, needs ``data``). ``steps``: pruning
     steps with fine-tuning between them (default 1). ``round_to``: keep widths multiples of it.
 
-    ``data``: the ``Splits`` fine-tuning trains on. ``finetune_epochs``: total fine-tuning
+    ``data``: the ``Splits`` fine-tuning trains on. ``epochs``: total fine-tuning
     budget (default 8 when ``data`` is given, else 0). ``exclude``: module names never pruned
     (default: the output layer). ``lr`` (default 1e-3 unstructured, 3e-3 structured: measured,
     see BENCHMARKS.md), ``batch_size``, ``seed``: fine-tuning settings (Adam, cosine schedule).
@@ -106,54 +108,40 @@ def prune(
     ``validate``: check the result (crash, NaN, collapse, bit-exact reload; see
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
     """
-    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, (int, float)) \
-            or not 0.0 < max_layer_sparsity < 1.0:
-        raise ConfigError(f"max_layer_sparsity must be a fraction in (0, 1), got {max_layer_sparsity!r}")
-    if (sparsity is None) == (channels is None):
-        raise ConfigError("prune: pass exactly one of sparsity= (unstructured) and channels= (structured)")
+    if isinstance(sparsity, configs.Prune):
+        return prune(model, data=data, seed=seed, progress=progress, on_step=on_step, checkpoint=checkpoint,
+                     validate=validate, **sparsity.given())
+    given = {"sparsity": sparsity, "channels": channels, "scope": scope, "schedule": schedule, "steps": steps,
+             "importance": importance, "round_to": round_to, "exclude": exclude, "epochs": epochs, "lr": lr,
+             "batch_size": batch_size, "max_layer_sparsity": max_layer_sparsity}
+    configs.Prune.build(**{k: v for k, v in given.items() if v is not None})  # one set of names and bounds
     kind = "sparsity" if sparsity is not None else "channels"
-    amount = _check_fraction(kind, sparsity if sparsity is not None else channels)
+    amount = float(sparsity if sparsity is not None else channels)
     if kind == "sparsity" and amount > max_layer_sparsity:
         raise ConfigError(f"sparsity={amount} is above max_layer_sparsity={max_layer_sparsity}: no layer may "
                           "lose more than that; raise max_layer_sparsity (below 1) or ask for less sparsity")
-    if finetune_epochs is None:
-        finetune_epochs = DEFAULT_FINETUNE_EPOCHS if data is not None else 0
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise ConfigError(f"finetune_epochs must be a non-negative integer, got {finetune_epochs!r}")
-    if finetune_epochs and data is None:
-        raise ConfigError(f"fine-tuning for {finetune_epochs} epochs needs data: pass data= (Splits), "
-                          "or finetune_epochs=0 to prune without fine-tuning")
+    if epochs is None:
+        epochs = DEFAULT_FINETUNE_EPOCHS if data is not None else 0
+    if epochs and data is None:
+        raise ConfigError(f"fine-tuning for {epochs} epochs needs data: pass data= (Splits), "
+                          "or epochs=0 to prune without fine-tuning")
     if data is not None and not isinstance(data, Splits):
         raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
     if lr is None:
         lr = DEFAULT_LR[kind]
     fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
     on_step = on_step or (lambda info: None)
     if kind == "sparsity":
-        if importance is not None or round_to is not None:
-            raise ConfigError("importance= and round_to= apply to structured pruning (channels=), not sparsity=")
         result = _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
-                               epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step,
+                               epochs=epochs, exclude=exclude, fit_kw=fit_kw, on_step=on_step,
                                checkpoint=checkpoint, max_layer=float(max_layer_sparsity))
-        fix = "scope='layer', a lower sparsity, a lower max_layer_sparsity, or fine-tuning (data=, finetune_epochs=)"
+        fix = "scope='layer', a lower sparsity, a lower max_layer_sparsity, or fine-tuning (data=, epochs=)"
         return check(result, f"prune(sparsity={amount})", reference=model, data=data, validate=validate, fix=fix)
-    if schedule != "agp":
-        raise ConfigError("schedule= applies to unstructured pruning (sparsity=); structured pruning uses steps=")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
     result = _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
-                         round_to=round_to, data=data, epochs=finetune_epochs, exclude=exclude, fit_kw=fit_kw,
+                         round_to=round_to, data=data, epochs=epochs, exclude=exclude, fit_kw=fit_kw,
                          on_step=on_step, checkpoint=checkpoint)
-    fix = "fewer channels, scope='layer', more steps= or fine-tuning (data=, finetune_epochs=), or exclude= the layer"
+    fix = "fewer channels, scope='layer', more steps= or fine-tuning (data=, epochs=), or exclude= the layer"
     return check(result, f"prune(channels={amount})", reference=model, data=data, validate=validate, fix=fix)
-
-
-def _check_fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{name} must be a fraction in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -313,7 +301,7 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     _check_choice("scope", scope, ("global", "layer"))
     _check_choice("schedule", schedule, ("agp", "oneshot"))
     if schedule == "agp" and epochs == 0:
-        raise ConfigError("schedule='agp' prunes gradually while fine-tuning: pass data= (and finetune_epochs > 0), "
+        raise ConfigError("schedule='agp' prunes gradually while fine-tuning: pass data= (and epochs > 0), "
                           "or use schedule='oneshot'")
     if schedule == "oneshot" and steps not in (None, 1):
         raise ConfigError("schedule='oneshot' prunes in one step; steps= applies to schedule='agp'")
@@ -339,7 +327,7 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     work.eval()
     object.__setattr__(work, "slimfuse_codec", CODEC)
     return derive(model, work, "prune", sparsity=sparsity, scope=scope, schedule=schedule, steps=len(plan),
-                  finetune_epochs=epochs, excluded=excluded, pruned_layers=list(layers), max_layer_sparsity=max_layer)
+                  epochs=epochs, excluded=excluded, pruned_layers=list(layers), max_layer_sparsity=max_layer)
 
 
 # --------------------------------------------------------------------------- structured
@@ -433,7 +421,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     work.eval()
     spec = shrunk_spec(model, work)
     return derive(model, work, "prune", spec=spec, channels=ratio, importance=importance, scope=scope, steps=steps,
-                  round_to=round_to, finetune_epochs=epochs, excluded=excluded)
+                  round_to=round_to, epochs=epochs, excluded=excluded)
 
 
 # --------------------------------------------------------------------------- rebuilding shrunk models

@@ -38,7 +38,7 @@ from ..models.zoo import build, register
 from ..train import evaluate, fit
 from .calibrate import check_calibrator, observe
 from .qmodules import FakeQuant, QConv2d, QLinear, _Int8Layer
-from .quantize import register_scheme
+from .schemes import register_scheme
 
 # run in float on quantized and float tensors alike: they never end a quantized region
 TRANSPARENT = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -343,9 +343,9 @@ def _groups(source: nn.Module, scheme: str, kernel_scheme: str) -> list[Group]:
     return groups
 
 
-def _calibrated(model, calib, scheme, *, calibrator, calib_samples, percentile=99.99, seed=0):
+def _calibrated(model, calib, scheme, *, calibrator, samples, percentile=99.99, seed=0):
     check_calibrator(calibrator)
-    x = _calib_x(calib, scheme, calib_samples, seed)
+    x = _calib_x(calib, scheme, samples, seed)
     source = copy.deepcopy(model).eval()
     groups = _groups(source, scheme, "int8-static")
     ranges = observe(source, _points(groups), x, calibrator=calibrator, percentile=percentile)
@@ -360,18 +360,18 @@ def _static(source, groups, ranges, keep: dict[str, str] | None = None, scheme="
 
 
 @_scheme("int8-dynamic")
-def int8_dynamic(model: nn.Module, *, calib=None, keep=()) -> nn.Module:
+def int8_dynamic(model: nn.Module, *, calib=None, exclude=None) -> nn.Module:
     """Int8 weights; activations quantized per call (fbgemm ``linear_dynamic``). Linear layers only.
 
-    ``keep``: paths of layers to leave in fp32 (mixed precision chosen by the caller).
+    ``exclude``: paths of layers to leave in fp32 (mixed precision chosen by the caller).
     """
     _check_source(model)
     source = copy.deepcopy(model).eval()
-    keep = sorted(keep)
+    keep = sorted(exclude or ())
     modules = dict(source.named_modules())
     unknown = [p for p in keep if not isinstance(modules.get(p), nn.Linear)]
     if unknown:
-        raise ConfigError(f"int8-dynamic: keep names no Linear layer of this model: {', '.join(map(str, unknown))}")
+        raise ConfigError(f"int8-dynamic: exclude names no Linear layer of this model: {', '.join(map(str, unknown))}")
     groups = _groups(source, "int8-dynamic", "int8-dynamic")
     chosen = [g for g in groups if g.path not in keep]
     plan = layer_plan(source, "int8-dynamic", chosen, {p: "fp32" for p in keep})
@@ -380,19 +380,19 @@ def int8_dynamic(model: nn.Module, *, calib=None, keep=()) -> nn.Module:
 
 
 @_scheme("int8-static")
-def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile", calib_samples: int = 1024,
+def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile", samples: int = 512,
                 percentile: float = 99.99, seed: int = 0) -> nn.Module:
     """Int8 weights (per channel) and activations (calibrated); Linear and Conv2d, BatchNorm folded, ReLU fused."""
     _check_source(model)
     source, groups, ranges, n = _calibrated(model, calib, "int8-static", calibrator=calibrator,
-                                            calib_samples=calib_samples, percentile=percentile, seed=seed)
+                                            samples=samples, percentile=percentile, seed=seed)
     q = _static(source, groups, ranges)
-    return _finish(model, q, "int8-static", q.layers, calibrator=calibrator, calib_samples=n)
+    return _finish(model, q, "int8-static", q.layers, calibrator=calibrator, samples=n)
 
 
 @_scheme("qat")
 def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
-        calib_samples: int = 1024, seed: int = 0, progress: bool | None = None,
+        samples: int = 512, seed: int = 0, progress: bool | None = None,
         checkpoint: str | Path | None = None) -> nn.Module:
     """Quantization-aware fine-tuning (fake-quant through ``fit``), then a real int8-static model.
 
@@ -401,7 +401,7 @@ def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batc
     _check_source(model)
     if not isinstance(calib, Splits):
         raise ConfigError("qat fine-tunes the model, so it needs the data set's Splits as calib= (CLI: --data)")
-    source, groups, ranges, _ = _calibrated(model, calib, "qat", calibrator="minmax", calib_samples=calib_samples,
+    source, groups, ranges, _ = _calibrated(model, calib, "qat", calibrator="minmax", samples=samples,
                                          seed=seed)
     fq = copy.deepcopy(source)
     for g in groups:
@@ -418,7 +418,7 @@ def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batc
         for other in (g.bn, g.relu):
             if other is not None:
                 fq.set_submodule(other, nn.Identity())
-    resume = None if checkpoint is None else Resume(checkpoint, key={"op": "qat", "calib_samples": calib_samples})
+    resume = None if checkpoint is None else Resume(checkpoint, key={"op": "qat", "samples": samples})
     trained = fit(fq, calib, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None,
                   checkpoint=resume)
     weights, trained_ranges = {}, {}
@@ -500,19 +500,19 @@ register_codec("half", _encode_half, _decode_half)
 # mixed precision from per-layer sensitivity
 # ---------------------------------------------------------------------------------------------
 @_scheme("mixed")
-def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = "fp32",
-          calibrator: str = "percentile", calib_samples: int = 1024, seed: int = 0) -> nn.Module:
+def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.5, high: str = "fp32",
+          calibrator: str = "percentile", samples: int = 512, seed: int = 0) -> nn.Module:
     """Int8-static everywhere except the layers whose int8 version costs the most validation accuracy.
 
     Each layer is quantized alone and its accuracy drop measured on validation data; then the most
     sensitive layers are kept at ``high`` precision (``fp32``, ``fp16`` or ``bf16`` storage) one by one
-    until the whole model's drop is at most ``max_drop`` (a fraction: 0.005 = 0.5 points).
+    until the whole model's drop is at most ``max_drop`` points of accuracy (0.5 = half a point).
     """
     _check_source(model)
     if high not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"mixed: high must be fp32, fp16 or bf16, got {high!r}")
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
-        raise ConfigError(f"mixed: max_drop is an accuracy fraction in [0, 1), got {max_drop!r}")
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
+        raise ConfigError(f"mixed: max_drop is in accuracy points (0.5 = half a point), 0 to 100; got {max_drop!r}")
     if isinstance(calib, Splits):
         val = calib.val
     elif isinstance(calib, Split):
@@ -522,7 +522,7 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = 
                           "CLI: --data)")
     if len(val) == 0:
         raise ConfigError("mixed: the validation split is empty")
-    source, groups, ranges, _ = _calibrated(model, calib, "mixed", calibrator=calibrator, calib_samples=calib_samples,
+    source, groups, ranges, _ = _calibrated(model, calib, "mixed", calibrator=calibrator, samples=samples,
                                          seed=seed)
     base = evaluate(source, val)
     paths = [g.path for g in groups]
@@ -538,12 +538,13 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.005, high: str = 
     for k in range(len(order) + 1):
         keep = set(order[:k])
         achieved = drop(keep)[0] if k < len(order) else 0.0
-        if achieved <= max_drop:
+        if 100 * achieved <= max_drop + 1e-9:
             break
     q = _static(source, groups, ranges, {p: high for p in keep}, scheme="mixed")
     if high != "fp32":
         _round_half(q.net, HALF[high], keep)
         object.__setattr__(q, "slimfuse_codec", "half")
-    return _finish(model, q, "mixed", q.layers, max_drop=max_drop, high=high, val_drop=round(achieved, 6),
+    return _finish(model, q, "mixed", q.layers, max_drop_points=max_drop, high=high,
+                   val_drop_points=round(100 * achieved, 4),
                    sensitivity={p: {"accuracy_drop": round(a, 6), "nll_increase": round(n, 6)}
                                 for p, (a, n) in sensitivity.items()})

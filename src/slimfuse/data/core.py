@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from ..errors import DataError
 
@@ -125,6 +124,8 @@ def split_arrays(
     stratify = y if counts[counts > 0].min() >= 3 else None
     idx = np.arange(len(y))
     try:
+        from sklearn.model_selection import train_test_split  # imported when a split is made
+
         rest, te = train_test_split(idx, test_size=test, random_state=seed, stratify=stratify)
         strat_rest = y[rest] if stratify is not None else None
         tr, va = train_test_split(rest, test_size=val / (1 - test), random_state=seed, stratify=strat_rest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import importlib
 import io
 import os
 import zipfile
@@ -14,7 +15,6 @@ import numpy as np
 
 from ..errors import DataError
 from .core import Splits, Task, _to_split, split_arrays, validate_arrays
-from .sentences import sentences
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 
@@ -43,8 +43,9 @@ def _digits():
 
 
 BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
-# built-ins that are already split token ids (not float features): name -> fn(seed, val, test) -> Splits
-TEXT = {"sentences": sentences}
+# built-ins that are already split token ids (not float features): name -> "module:function" of a higher
+# layer (fn(seed, val, test) -> Splits), imported by name when asked for
+TEXT = {"sentences": "slimfuse.nlp.sentences:sentences"}
 
 
 def builtin_names() -> list[str]:
@@ -76,7 +77,8 @@ def load(
     """
     key = str(name_or_path)
     if key in TEXT:
-        return TEXT[key](seed=seed, val=val, test=test)
+        module, _, fn = TEXT[key].partition(":")
+        return getattr(importlib.import_module(module), fn)(seed=seed, val=val, test=test)
     if key in BUILTIN:
         x, y, task = BUILTIN[key]()
         x, y = validate_arrays(x, y, where=key, num_classes=task.num_classes)

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import configs
 from ..data import Split, Splits
 from ..errors import ConfigError
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
 from ..train import predict, probe
 from ..validate import check
 from . import select
-from .combine import METHODS, Ensemble, make
+from .combine import Ensemble, make
 from .stacking import blend_oof, fit_meta
 
 
@@ -25,7 +26,7 @@ def member_probas(members, split: Split | torch.Tensor) -> np.ndarray:
 
 def ensemble(
     members,
-    method: str = "mean",
+    method: str | configs.Ensemble = "weighted",
     data: Splits | None = None,
     *,
     weights=None,
@@ -51,15 +52,16 @@ def ensemble(
     ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
+    if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
+        return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
+    configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend)
     if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
         raise ConfigError("members must be a list of trained modules")
     members_list = list(members)
     if not members_list or not all(isinstance(m, nn.Module) for m in members_list):
         raise ConfigError("members must be a non-empty list of nn.Module")
     if (method == "stacking" or (method == "weighted" and weights is None)) and data is None:
-        raise ConfigError(f"method {method!r} learns from validation predictions; pass data=")
+        raise ConfigError(f"method {method!r} learns from validation predictions; pass data= (or method='mean')")
     classes = _classes(members_list, data)
     members_list = [copy.deepcopy(m).eval() for m in members_list]  # the inputs stay untouched
     step: dict = {"method": method, "members": [lineage_str(lineage_of(m)) for m in members_list]}

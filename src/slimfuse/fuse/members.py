@@ -193,7 +193,28 @@ class _Runner:
             models.append(member)
             seen.append(np.unique(used))
         if spread:
-            distributed.share_modules(models, owner=lambda i: i % ranks)
+            share_modules(models, owner=lambda i: i % ranks)
             for m in models:
                 m.eval()
         return models, seen
+
+
+def share_modules(models: list, owner) -> None:
+    """Make every rank hold rank ``owner(i)``'s weights and metadata for ``models[i]`` (in place).
+
+    Tensors travel by ``broadcast``; the slimfuse metadata (spec, lineage, task) as JSON bytes,
+    so nothing is pickled between processes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from ..models.spec import ATTR
+
+    for i, model in enumerate(models):
+        src = owner(i)
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=src)
+        meta = distributed.broadcast_json(getattr(model, ATTR, None), src)
+        if meta is not None:
+            object.__setattr__(model, ATTR, meta)

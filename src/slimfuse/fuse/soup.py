@@ -92,21 +92,13 @@ def average(models: list[nn.Module], train: Split | None = None) -> nn.Module:
 
 
 def refresh_bn(model: nn.Module, train: Split, *, batch_size: int = 256) -> nn.Module:
-    """Recompute BatchNorm running statistics of ``model`` (in place) with one pass over ``train``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model
-    was = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the pass
-    model.train()
+    """Recompute BatchNorm running statistics of ``model`` (in place) with one pass over ``train``.
+
+    ``torch.optim.swa_utils.update_bn``: a cumulative average over the pass, then each layer's own
+    momentum and the model's training mode restored."""
+    batches = [train.x[start : start + batch_size] for start in range(0, len(train), batch_size)]
     with torch.no_grad():
-        for start in range(0, len(train), batch_size):
-            model(train.x[start : start + batch_size])
-    for bn in bns:
-        bn.momentum = 0.1
-    model.train(was)
+        torch.optim.swa_utils.update_bn(batches, model)
     return model
 
 

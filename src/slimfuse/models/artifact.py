@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import importlib
 import os
 import platform
 import shutil
@@ -51,6 +52,15 @@ def register_codec(name: str, encode: Encoder, decode: Decoder) -> None:
 
 
 register_codec("dense", lambda state: (state, {}), lambda tensors, meta: tensors)
+# codecs registered by higher layers, imported by name when an artifact names one (a plugin table)
+PROVIDERS = {"sparse-zstd": "slimfuse.compress.sparse", "codebook": "slimfuse.compress.codebook",
+             "half": "slimfuse.compress.quant_torch"}
+
+
+def _codec(name) -> tuple[Encoder, Decoder] | None:
+    if isinstance(name, str) and name not in CODECS and name in PROVIDERS:
+        importlib.import_module(PROVIDERS[name])
+    return CODECS.get(name) if isinstance(name, str) else None
 
 
 def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, codec: str | None = None) -> Path:
@@ -131,6 +141,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` (UTF-8) or bytes to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8") if isinstance(text, str) else text)
 
 
 def _sha256(path: Path) -> str:
@@ -239,7 +254,7 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
     codec = card["storage"].get("codec", "dense")
-    if codec not in CODECS:
+    if _codec(codec) is None:
         raise ArtifactError(f"{path}: unknown storage codec {codec!r}")
     try:
         state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))

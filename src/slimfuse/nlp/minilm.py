@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from .spec import attach, derive, spec_of
-from .zoo import _check_widths, register
+from ..models.spec import attach, derive, spec_of
+from ..models.zoo import _check_widths, register
 
 PAD_ID = 0
 MINILM_ARGS = {"vocab": 30522, "hidden": 384, "layers": 6, "heads": 12, "intermediate": 1536, "max_positions": 512}

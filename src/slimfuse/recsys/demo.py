@@ -17,7 +17,7 @@ import torch
 from .. import recsys
 from ..measure import Report, measure
 from ..models import load, save
-from .report import write_report
+from ..report import write_report
 
 K = 10
 TRAIN = {"epochs": 12, "batch_size": 2048}

@@ -11,17 +11,13 @@ import html
 import io
 from pathlib import Path
 
-from ..measure import Report
-from ..models.artifact import write_bytes_atomic
+from .measure import Report
+from .models.artifact import write_text_atomic
 
 PLOTS = (
     ("bytes", "artifact bytes on disk", True),
     ("latency_b1_p50_ms", "batch-1 latency p50 (ms)", True),
 )
-
-
-def write_text_atomic(path: Path, text: str | bytes) -> None:
-    write_bytes_atomic(path, text.encode("utf-8") if isinstance(text, str) else text)
 
 
 def pareto_front(rows: list[dict], x: str, y: str = "accuracy") -> list[str]:

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from ..compress.quantize import quantize
-from ..data.sentences import sentences
 from ..measure import Report
 from ..models import load, save
-from ..models.minilm import minilm
 from ..models.spec import lineage_of
-from ..nlp.compress import distill_layers, int8, mixed, ort_transformer
-from ..nlp.fidelity import fidelity_score
-from ..nlp.measure import measure_encoders
-from .report import write_report
+from ..report import write_report
+from .compress import distill_layers, int8, mixed, ort_transformer
+from .fidelity import fidelity_score
+from .measure import measure_encoders
+from .minilm import minilm
+from .sentences import sentences
 
 
 def run(out: str | Path = "runs/demo-nlp", *, seed: int = 0, seconds: float = 0.6) -> Report:
@@ -32,7 +32,7 @@ def run(out: str | Path = "runs/demo-nlp", *, seed: int = 0, seconds: float = 0.
     splits = sentences(n=640, seed=seed, val=0.15, test=0.25)  # 384 train, 96 val, 160 test sentences
     teacher = minilm()
     graph = ort_transformer(teacher, splits.val)
-    mix = mixed(teacher, splits.val, target=0.995, graph=graph, samples=48)
+    mix = mixed(teacher, splits.val, max_drop=0.5, graph=graph, samples=48)
     student = distill_layers(teacher, splits, layers=3, epochs=3, seed=seed)
     save(mix, out / "minilm-mixed")
     save(student, out / "minilm-3layer")
