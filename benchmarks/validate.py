@@ -70,7 +70,7 @@ def main() -> None:
         for _ in range(REPEATS):
             dt, result = timed(lambda step=step: step(False))
             t_step.append(dt)
-            dt, _ = timed(lambda result=result, ref=ref: check(result, name, reference=ref, data=data))
+            dt, _ = timed(lambda result=result, ref=ref, name=name: check(result, name, reference=ref, data=data))
             t_gate.append(dt)
         med_s, med_g = statistics.median(t_step), statistics.median(t_gate)
         rows.append({"step": name, "step_s": round(med_s, 4), "step_spread": [round(min(t_step), 4),

@@ -10,8 +10,9 @@ model that
   is named; for an ONNX model, the quantization scales that are not finite);
 - *collapses*: predicts one class for the whole sample where the input model predicted
   several, or agrees with the input model on fewer than ``min(AGREEMENT_FLOOR, CHANCE_MULTIPLE /
-  classes)`` of the predicted classes (``QUANTIZE_FLOOR`` for int8 quantization), or has a mean cosine with the input model's outputs below
-  ``COSINE_FLOOR`` (embeddings and other outputs; ``QUANTIZE_COSINE_FLOOR`` for int8);
+  classes)`` of the predicted classes (``QUANTIZE_FLOOR`` for int8 quantization), or has a
+  mean cosine with the input model's outputs below ``COSINE_FLOOR`` (embeddings and other
+  outputs; ``QUANTIZE_COSINE_FLOOR`` for int8);
 - does not save -> load -> rerun bit-exactly (in a temporary folder).
 
 Each failure is a :class:`ValidationError` naming the step, the layer where known and the fix
@@ -42,7 +43,7 @@ SAMPLES = 256  # inputs the gate runs (a few hundred at most keeps it cheap)
 AGREEMENT_FLOOR = 0.5  # classification: share of sample predictions equal to the input model's, at most ...
 CHANCE_MULTIPLE = 2.0  # ... this multiple of chance (1 / classes): 0.2 for 10 classes, 0.5 for 2 to 4
 QUANTIZE_FLOOR = 0.8  # int8 quantization is near-lossless: its floor is higher ...
-QUANTIZE_COSINE_FLOOR = 0.9  # ... also for embeddings (MiniLM, raw export: 0.83 by default, 0.94 with op_types=["MatMul"])
+QUANTIZE_COSINE_FLOOR = 0.9  # ... also for embeddings (raw MiniLM export: 0.83 by default, 0.94 op_types=MatMul)
 COSINE_FLOOR = 0.5  # other outputs: mean cosine between the result's and the input model's outputs
 COLLAPSE_MIN_SAMPLES = 16  # collapse is judged only on a sample at least this large
 

@@ -226,7 +226,7 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: st
         free = [n for n in weights if n not in capped]
         budget = zeros - sum(capped.values())
         if not free or budget <= 0:
-            counts = {n: 0 for n in free}
+            counts = dict.fromkeys(free, 0)
             break
         flat = torch.cat([weights[n].detach().abs().reshape(-1) for n in free])
         keep = _keep(flat, min(budget, flat.numel()))
