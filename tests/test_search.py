@@ -89,7 +89,7 @@ def test_bad_arguments(digits, digits_mlp, kwargs, message):
 def test_optimize_cli_searches_the_default_space(tmp_path, digits, digits_mlp):
     sf.save(digits_mlp, tmp_path / "m")
     result = CliRunner().invoke(app, ["optimize", str(tmp_path / "m"), "--data", "digits", "-o", str(tmp_path / "o"),
-                                      "--max-drop", "1", "--objective", "latency", "--budget", "60",
+                                      "--max-drop", "1", "--objective", "latency", "--budget-s", "60",
                                       "--no-ensemble", "--strict"])
     assert result.exit_code in (0, 1), result.output
     summary = json.loads((tmp_path / "o" / "search.json").read_text())
