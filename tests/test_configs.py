@@ -20,7 +20,7 @@ from slimfuse.pipeline import recipe
 LIBRARY = {
     "train": [sf.fit],
     "prune": [sf.prune],
-    "quantize": sorted(set(SCHEMES.values()), key=lambda f: f.__module__ + f.__qualname__),
+    "quantize": [sf.quantize, *sorted(set(SCHEMES.values()), key=lambda f: f.__module__ + f.__qualname__)],
     "distill": [sf.distill],
     "ensemble": [sf.ensemble],
     "export": [sf.export],

@@ -196,6 +196,8 @@ class Prune(Config):
     batch_size: BatchSize = 64
     max_layer_sparsity: Annotated[float, Field(gt=0, lt=1, description="unstructured: most of a layer's weights "
                                                                         "set to zero (every layer keeps some)")] = 0.98
+    validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -235,6 +237,8 @@ class Quantize(Config):
                                                          "(default 1e-4)")] = None
     batch_size: Annotated[BatchSize, Field(description="qat: samples per optimizer step")] = 64
     iters: Annotated[int, Field(ge=1, le=10_000, description="codebook: k-means iterations")] = 30
+    validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
     exclude: Annotated[Names | None, Field(description="layers kept in float: module paths (torch) or ONNX node "
                                                        "names (onnxruntime)")] = None
     op_types: Annotated[Names | None, Field(description="onnxruntime int8-static: quantize only these ONNX op "
@@ -257,7 +261,7 @@ class Quantize(Config):
 
     def options(self) -> dict:
         """The scheme options set explicitly (a scheme refuses the ones it does not use)."""
-        return {k: v for k, v in self.given().items() if k not in ("scheme", "backend")}
+        return {k: v for k, v in self.given().items() if k not in ("scheme", "backend", "validate")}
 
 
 class Distill(Config):
@@ -283,6 +287,8 @@ class Distill(Config):
     lr: LearningRate = 1e-3
     optimizer: Annotated[Optimizer, Field(description="adam or sgd (momentum 0.9)")] = "adam"
     schedule: Annotated[Schedule, Field(description="learning-rate schedule: none or cosine")] = "none"
+    validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
 
     @field_validator("transfer")
     @classmethod
@@ -304,6 +310,8 @@ class Ensemble(Config):
     meta: Annotated[Literal["linear", "mlp"], Field(description="stacking meta-learner")] = "linear"
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "
                                                           "split the meta-learner trains on")] = 1.0
+    validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
 
 
 class Export(Config):

@@ -198,7 +198,7 @@ def quantize(source: Source, cfg: configs.Quantize, data: configs.DataRef | Spli
     options = cfg.options()
     if trains(cfg.scheme, cfg.backend):
         options["checkpoint"] = _checkpoint(out, checkpoint)
-    q = quantize_model(m, cfg.scheme, calib=ready, backend=cfg.backend, **options)
+    q = quantize_model(m, cfg.scheme, calib=ready, backend=cfg.backend, validate=cfg.validate, **options)
     if isinstance(q, OnnxPredictor) and out.suffix == ".onnx":
         metrics, nbytes = _metrics(q, ready), write_onnx(q, "onnx", out).bytes
     else:

@@ -370,7 +370,7 @@ def distill(
     """
     if config is not None:  # the config; the keywords are its shorthand
         return distill(teacher, student, data, seed=seed, progress=progress, history=history, checkpoint=checkpoint,
-                       validate=validate, **{**config.model_dump(), **fit_options})
+                       **{**config.model_dump(), **fit_options})
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
     configs.Distill.build(  # one set of names and bounds

@@ -110,7 +110,7 @@ def prune(
     """
     if isinstance(sparsity, configs.Prune):
         return prune(model, data=data, seed=seed, progress=progress, on_step=on_step, checkpoint=checkpoint,
-                     validate=validate, **sparsity.given())
+                     **sparsity.given())
     given = {"sparsity": sparsity, "channels": channels, "scope": scope, "schedule": schedule, "steps": steps,
              "importance": importance, "round_to": round_to, "exclude": exclude, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "max_layer_sparsity": max_layer_sparsity}

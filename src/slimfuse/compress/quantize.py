@@ -49,7 +49,8 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     or failed reload raises ``ValidationError``); ``False`` skips it (recorded in the lineage).
     """
     if isinstance(scheme, configs.Quantize):
-        scheme, backend, options = scheme.scheme, scheme.backend, {**scheme.options(), **options}
+        options = {**scheme.options(), **options}
+        scheme, backend, validate = scheme.scheme, scheme.backend, scheme.validate
     if not isinstance(scheme, str) or not scheme:
         raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}
