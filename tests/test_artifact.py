@@ -53,7 +53,7 @@ def test_failed_save_leaves_nothing(digits_mlp, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(art, "save_file", broken)
+    monkeypatch.setattr(art, "_write_file", broken)
     with pytest.raises(OSError):
         sf.save(digits_mlp, tmp_path / "out" / "a")
     assert list((tmp_path / "out").iterdir()) == []
