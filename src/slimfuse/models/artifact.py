@@ -32,7 +32,7 @@ from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError
 from .spec import attach, lineage_of, spec_of, task_of
-from .zoo import build
+from .zoo import build, factory_spec
 
 FORMAT = "slimfuse-artifact"
 FORMAT_VERSION = 1
@@ -57,16 +57,15 @@ register_codec("dense", lambda state: (state, {}), lambda tensors, meta: tensors
 def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, codec: str | None = None) -> Path:
     """Write ``model`` as an artifact folder at ``path`` (replacing an earlier artifact there).
 
+    A module from outside slimfuse is recorded by its importable class and constructor arguments
+    (:func:`slimfuse.zoo.factory_spec`) and reloads with ``load(path, trust_factory=True)``.
     ``codec`` defaults to the model's preference (``model.slimfuse_codec``) or ``dense``. A codec
     never makes the artifact larger: when its tensors and card (the per-tensor layout counted) would
     take more bytes than the dense form, the dense form is written and the card says ``dense``.
     """
     spec = spec_of(model)
-    if spec is None:
-        raise ArtifactError(
-            "this module has no slimfuse spec, so it could not be rebuilt on load; build it with "
-            "slimfuse.zoo or wrap a user factory with slimfuse.zoo.user_model('pkg.mod:fn', ...)"
-        )
+    if spec is None:  # a user's own module: its importable class and constructor arguments
+        spec = factory_spec(model)
     codec = codec or getattr(model, "slimfuse_codec", "dense")
     if codec not in CODECS:
         raise ArtifactError(f"unknown storage codec {codec!r} (known: {', '.join(sorted(CODECS))})")
