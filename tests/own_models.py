@@ -1,5 +1,7 @@
 """A user's own models, in an importable module (as a user's package would hold them)."""
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ class Recorded(nn.Module):
     def __init__(self, in_features: int, hidden: list[int], classes: int = 10, *, act: str = "relu"):
         super().__init__()
         widths = [in_features, *hidden]
-        self.body = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+        self.body = nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(widths)])
         self.fn = torch.relu if act == "relu" else torch.tanh
         self.out = nn.Linear(widths[-1], classes)
 
