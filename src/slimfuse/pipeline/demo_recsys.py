@@ -24,24 +24,14 @@ K = 10
 TRAIN = {"epochs": 12, "batch_size": 2048}
 
 
-def table_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors holding the embedding tables (fp32 weights, or packed codes + scale + offset)."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, recsys.QEmbedding):
-            total += sum(t.numel() * t.element_size() for t in (m.codes, m.scale, m.offset))
-    return total
-
-
 def int4_note(report: Report, fp32: nn.Module, int4: nn.Module, names: tuple[str, str]) -> str:
     """What the demo measures for the int4 tables, beside the target BENCHMARKS.md sets for them."""
     base, q = report.row(names[0]), report.row(names[1])
     share = q[f"ndcg@{K}"] / base[f"ndcg@{K}"]
-    tables = table_bytes(fp32) / table_bytes(int4)
+    before, after = recsys.table_bytes(fp32), recsys.table_bytes(int4)
+    tables = before / after
     met = "met" if tables >= 7 and share >= 0.98 else "not met on this small data set"
-    return (f"tables {tables:.2f}x smaller ({table_bytes(fp32):,} -> {table_bytes(int4):,} bytes), whole artifact "
+    return (f"tables {tables:.2f}x smaller ({before:,} -> {after:,} bytes), whole artifact "
             f"{base['bytes'] / q['bytes']:.2f}x (the fp32 item bias and the card stay), at {share:.1%} of the fp32 "
             f"NDCG@{K}. Target (int4 tables >= 7x smaller at >= 98% of fp32 NDCG@{K}, measured by "
             f"benchmarks/recsys.py on 3,000 users x 2,000 items): {met}.")
