@@ -82,11 +82,11 @@ def test_student_of_a_user_model_is_narrower_untrained_and_reloads(tmp_path, wid
 
 def test_student_of_a_user_model_trains_like_any_model(digits):
     torch.manual_seed(0)
-    teacher = sf.fit(Plain(64, width=64), digits, epochs=10, progress=False)
+    teacher = sf.fit(Plain(64, width=64), digits, epochs=2, progress=False)
     small = sf.zoo.student(teacher, width=0.25, example_inputs=digits.train.x[:2])
     assert small.fc.out_features == 16
-    trained = sf.evaluate(sf.fit(small, digits, epochs=10, progress=False), digits.test)["accuracy"]
-    baseline = sf.evaluate(sf.fit(Plain(64, width=16), digits, epochs=10, progress=False), digits.test)["accuracy"]
+    trained = sf.evaluate(sf.fit(small, digits, epochs=8, progress=False), digits.test)["accuracy"]
+    baseline = sf.evaluate(sf.fit(Plain(64, width=16), digits, epochs=8, progress=False), digits.test)["accuracy"]
     assert trained >= baseline - 0.05, (trained, baseline)  # as good as the same narrow net built by hand
 
 
