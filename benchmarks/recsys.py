@@ -35,17 +35,6 @@ TRAIN = {"epochs": 15, "batch_size": 2048}
 K = 10
 
 
-def table_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors that hold the embedding tables (fp32 weights, or codes + scale + offset)."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, recsys.QEmbedding):
-            total += sum(t.numel() * t.element_size() for t in (m.codes, m.scale, m.offset))
-    return total
-
-
 class Popularity(nn.Module):
     def __init__(self, data):
         super().__init__()
@@ -93,7 +82,7 @@ def main() -> None:
     popularity = recsys.evaluate(Popularity(data), data.test)
     rows = []
     for r in report.rows:
-        tb = table_bytes(models[r["name"]])
+        tb = recsys.table_bytes(models[r["name"]])
         rows.append({**r, "table_bytes": tb, "fit_s": seconds.get(r["name"])})
     base = rows[0]
     q4 = next(r for r in rows if r["name"] == "mf int4 tables")

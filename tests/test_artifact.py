@@ -53,15 +53,20 @@ def test_failed_save_leaves_nothing(digits_mlp, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(art, "save_file", broken)
+    monkeypatch.setattr(art, "_write_file", broken)
     with pytest.raises(OSError):
         sf.save(digits_mlp, tmp_path / "out" / "a")
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_module_without_spec_cannot_be_saved(tmp_path):
-    with pytest.raises(ArtifactError, match="no slimfuse spec"):
-        sf.save(torch.nn.Linear(3, 2), tmp_path / "a")
+def test_module_whose_class_cannot_be_imported_cannot_be_saved(tmp_path):
+    class Local(torch.nn.Module):  # a loader could not import it
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+
+    with pytest.raises(ArtifactError, match="not defined at the top level of its module"):
+        sf.save(Local(), tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 

@@ -35,22 +35,18 @@ from torch import nn
 from .. import configs
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
-from ..errors import ArtifactError, ConfigError
-from ..models.spec import attach, derive, spec_of, task_of
-from ..models.zoo import build, register
+from ..errors import ConfigError
+from ..models.shrunk import PRUNABLE, check_still_runs, output_layers, shrunk_spec
+from ..models.spec import derive, task_of
 from ..train import fit
 from ..validate import check
 from .sparse import CODEC
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_FINETUNE_EPOCHS = 8
 DEFAULT_LR = {"sparsity": 1e-3, "channels": 3e-3}  # Adam; a shrunk network recovers faster at 3e-3 (BENCHMARKS.md)
 AGP_PRUNING_SPAN = 0.5  # fraction of the fine-tuning during which the sparsity rises (measured: BENCHMARKS.md)
 AGP_STEPS = 5
 MAX_LAYER_SPARSITY = 0.98  # unstructured: no layer loses more of its weights (a global threshold could empty one)
-# Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
-WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
-               "normalized_shape", "num_embeddings", "embedding_dim")
 
 StepCallback = Callable[[dict], None]
 
@@ -162,28 +158,10 @@ def _sample(model: nn.Module, data: Splits | None) -> torch.Tensor | None:
     return None
 
 
-def _output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
-    """The last prunable layer to run in a forward pass (registration order without a sample)."""
-    names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
-    if not names:
-        return []
-    order: list[str] = []
-    if sample is not None:
-        hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
-                 for m in model.modules() if id(m) in names]
-        try:
-            with torch.no_grad():
-                model.eval()(sample)
-        finally:
-            for h in hooks:
-                h.remove()
-    return [order[-1] if order else list(names.values())[-1]]
-
-
 def _scope(model: nn.Module, exclude: list[str] | None, sample) -> tuple[dict[str, nn.Module], list[str]]:
     modules = dict(model.named_modules())
     if exclude is None:
-        exclude = _output_layers(model, sample)
+        exclude = output_layers(model, sample)
     elif isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise ConfigError(f"exclude must be a list of module names, got {exclude!r}")
     unknown = [e for e in exclude if e not in modules]
@@ -357,18 +335,6 @@ def _epochs_per_step(epochs: int, steps: int) -> list[int]:
     return [base + (1 if j >= steps - extra else 0) for j in range(steps)]
 
 
-def _check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Size) -> None:
-    """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
-    try:
-        with torch.no_grad():
-            shape = model.eval()(sample).shape
-    except RuntimeError as e:
-        shape = str(e).splitlines()[0]
-    if shape != expected:
-        raise ConfigError(f"structured pruning could not keep this model's layers consistent ({shape}); "
-                          "name the layers around the failing one in exclude=")
-
-
 def _structured(model, ratio, *, scope, importance, steps, round_to, data, epochs, exclude, fit_kw, on_step,
                 checkpoint):
     import torch_pruning as tp
@@ -407,7 +373,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
             _taylor_gradients(work, data)
         pruner.step()
         work.zero_grad(set_to_none=True)
-        _check_still_runs(work, sample, expected)
+        check_still_runs(work, sample, expected)
         if step_epochs:
             resume = Resume(area.stage(f"step-{step}"), keep=True) if area is not None else None
             tuned = fit(work, data, epochs=step_epochs, op=None, checkpoint=resume,
@@ -422,85 +388,3 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     spec = shrunk_spec(model, work)
     return derive(model, work, "prune", spec=spec, channels=ratio, importance=importance, scope=scope, steps=steps,
                   round_to=round_to, epochs=epochs, excluded=excluded)
-
-
-# --------------------------------------------------------------------------- rebuilding shrunk models
-
-
-def _zoo_widths(arch: str, m: dict[str, nn.Module]) -> dict | None:
-    """The zoo args that describe the widths of ``m`` (named modules), for the zoo's own layouts."""
-    if arch == "mlp":
-        return {"hidden": [m[f"fc{i}"].out_features for i in range(1, 1 + sum(1 for n in m if n.startswith("fc")))]}
-    if arch == "lenet5":
-        return {"widths": [m["conv1"].out_channels, m["conv2"].out_channels, m["fc1"].out_features,
-                           m["fc2"].out_features]}
-    if arch == "cnn":
-        convs = [m[f"conv{i}"].out_channels for i in range(1, 1 + sum(1 for n in m if n.startswith("conv")))]
-        return {"widths": convs, "hidden": m["fc"].out_features}
-    return None
-
-
-def _shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def shrunk_spec(source: nn.Module, pruned: nn.Module) -> dict | None:
-    """A spec that rebuilds ``pruned`` (``source`` with shrunk layers) without unpickling.
-
-    Zoo models get their new widths in their own args; anything else becomes a ``pruned``
-    architecture: the base spec plus the new shape of every tensor and width attribute that changed.
-    """
-    spec = spec_of(source)
-    if spec is None:
-        return None
-    new_shapes = _shapes(pruned)
-    try:
-        widths = _zoo_widths(spec.get("arch"), dict(pruned.named_modules()))
-    except (KeyError, AttributeError):
-        widths = None
-    if widths is not None:
-        candidate = {"arch": spec["arch"], "args": {**spec["args"], **widths}}
-        try:
-            if _shapes(build(candidate)) == new_shapes:
-                return candidate
-        except (ArtifactError, ConfigError):
-            pass
-    base, shapes, attrs = spec, {}, {}
-    if spec.get("arch") == "pruned":
-        base, shapes, attrs = spec["args"]["base"], dict(spec["args"]["shapes"]), dict(spec["args"]["attrs"])
-    old_shapes = _shapes(source)
-    for name, shape in new_shapes.items():
-        if old_shapes.get(name) != shape:
-            shapes[name] = shape
-            owner = name.rpartition(".")[0]
-            module = pruned.get_submodule(owner)
-            attrs[owner] = {a: list(v) if isinstance(v, tuple) else v
-                            for a in WIDTH_ATTRS if isinstance(v := getattr(module, a, None), (int, tuple))}
-    return {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}}
-
-
-@register("pruned")
-def pruned_arch(base: dict, shapes: dict, attrs: dict) -> nn.Module:
-    """``base`` rebuilt with the tensors in ``shapes`` resized and the width ``attrs`` of their modules set."""
-    model = build(base)
-    for name, shape in shapes.items():
-        owner, _, leaf = name.rpartition(".")
-        try:
-            module = model.get_submodule(owner)
-        except AttributeError:
-            raise ArtifactError(f"pruned spec names {name!r}, which the base model does not have") from None
-        old = getattr(module, leaf, None)
-        if not isinstance(old, torch.Tensor):
-            raise ArtifactError(f"pruned spec names {name!r}, which is not a tensor of the base model")
-        new = torch.empty([int(s) for s in shape], dtype=old.dtype)
-        if isinstance(old, nn.Parameter):
-            setattr(module, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            module._buffers[leaf] = new
-    for owner, values in attrs.items():
-        module = model.get_submodule(owner)
-        for attr, value in values.items():
-            if attr not in WIDTH_ATTRS:
-                raise ArtifactError(f"pruned spec sets {owner}.{attr}, which is not a width attribute")
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    return attach(model, {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}})

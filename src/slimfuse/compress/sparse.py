@@ -4,8 +4,10 @@ Each tensor with enough zeros is stored as two zstandard-compressed ``uint8``
 tensors in ``weights.safetensors``: a packed bitmask of its non-zero elements
 (``sparse::<name>::mask``) and the non-zero values with their bytes split into
 planes (``sparse::<name>::values``; the exponent bytes of floats compress far
-better apart from the mantissa bytes). A tensor that would not get smaller
-stays dense under its own name. ``card["storage"]["meta"]`` lists every tensor's
+better apart from the mantissa bytes). A tensor that would not get smaller,
+counting the two extra safetensors header entries and its longer card entry,
+stays dense under its own name (and ``save`` writes the whole artifact dense
+when even that is not smaller than the dense form). ``card["storage"]["meta"]`` lists every tensor's
 layout, shape, dtype and non-zero count, so the card says how each was stored.
 
 "Non-zero" means any bit set, so ``-0.0`` and NaN payloads survive: decoding
@@ -14,6 +16,7 @@ restores the state dict bit-exactly, whatever the dtype.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -55,6 +58,23 @@ def _as_bytes(t: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).reshape(flat.numel(), flat.element_size()).numpy()
 
 
+CARD_DEPTH = 5  # card -> storage -> meta -> tensors -> name: the indentation of a layout entry's fields
+
+
+def _header_entry(name: str, dtype: str, shape: list[int], nbytes: int) -> int:
+    """Approximate bytes of one tensor's entry in a safetensors header."""
+    return len(json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [10**7, 10**7 + nbytes]}}))
+
+
+def _overhead(name: str, t: torch.Tensor, info: dict, sparse_info: dict, mask: int, values: int) -> int:
+    """Extra header and card bytes of storing ``name`` as mask + values rather than dense."""
+    header = (_header_entry(f"{PREFIX}{name}::mask", "U8", [mask], mask)
+              + _header_entry(f"{PREFIX}{name}::values", "U8", [values], values)
+              - _header_entry(name, "F32", list(t.shape), t.numel() * t.element_size()))
+    card = [json.dumps(i, indent=2, sort_keys=True) for i in (sparse_info, {**info, "layout": "dense"})]
+    return header + len(card[0]) - len(card[1]) + 2 * CARD_DEPTH * (card[0].count("\n") - card[1].count("\n"))
+
+
 def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
@@ -67,10 +87,12 @@ def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
             nonzero = raw.any(axis=1)
             mask = _zstd(np.packbits(nonzero).tobytes())
             values = _zstd(np.ascontiguousarray(raw[nonzero].T).tobytes())
-            if mask.numel() + values.numel() < raw.size:
+            sparse_info = {**info, "layout": "bitmask+values", "nonzeros": int(nonzero.sum())}
+            extra = _overhead(name, t, info, sparse_info, mask.numel(), values.numel())
+            if mask.numel() + values.numel() + extra < raw.size:
                 tensors[f"{PREFIX}{name}::mask"] = mask
                 tensors[f"{PREFIX}{name}::values"] = values
-                layout[name] = {**info, "layout": "bitmask+values", "nonzeros": int(nonzero.sum())}
+                layout[name] = sparse_info
                 continue
         tensors[name] = t
         layout[name] = {**info, "layout": "dense"}

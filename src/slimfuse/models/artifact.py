@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
 from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError
 from .spec import attach, lineage_of, spec_of, task_of
-from .zoo import build
+from .zoo import build, factory_spec
 
 FORMAT = "slimfuse-artifact"
 FORMAT_VERSION = 1
@@ -66,21 +67,21 @@ def _codec(name) -> tuple[Encoder, Decoder] | None:
 def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, codec: str | None = None) -> Path:
     """Write ``model`` as an artifact folder at ``path`` (replacing an earlier artifact there).
 
-    ``codec`` defaults to the model's preference (``model.slimfuse_codec``) or ``dense``.
+    A module from outside slimfuse is recorded by its importable class and constructor arguments
+    (:func:`slimfuse.zoo.factory_spec`) and reloads with ``load(path, trust_factory=True)``.
+    ``codec`` defaults to the model's preference (``model.slimfuse_codec``) or ``dense``. A codec
+    never makes the artifact larger: when its tensors and card (the per-tensor layout counted) would
+    take more bytes than the dense form, the dense form is written and the card says ``dense``.
     """
     spec = spec_of(model)
-    if spec is None:
-        raise ArtifactError(
-            "this module has no slimfuse spec, so it could not be rebuilt on load; build it with "
-            "slimfuse.zoo or wrap a user factory with slimfuse.zoo.user_model('pkg.mod:fn', ...)"
-        )
+    if spec is None:  # a user's own module: its importable class and constructor arguments
+        spec = factory_spec(model)
     codec = codec or getattr(model, "slimfuse_codec", "dense")
     if codec not in CODECS:
         raise ArtifactError(f"unknown storage codec {codec!r} (known: {', '.join(sorted(CODECS))})")
     raw = model.state_dict()
     tied = tied_keys(raw)
     state = {k: v.detach().contiguous().clone() for k, v in raw.items() if k not in tied}
-    tensors, codec_meta = CODECS[codec][0](state)
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,14 +89,21 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "task": task_of(model),
         "lineage": lineage_of(model),
         "metrics": metrics or {},
-        "storage": {"codec": codec, "meta": codec_meta, **({"tied": tied} if tied else {})},
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+    card["storage"] = {"tied": tied} if tied else {}  # _encoded adds the codec and its meta
+    weights, card_text = _encoded(state, codec, card)
+    if codec != "dense":
+        # The dense form takes at least its raw tensor bytes: serialize it only when it might win.
+        dense_floor = sum(t.numel() * t.element_size() for t in state.values())
+        if len(weights) + len(card_text) >= dense_floor:
+            dense = _encoded(state, "dense", card)
+            if len(dense[0]) + len(dense[1]) <= len(weights) + len(card_text):
+                weights, card_text = dense
     path = Path(path)
     with atomic_folder(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        card["weights_sha256"] = _sha256(tmp / WEIGHTS)
-        (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+        _write_file(tmp / WEIGHTS, weights)
+        _write_file(tmp / CARD, card_text)
     return path
 
 
@@ -121,6 +129,20 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
         if alias in params and source in params and params[alias] is not params[source]:
             owner, _, name = alias.rpartition(".")
             setattr(model.get_submodule(owner), name, params[source])
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _encoded(state: dict[str, torch.Tensor], codec: str, card: dict) -> tuple[bytes, bytes]:
+    """(``weights.safetensors`` bytes, ``card.json`` bytes) of ``state`` stored with ``codec``."""
+    tensors, codec_meta = CODECS[codec][0](state)
+    weights = save_bytes(tensors, metadata={"format": FORMAT})
+    card = {**card, "storage": {"codec": codec, "meta": codec_meta, **card.get("storage", {})},
+            "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    return weights, json.dumps(card, indent=2, sort_keys=True).encode("utf-8")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -8,11 +8,15 @@ ensembles) register their own architectures with :func:`register`.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
+import inspect
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
@@ -22,7 +26,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {}
 # Architectures registered by modules of higher layers, imported by name when a spec needs one: a plugin
 # table, not an import (the layer rule holds; tests/test_layers.py checks it names every registration).
 PROVIDERS = {
-    "onnx": "slimfuse.runtime", "pruned": "slimfuse.compress.prune", "quantized": "slimfuse.compress.quant_torch",
+    "onnx": "slimfuse.runtime", "pruned": "slimfuse.models.shrunk", "quantized": "slimfuse.compress.quant_torch",
     "ensemble": "slimfuse.fuse.combine", "minilm": "slimfuse.nlp.minilm", "mf": "slimfuse.recsys.models",
     "two-tower": "slimfuse.recsys.models", "qtables": "slimfuse.recsys.compress",
     "rec-ensemble": "slimfuse.recsys.ensemble",
@@ -155,19 +159,32 @@ def for_task(arch: str, task, **kwargs) -> nn.Module:
     raise ConfigError(f"unknown model {arch!r}; choose one of: mlp, lenet5, cnn")
 
 
-def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = None) -> nn.Module:
-    """A narrower/shallower, untrained zoo model shaped after ``teacher`` (a zoo model or its spec).
+def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = None, *,
+            example_inputs: torch.Tensor | None = None) -> nn.Module:
+    """A narrower/shallower, untrained model shaped after ``teacher`` (a module, or a zoo spec).
 
     Every hidden width is scaled by ``width`` (rounded, at least 1); ``depth`` keeps the first
     ``depth`` hidden layers of an ``mlp`` or conv stages of a ``cnn`` (``lenet5`` has a fixed depth).
     Dropout is not carried over. Inputs and classes are the teacher's.
+
+    Any other module is copied, re-initialised and narrowed at initialisation by structured
+    pruning (Torch-Pruning: ``1 - width`` of each prunable layer's neurons/channels removed, the
+    output layer kept; ``depth`` does not apply). ``example_inputs`` traces it (default: zeros
+    shaped like the teacher's task input).
     """
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
+        raise ConfigError(f"student width must be a fraction in (0, 1], got {width!r}")
     spec = teacher if isinstance(teacher, dict) else spec_of(teacher)
     arch = (spec or {}).get("arch")
     if arch not in ("mlp", "lenet5", "cnn"):
-        raise ConfigError(f"zoo.student builds students of mlp, lenet5 and cnn teachers, not {arch or 'this module'!r}")
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
-        raise ConfigError(f"student width must be a fraction in (0, 1], got {width!r}")
+        if isinstance(teacher, dict):
+            raise ConfigError(f"zoo.student builds students of mlp, lenet5 and cnn specs, not {arch!r}; "
+                              "pass the module itself to narrow any other model")
+        if depth is not None:
+            raise ConfigError("depth= applies to zoo mlp and cnn teachers; other models are only narrowed (width=)")
+        from .shrunk import student_of
+
+        return student_of(teacher, float(width), example_inputs=example_inputs)
     args = dict(spec["args"])
     key = {"mlp": "hidden", "lenet5": "widths", "cnn": "widths"}[arch]
     layers = list(args[key])
@@ -228,6 +245,115 @@ def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
     if spec_of(model) is None:  # every rebuilt module carries its spec, so it can be a member of an ensemble
         attach(model, spec)
     return model
+
+
+def rebuildable(cls):
+    """Class decorator: instances record their class and constructor arguments, so they save.
+
+    ``@slimfuse.zoo.rebuildable`` above ``class MyNet(nn.Module)`` (defined in an importable
+    module) makes ``slimfuse.save(MyNet(...), path)`` write ``{"factory": "pkg.mod:MyNet",
+    "args": {...}}``, and ``slimfuse.load(path, trust_factory=True)`` rebuild it. Arguments must
+    be JSON values (numbers, strings, lists, dicts); otherwise ``save`` says which one is not.
+    """
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self) is not cls or spec_of(self) is not None:  # a subclass records its own arguments
+            return
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        params = signature.parameters
+        if any(params[k].kind is inspect.Parameter.VAR_POSITIONAL and v for k, v in bound.arguments.items()):
+            object.__setattr__(self, "_slimfuse_unsaveable", "it was built with positional *args")
+            return
+        recorded = {}
+        for k, v in list(bound.arguments.items())[1:]:
+            if params[k].kind is inspect.Parameter.VAR_KEYWORD:
+                recorded.update(v)
+            elif params[k].kind is not inspect.Parameter.VAR_POSITIONAL:
+                recorded[k] = v
+        try:
+            json.dumps(recorded)
+        except (TypeError, ValueError):
+            bad = next(k for k, v in recorded.items() if not _jsonable(v))
+            object.__setattr__(self, "_slimfuse_unsaveable", f"its argument {bad!r} is not a JSON value")
+            return
+        attach(self, {"factory": class_ref(cls), "args": recorded})
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def class_ref(cls: type) -> str:
+    """``"package.module:Class"`` for a class a loader can import, else ArtifactError saying why."""
+    mod, name = cls.__module__, cls.__qualname__
+    if mod == "__main__":
+        raise ArtifactError(f"class {name} is defined in the script being run (__main__), so a loader could not "
+                            "import it; move it into a module (e.g. mymodels.py) and import it from there")
+    if "." in name:
+        raise ArtifactError(f"class {mod}.{name} is not defined at the top level of its module, so a loader could "
+                            "not import it; define it at module level")
+    try:
+        found = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        found = None
+    if found is not cls:
+        raise ArtifactError(f"class {name} cannot be imported as {mod}:{name}")
+    return f"{mod}:{name}"
+
+
+def factory_spec(model: nn.Module) -> dict:
+    """The spec of a module without one: its importable class and the constructor arguments it was built with.
+
+    Arguments recorded by :func:`rebuildable` are used as they are. Otherwise each parameter of
+    the class's ``__init__`` is read from the same-named attribute of ``model`` (a JSON value;
+    parameters without such an attribute keep their defaults), and the class is built once with
+    them: the spec is returned only if that rebuild has exactly ``model``'s tensor names, shapes
+    and dtypes. Anything else raises ArtifactError naming the problem and the one-line fix.
+    """
+    cls = type(model)
+    fix = ("decorate the class with @slimfuse.zoo.rebuildable, or build the model with "
+           "slimfuse.zoo.user_model('pkg.mod:factory', ...)")
+    why = getattr(model, "_slimfuse_unsaveable", None)
+    if why:
+        raise ArtifactError(f"cannot record how to rebuild this {cls.__name__}: {why}")
+    ref = class_ref(cls)
+    args = {}
+    for name, p in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ArtifactError(f"cannot record how {cls.__name__} was built: its __init__ takes *{name}; {fix}")
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        value = getattr(model, name, inspect.Parameter.empty)
+        if not isinstance(value, (nn.Module, torch.Tensor)) and value is not inspect.Parameter.empty \
+                and _jsonable(value):
+            args[name] = json.loads(json.dumps(value))
+        elif p.default is inspect.Parameter.empty:
+            raise ArtifactError(f"cannot tell which {name!r} this {cls.__name__} was built with (no attribute "
+                                f"self.{name} holding it); {fix}")
+    try:
+        rebuilt = cls(**args)
+    except Exception as e:  # noqa: BLE001  (user code: any failure means the guess was wrong)
+        raise ArtifactError(f"cannot rebuild {ref} from its attributes ({type(e).__name__}: {e}); {fix}") from None
+
+    def layout(m):
+        return {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()}
+
+    if layout(rebuilt) != layout(model):
+        raise ArtifactError(f"{ref}(**{args}) does not rebuild this model's tensors (it was built with other "
+                            f"arguments, or changed after construction); {fix}")
+    return {"factory": ref, "args": args}
 
 
 def user_model(ref: str, **kwargs) -> nn.Module:

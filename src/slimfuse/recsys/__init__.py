@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..models import zoo
 from ..models.spec import spec_of
 from ..search import Move, register_task
-from .compress import QEmbedding, QTables, distill, prune_dims, quantize_tables
+from .compress import QEmbedding, QTables, distill, prune_dims, quantize_tables, table_bytes
 from .data import HeldOut, Interactions, leave_one_out, read_interactions, synthetic
 from .ensemble import RecEnsemble, ensemble
 from .metrics import evaluate, ndcg_at, recall_at, score, topk_overlap
@@ -82,6 +82,7 @@ def search_space(model: nn.Module, data: Interactions, objective: str):
 __all__ = [
     "HeldOut", "Interactions", "METRIC", "MF", "QEmbedding", "QTables", "RecEnsemble", "TwoTower", "bpr_loss",
     "distill", "ensemble", "evaluate", "fit", "leave_one_out", "mf", "ndcg_at", "optimize_space", "prune_dims",
-    "quantize_tables", "read_interactions", "recall_at", "score", "search_space", "synthetic", "topk_overlap",
+    "quantize_tables", "read_interactions", "recall_at", "score", "search_space", "synthetic", "table_bytes",
+    "topk_overlap",
     "two_tower",
 ]

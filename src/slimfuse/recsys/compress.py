@@ -76,6 +76,17 @@ class QEmbedding(nn.Module):
         return f"{self.num}, {self.dim}, bits={self.bits}"
 
 
+def table_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors holding a model's embedding tables (fp32 weights, or packed codes + scale + offset)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QEmbedding):
+            total += sum(t.numel() * t.element_size() for t in (m.codes, m.scale, m.offset))
+    return total
+
+
 def _quantize_rows(w: torch.Tensor, bits: int, refine: int = 4):
     """Per row: codes in 0..2**bits-1 and a float16 (scale, offset) with small squared error.
 

@@ -1,0 +1,187 @@
+"""Shrunk models: the ``pruned`` architecture and students of any prunable model.
+
+A structurally pruned model (Torch-Pruning removed neurons or channels) is rebuilt from
+its spec alone: zoo models get their new widths in their own args; anything else becomes
+``{"arch": "pruned", "args": {"base", "shapes", "attrs"}}``, the base spec plus the new
+shape of every tensor and the width attributes of their modules, so the artifact reloads
+without unpickling. :func:`student_of` uses the same machinery at initialisation: a
+narrower, untrained copy of any model Torch-Pruning can shrink.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, ConfigError
+from .spec import attach, spec_of, task_of
+from .zoo import build, factory_spec, register
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
+WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
+               "normalized_shape", "num_embeddings", "embedding_dim")
+
+
+def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
+    """The last prunable layer to run in a forward pass (registration order without a sample)."""
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    if not names:
+        return []
+    order: list[str] = []
+    if sample is not None:
+        hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
+                 for m in model.modules() if id(m) in names]
+        try:
+            with torch.no_grad():
+                model.eval()(sample)
+        finally:
+            for h in hooks:
+                h.remove()
+    return [order[-1] if order else list(names.values())[-1]]
+
+
+def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Size) -> None:
+    """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
+    try:
+        with torch.no_grad():
+            shape = model.eval()(sample).shape
+    except RuntimeError as e:
+        shape = str(e).splitlines()[0]
+    if shape != expected:
+        raise ConfigError(f"structured pruning could not keep this model's layers consistent ({shape}); "
+                          "name the layers around the failing one in exclude=")
+
+
+def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor | None = None) -> nn.Module:
+    """A narrower, untrained copy of any model Torch-Pruning can shrink.
+
+    A copy of ``teacher`` is re-initialised (every submodule's ``reset_parameters``) and then
+    loses ``1 - width`` of the neurons/channels of each prunable layer but the output layer,
+    through Torch-Pruning's dependency graph (residual additions, concatenations stay
+    consistent). ``example_inputs``: a batch the model accepts, to trace it (default: zeros
+    shaped like the teacher's task input). The result's spec is the teacher's with the new
+    widths (zoo models) or a ``pruned`` spec, so it saves and reloads like the teacher.
+    """
+    import torch_pruning as tp
+
+    if example_inputs is None:
+        task = task_of(teacher)
+        if not (task and task.get("input_shape")):
+            raise ConfigError("zoo.student of this module traces it with an example input: pass example_inputs= "
+                              "(a small batch the model accepts)")
+        example_inputs = torch.zeros(2, *task["input_shape"])
+    work = copy.deepcopy(teacher).eval()
+    with torch.no_grad():
+        for m in work.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+        try:
+            expected = work(example_inputs).shape
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ConfigError(f"zoo.student: the model does not run on example_inputs: {e}") from None
+    if width < 1:
+        modules = dict(work.named_modules())
+        ignored = [modules[n] for n in output_layers(work, example_inputs)]
+        pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                      pruning_ratio=1 - width, ignored_layers=ignored)
+        groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types)
+        if not any(True for _ in groups):
+            raise ConfigError("zoo.student: this model has no neurons or channels to remove outside its output layer")
+        pruner.step()
+        del pruner
+        work.zero_grad(set_to_none=True)
+        check_still_runs(work, example_inputs, expected)
+    base = spec_of(teacher)
+    if base is None:
+        try:  # a user's own module: its class and constructor arguments, if they can be recorded
+            base = factory_spec(teacher)
+        except ArtifactError:
+            base = None  # the student still works; saving it explains what is missing
+    spec = shrunk_spec(teacher, work, spec=base)
+    if spec is not None:
+        attach(work, spec, task=task_of(teacher))
+    return work
+
+
+def _zoo_widths(arch: str, m: dict[str, nn.Module]) -> dict | None:
+    """The zoo args that describe the widths of ``m`` (named modules), for the zoo's own layouts."""
+    if arch == "mlp":
+        return {"hidden": [m[f"fc{i}"].out_features for i in range(1, 1 + sum(1 for n in m if n.startswith("fc")))]}
+    if arch == "lenet5":
+        return {"widths": [m["conv1"].out_channels, m["conv2"].out_channels, m["fc1"].out_features,
+                           m["fc2"].out_features]}
+    if arch == "cnn":
+        convs = [m[f"conv{i}"].out_channels for i in range(1, 1 + sum(1 for n in m if n.startswith("conv")))]
+        return {"widths": convs, "hidden": m["fc"].out_features}
+    return None
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def shrunk_spec(source: nn.Module, pruned: nn.Module, *, spec: dict | None = None) -> dict | None:
+    """A spec that rebuilds ``pruned`` (``source`` with shrunk layers) without unpickling.
+
+    Zoo models get their new widths in their own args; anything else becomes a ``pruned``
+    architecture: the base spec plus the new shape of every tensor and width attribute that changed.
+    ``spec``: the source's spec when it carries none (a user's module, :func:`zoo.factory_spec`).
+    """
+    spec = spec or spec_of(source)
+    if spec is None:
+        return None
+    new_shapes = _shapes(pruned)
+    try:
+        widths = _zoo_widths(spec.get("arch"), dict(pruned.named_modules()))
+    except (KeyError, AttributeError):
+        widths = None
+    if widths is not None:
+        candidate = {"arch": spec["arch"], "args": {**spec["args"], **widths}}
+        try:
+            if _shapes(build(candidate)) == new_shapes:
+                return candidate
+        except (ArtifactError, ConfigError):
+            pass
+    base, shapes, attrs = spec, {}, {}
+    if spec.get("arch") == "pruned":
+        base, shapes, attrs = spec["args"]["base"], dict(spec["args"]["shapes"]), dict(spec["args"]["attrs"])
+    old_shapes = _shapes(source)
+    for name, shape in new_shapes.items():
+        if old_shapes.get(name) != shape:
+            shapes[name] = shape
+            owner = name.rpartition(".")[0]
+            module = pruned.get_submodule(owner)
+            attrs[owner] = {a: list(v) if isinstance(v, tuple) else v
+                            for a in WIDTH_ATTRS if isinstance(v := getattr(module, a, None), (int, tuple))}
+    return {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}}
+
+
+@register("pruned")
+def pruned_arch(base: dict, shapes: dict, attrs: dict) -> nn.Module:
+    """``base`` rebuilt with the tensors in ``shapes`` resized and the width ``attrs`` of their modules set."""
+    model = build(base)
+    for name, shape in shapes.items():
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            raise ArtifactError(f"pruned spec names {name!r}, which the base model does not have") from None
+        old = getattr(module, leaf, None)
+        if not isinstance(old, torch.Tensor):
+            raise ArtifactError(f"pruned spec names {name!r}, which is not a tensor of the base model")
+        new = torch.empty([int(s) for s in shape], dtype=old.dtype)
+        if isinstance(old, nn.Parameter):
+            setattr(module, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module._buffers[leaf] = new
+    for owner, values in attrs.items():
+        module = model.get_submodule(owner)
+        for attr, value in values.items():
+            if attr not in WIDTH_ATTRS:
+                raise ArtifactError(f"pruned spec sets {owner}.{attr}, which is not a width attribute")
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    return attach(model, {"arch": "pruned", "args": {"base": base, "shapes": shapes, "attrs": attrs}})
