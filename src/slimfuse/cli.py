@@ -345,6 +345,46 @@ def ensemble(
                                   trust_factory=trust_factory))
 
 
+@app.command()
+@user_errors
+def merge(
+    artifacts: Annotated[list[Path], typer.Argument(help="member artifact folders (one architecture)")],
+    out: Out,
+    method: Annotated[str, typer.Option(help="rebasin, uniform, greedy, task-arithmetic, ties, dare, dare-ties or slerp")] = "rebasin",
+    base: Annotated[Path | None, typer.Option(help="artifact the members were fine-tuned from (task-vector methods)")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="data to choose coefficients, align, repair and verify on")] = None,
+    scale: Annotated[float | None, typer.Option(help="task-vector coefficient (default: chosen on validation)")] = None,
+    density: Annotated[float, typer.Option(help="ties: fraction of each task vector kept")] = 0.2,
+    drop: Annotated[float, typer.Option(help="dare: probability of dropping an entry")] = 0.5,
+    t: Annotated[float | None, typer.Option(help="slerp: weight of the second model (default: chosen on validation)")] = None,
+    matching: Annotated[str, typer.Option(help="rebasin: weights or activations")] = "weights",
+    repair: Annotated[bool | None, typer.Option("--repair/--no-repair", help="rebasin: REPAIR renormalisation (default: with --data)")] = None,
+    fallback: Annotated[str | None, typer.Option(help="distill: distill the ensemble when the merge is worse than the best member")] = None,
+    seed: Seed = 0,
+    label: Label = "label",
+    trust_factory: Annotated[bool, typer.Option(help="allow importing a user factory named in a card")] = False,
+):
+    """Merge trained artifacts into one model of their architecture, verified against the best member and the ensemble."""
+    from . import data as datasets
+    from .fuse.merge import merge as merge_models
+    from .models import load, save
+    from .train import evaluate
+
+    splits = datasets.load(data, seed=seed, label=label) if data else None
+    models = [load(a, trust_factory=trust_factory) for a in artifacts]
+    base_model = load(base, trust_factory=trust_factory) if base is not None else None
+    merged = merge_models(models, method, splits, base_model, scale=scale, density=density, drop=drop, t=t,
+                          matching=matching, repair=repair, fallback=fallback, seed=seed)
+    ver = getattr(merged, "verification", None)
+    metrics = {"val": evaluate(merged, splits.val), "test": evaluate(merged, splits.test), "merge": ver} if splits else {}
+    save(merged, out, metrics=metrics)
+    detail = (f": test accuracy {ver['merged']['accuracy']:.4f}, best member {ver['best_member']['accuracy']:.4f}, "
+              f"ensemble {ver['ensemble']['accuracy']:.4f} ({ver['verdict']})") if ver else ""
+    if ver and "fallback" in ver:
+        detail += f"; saved the distilled ensemble instead: test accuracy {ver['fallback']['merged']['accuracy']:.4f}"
+    typer.echo(f"saved {out}{detail}")
+
+
 @app.command("run")
 @user_errors
 def run_(
