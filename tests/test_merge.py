@@ -148,7 +148,7 @@ def two_mlps(digits):
     out = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        out.append(sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64, 64]), digits, epochs=15, seed=seed,
+        out.append(sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64, 64]), digits, epochs=12, seed=seed, batch_size=128,
                           progress=False))
     return out
 
@@ -185,6 +185,7 @@ def test_a_worse_merge_warns_and_falls_back_to_distillation(digits, two_mlps):
     assert sf.spec_of(naive) == sf.spec_of(two_mlps[0])
 
 
+@pytest.mark.filterwarnings("ignore:merge \\(rebasin\\)")
 def test_merged_model_saves_and_reloads_bit_exactly(tmp_path, digits, two_mlps):
     merged = sf.merge(two_mlps, "rebasin", digits)
     sf.save(merged, tmp_path / "m")
@@ -195,6 +196,7 @@ def test_merged_model_saves_and_reloads_bit_exactly(tmp_path, digits, two_mlps):
     assert card["lineage"][-1]["params"]["verification"]["verdict"] == merged.verification["verdict"]
 
 
+@pytest.mark.filterwarnings("ignore:merge \\(rebasin\\)")
 def test_cli_merge_writes_a_verified_artifact(tmp_path, two_mlps):
     for i, m in enumerate(two_mlps):
         sf.save(m, tmp_path / f"m{i}")
