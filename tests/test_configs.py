@@ -26,6 +26,7 @@ LIBRARY = {
     "export": [sf.export],
     "measure": [sf.measure],
     "optimize": [sf.optimize],
+    "merge": [sf.merge],
 }
 # fields a verb's config has that are not parameters of its library function, and why
 NOT_IN_LIBRARY = {
@@ -146,7 +147,8 @@ def test_a_value_out_of_bounds_is_refused_by_config_cli_and_recipe(tmp_path, ver
              "distill": ["--teacher", tmp_path / "a", "--student", "mlp:8", "-d", "digits", "-o", tmp_path / "o"],
              "ensemble": [tmp_path / "a", tmp_path / "b", "-d", "digits", "-o", tmp_path / "o"],
              "export": [tmp_path / "a", "-o", tmp_path / "o.onnx"], "measure": [tmp_path / "a", "-d", "digits"],
-             "optimize": [tmp_path / "a", "-d", "digits", "-o", tmp_path / "o"]}[verb]
+             "optimize": [tmp_path / "a", "-d", "digits", "-o", tmp_path / "o"],
+             "merge": [tmp_path / "a", tmp_path / "b", "-o", tmp_path / "o"]}[verb]
     if verb == "prune" and name not in ("sparsity", "channels"):
         args += ["--sparsity", "0.5"]
     result = CliRunner().invoke(app, [str(a) for a in args] + [flag(name), str(bad)])

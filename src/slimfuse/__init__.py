@@ -36,6 +36,7 @@ _LAZY = {
     "export": ("slimfuse.export", "export"),
     "Ensemble": ("slimfuse.fuse", "Ensemble"),
     "ensemble": ("slimfuse.fuse", "ensemble"),
+    "merge": ("slimfuse.fuse.merge", "merge"),
     "soup": ("slimfuse.fuse", "soup"),
     "swa": ("slimfuse.fuse", "swa"),
     "train_members": ("slimfuse.fuse", "train_members"),
@@ -55,7 +56,7 @@ _LAZY = {
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
-    "lineage_of", "load", "measure", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
+    "lineage_of", "load", "measure", "merge", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
     "runtime", "save", "soup", "spec_of", "swa", "train_members", "zoo",
 ]
 
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import Split, Splits, Task
     from .export import export
     from .fuse import Ensemble, ensemble, train_members
+    from .fuse.merge import merge
     from .fuse.soup import soup, swa
     from .measure import Report, measure
     from .models import load, read_card, save, zoo

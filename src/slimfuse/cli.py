@@ -337,6 +337,21 @@ def ensemble(**kw):
                              trust_factory=kw["trust_factory"]).message)
 
 
+@verb("merge", click.Argument(["artifacts"], nargs=-1, required=True, type=click.Path(path_type=Path)),
+      _out(), click.Option(["--base"], type=click.Path(path_type=Path),
+                           help="artifact the members were fine-tuned from (task-vector methods)"),
+      *_data(required=False, help="data to choose coefficients, align, repair and verify on"), _trust,
+      config=configs.Merge)
+def merge(**kw):
+    """Merge trained artifacts into one model of their architecture, checked against the best member and the
+    ensemble."""
+    cfg, data = build(configs.Merge, kw), _data_ref(kw)
+    from . import jobs
+
+    click.echo(jobs.merge(list(kw["artifacts"]), cfg, data, kw["out"], base=kw["base"],
+                          trust_factory=kw["trust_factory"]).message)
+
+
 @verb("run", click.Argument(["recipe"], type=click.Path(path_type=Path)),
       click.Option(["--out", "-o"], type=click.Path(path_type=Path),
                    help="output folder (default: the recipe's 'out', else runs/RECIPE)"),

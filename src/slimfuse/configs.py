@@ -314,6 +314,31 @@ class Ensemble(Config):
                                                 "collapsed, agrees with its input, reloads bit-exactly")] = True
 
 
+class Merge(Config):
+    """``slimfuse merge``: several models of one architecture fused in weight space into one of that architecture."""
+
+    method: Annotated[Literal["rebasin", "uniform", "greedy", "task-arithmetic", "ties", "dare", "dare-ties", "slerp"],
+                      Field(description="rebasin (align + average independently trained models), uniform/greedy "
+                                        "soups, task-arithmetic, ties, dare, dare-ties (fine-tunes of a base), "
+                                        "slerp (two models)")] = "rebasin"
+    scale: Annotated[float | None, Field(gt=0, lt=1e3, description="task-vector coefficient (default: chosen on "
+                                                                    "validation)")] = None
+    density: Annotated[float, Field(gt=0, le=1, description="ties: fraction of each task vector kept")] = 0.2
+    drop: Annotated[float, Field(ge=0, lt=1, description="dare: probability of dropping an entry")] = 0.5
+    t: Annotated[float | None, Field(ge=0, le=1, description="slerp: weight of the second model (default: chosen "
+                                                             "on validation)")] = None
+    matching: Annotated[Literal["weights", "activations"], Field(description="rebasin: align by weights or by "
+                                                                             "activations (needs data)")] = "weights"
+    repair: Annotated[bool | None, Field(description="rebasin: REPAIR renormalisation (default: when data is "
+                                                     "given)")] = None
+    fallback: Annotated[Literal["distill"] | None,
+                        Field(description="distill: a merge worse than the best member is replaced by the ensemble "
+                                          "distilled into one model")] = None
+    distill_epochs: Annotated[Epochs, Field(description="fallback=distill: epochs")] = 10
+    max_samples: Annotated[int, Field(ge=1, le=10**7, description="training samples for activation "
+                                                                  "statistics")] = 2000
+
+
 class Export(Config):
     """``slimfuse export``: one ONNX file, checked for parity with torch."""
 
@@ -345,5 +370,5 @@ class Optimize(Config):
 
 VERBS: dict[str, type[Config]] = {
     "train": Train, "prune": Prune, "quantize": Quantize, "distill": Distill, "ensemble": Ensemble,
-    "export": Export, "measure": Measure, "optimize": Optimize,
+    "export": Export, "measure": Measure, "optimize": Optimize, "merge": Merge,
 }

@@ -299,6 +299,26 @@ def ensemble(members: list[Source], cfg: configs.Ensemble, data: configs.DataRef
     return Done(out, "\n".join(lines), ens, metrics)
 
 
+def merge(members: list[Source], cfg: configs.Merge, data: configs.DataRef | Splits | None, out: str | Path, *,
+          base: Source | None = None, seed: int | None = None, trust_factory: bool = False) -> Done:
+    """Merge ``members`` in weight space (``cfg.method``), verified against the best member and their
+    ensemble on ``data``; save the merged model (or, with ``fallback``, the distilled ensemble) at ``out``."""
+    from .fuse.merge import merge as merge_models
+
+    cfg, out, seed = configs.Merge.of(cfg), Path(out), _seed(data) if seed is None else seed
+    ready = splits(data)
+    models = [model(m, trust_factory=trust_factory) for m in members]
+    base_model = model(base, trust_factory=trust_factory) if base is not None else None
+    merged = merge_models(models, cfg.method, ready, base_model, seed=seed, **cfg.model_dump(exclude={"method"}))
+    ver = getattr(merged, "verification", None)
+    metrics = _keep(merged, out, ready, {"merge": ver} if ver else None)
+    detail = (f": test accuracy {ver['merged']['accuracy']:.4f}, best member {ver['best_member']['accuracy']:.4f}, "
+              f"ensemble {ver['ensemble']['accuracy']:.4f} ({ver['verdict']})") if ver else ""
+    if ver and "fallback" in ver:
+        detail += f"; saved the distilled ensemble instead: test accuracy {ver['fallback']['merged']['accuracy']:.4f}"
+    return Done(out, f"saved {out}{detail}", merged, metrics)
+
+
 def export(source: Source, cfg: configs.Export, out: str | Path, data: configs.DataRef | Splits | None = None, *,
            trust_factory: bool = False) -> Done:
     """Write ``source`` as one ``.onnx`` file, its parity with torch checked on ``data``'s validation split."""

@@ -63,20 +63,20 @@ def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = 
                  fix="method='greedy' with data=, or ingredients fine-tuned from one initialization")
 
 
-def check_same_shapes(models: list[nn.Module]) -> None:
+def check_same_shapes(models: list[nn.Module], who: str = "soup") -> None:
     first = models[0].state_dict()
     for i, m in enumerate(models[1:], start=1):
         state = m.state_dict()
         if state.keys() != first.keys():
             missing = sorted(set(first) ^ set(state))[:3]
-            raise ConfigError(f"soup: model {i} has different tensors than model 0 (e.g. {missing}); "
+            raise ConfigError(f"{who}: model {i} has different tensors than model 0 (e.g. {missing}); "
                               "weights can only be averaged across one architecture")
         for k, v in state.items():
             if v.shape != first[k].shape:
-                raise ConfigError(f"soup: tensor {k!r} is {tuple(v.shape)} in model {i} but "
+                raise ConfigError(f"{who}: tensor {k!r} is {tuple(v.shape)} in model {i} but "
                                   f"{tuple(first[k].shape)} in model 0; weights can only be averaged across one architecture")
     if spec_of(models[0]) is not None and any(spec_of(m) != spec_of(models[0]) for m in models):
-        raise ConfigError("soup: the models have different architecture specs")
+        raise ConfigError(f"{who}: the models have different architecture specs")
 
 
 def average(models: list[nn.Module], train: Split | None = None) -> nn.Module:

@@ -87,6 +87,15 @@ class EnsembleStep(_Step, configs.Ensemble):
         return list(self.members)
 
 
+class MergeStep(_Step, configs.Merge):
+    step: Literal["merge"]
+    members: Annotated[list[StepName], Field(min_length=2, max_length=1000)]
+    base: StepName | None = None
+
+    def inputs(self) -> list[str]:
+        return [*self.members, *([self.base] if self.base else [])]
+
+
 class ExportStep(_Step, configs.Export):
     step: Literal["export"]
     input: StepName
@@ -106,7 +115,8 @@ class MeasureStep(_Step, configs.Measure):
         return list(self.models or [])
 
 
-STEPS = (TrainStep, PruneStep, QuantizeStep, DistillStep, EnsembleStep, ExportStep, OptimizeStep, MeasureStep)
+STEPS = (TrainStep, PruneStep, QuantizeStep, DistillStep, EnsembleStep, MergeStep, ExportStep, OptimizeStep,
+         MeasureStep)
 Step = Annotated[Union[STEPS], Field(discriminator="step")]  # type: ignore[valid-type]  # noqa: UP007
 STEP_KINDS = tuple(typing.get_args(cls.model_fields["step"].annotation)[0] for cls in STEPS)
 
@@ -329,6 +339,13 @@ class RecipeRun:
 
         return self._done(step, jobs.ensemble([self.model(n) for n in step.members], step, self.splits,
                                               self.out / step.name, seed=self.recipe.seed))
+
+    def _merge(self, step: MergeStep) -> dict:
+        from .. import jobs
+
+        base = self.model(step.base) if step.base else None
+        return self._done(step, jobs.merge([self.model(n) for n in step.members], step, self.splits,
+                                           self.out / step.name, base=base, seed=self.recipe.seed))
 
     def _optimize(self, step: OptimizeStep) -> dict:
         from .. import jobs

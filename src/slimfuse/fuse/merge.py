@@ -1,0 +1,574 @@
+"""``slimfuse.merge``: fuse several models into one network of the same size, verified.
+
+An ensemble of k models costs k forward passes; a merge costs one. Two families:
+
+- **Fine-tunes of one base** (``base=``): the *task vector* of a member is its weights minus the
+  base's. ``task-arithmetic`` adds ``scale`` times their sum to the base (Ilharco et al., 2023);
+  ``ties`` trims each task vector to its ``density`` largest-magnitude entries, elects a sign per
+  entry (the sign of the trimmed sum) and averages only the entries that agree (Yadav et al.,
+  2023); ``dare`` drops each entry with probability ``drop`` and rescales the rest by
+  ``1 / (1 - drop)`` before task arithmetic (Yu et al., 2024); ``dare-ties`` uses DARE's dropping
+  in place of TIES' trimming. ``uniform`` and ``greedy`` are the soups of :mod:`.soup`; ``slerp``
+  interpolates two models along the sphere, tensor by tensor.
+- **Independently trained models** (``rebasin``): hidden units of every member are permuted to
+  match a reference member (the best on validation data) by *weight matching* (Ainsworth et al.,
+  2023: coordinate descent over layers, each a linear assignment) or *activation matching*
+  (correlation of hidden activations); the aligned weights are averaged, BatchNorm statistics
+  recomputed, and REPAIR (Jordan et al., 2023) rescales every hidden channel of the average so
+  its mean and standard deviation are the members' average again.
+
+Scaling coefficients (``scale``, SLERP's ``t``) left at ``None`` are chosen on ``data.val``.
+With ``data``, every merge is verified on ``data.test`` against the best member (chosen on
+validation) and the mean ensemble of the same members: accuracy and NLL, with paired bootstrap
+intervals of the difference to the best member. The verdict is in the lineage step (so in the
+card) and on ``merged.verification``; a merge worse than the best member beyond noise warns, and
+with ``fallback="distill"`` the ensemble is distilled into one model of the members' architecture
+(initialised from the best member) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import configs
+from ..compress.distill import distill
+from ..data import Split, Splits
+from ..errors import ConfigError
+from ..measure import artifact_bytes, counts
+from ..models.spec import derive, lineage_of
+from ..train import evaluate, predict
+from .soup import check_same_shapes, refresh_bn, soup
+
+METHODS = ("rebasin", "uniform", "greedy", "task-arithmetic", "ties", "dare", "dare-ties", "slerp")
+BASE_METHODS = ("task-arithmetic", "ties", "dare", "dare-ties")
+# scale grids searched on data.val: task-arithmetic and dare add task vectors (sums), ties and
+# dare-ties average the agreeing entries (means)
+SUM_SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MEAN_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+SLERP_TS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Dropout, nn.Identity,
+               nn.MaxPool2d, nn.AvgPool2d)
+BOOTSTRAP = 1000
+EPS = 1e-8
+
+
+def merge(
+    models,
+    method: str = "rebasin",
+    data: Splits | None = None,
+    base: nn.Module | None = None,
+    *,
+    scale: float | None = None,
+    density: float = 0.2,
+    drop: float = 0.5,
+    t: float | None = None,
+    matching: str = "weights",
+    repair: bool | None = None,
+    fallback: str | None = None,
+    distill_epochs: int = 10,
+    max_samples: int = 2000,
+    seed: int = 0,
+) -> nn.Module:
+    """Merge ``models`` (one architecture) into one module of that architecture; never mutates them.
+
+    ``method``: ``rebasin`` (align + average, for independently trained models), ``uniform``,
+    ``greedy`` (soups), ``task-arithmetic``, ``ties``, ``dare``, ``dare-ties`` (need ``base``),
+    ``slerp`` (two models, ``t`` = weight of the second). ``scale``: the task-vector coefficient
+    (``None``: chosen on ``data.val``; without data 1/k for the sums, 1 for TIES' means).
+    ``density``: fraction of each task vector TIES keeps; ``drop``: DARE's drop probability.
+    ``matching``: ``weights`` or ``activations`` (needs data); ``repair`` (default: with data) renormalises the
+    aligned average. ``fallback="distill"``: a merge worse than the best member is replaced by the
+    mean ensemble distilled (``distill_epochs``) into the best member's architecture. Activation
+    statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
+    """
+    models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
+                    repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples)
+    repair = (data is not None) if repair is None else repair
+    gen = torch.Generator().manual_seed(seed)
+    stats_x = None
+    if data is not None:
+        idx = torch.randperm(len(data.train), generator=gen)[:max_samples]
+        stats_x = data.train.x[idx]
+    step: dict = {"method": method, "members": len(models)}
+    if method in ("uniform", "greedy"):
+        result = soup(models, method, data)
+        step["kept"] = lineage_of(result)[-1]["params"].get("kept")
+        source = models[0]
+    elif method == "rebasin":
+        source, result, info = _rebasin(models, data, stats_x, matching=matching, repair=repair, seed=seed)
+        step.update(info)
+    else:
+        source = base if base is not None else models[0]
+        result, info = _interpolate(models, method, data, base, stats_x, scale=scale, density=density, drop=drop,
+                                    t=t, seed=seed)
+        step.update(info)
+    result = derive(source, result.eval(), "merge", **step)
+    if data is None:
+        return result
+    ver = _verify(result, models, data)
+    if ver["verdict"] == "worse":
+        warnings.warn(
+            f"merge ({method}): test accuracy {ver['merged']['accuracy']:.4f} is below the best member's "
+            f"{ver['best_member']['accuracy']:.4f} beyond noise (95% interval of the difference "
+            f"[{ver['vs_best']['accuracy']['low']:+.4f}, {ver['vs_best']['accuracy']['high']:+.4f}]); "
+            + ("distilling the ensemble instead (fallback='distill')" if fallback == "distill" else
+               "the ensemble of the members or fallback='distill' keeps their accuracy"),
+            UserWarning, stacklevel=2,
+        )
+        if fallback == "distill":
+            return _distill_fallback(result, models, data, ver, epochs=distill_epochs, seed=seed)
+    return _record(result, ver)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(models, method, data, base, *, scale, density, drop, t, matching, repair, fallback, distill_epochs,
+           max_samples) -> list[nn.Module]:
+    configs.Merge.build(method=method, scale=scale, density=density, drop=drop, t=t, matching=matching,
+                        repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples)
+    if isinstance(models, nn.Module) or not hasattr(models, "__iter__"):
+        raise ConfigError("merge needs a list of trained modules")
+    models = list(models)
+    if len(models) < 2 or not all(isinstance(m, nn.Module) for m in models):
+        raise ConfigError(f"merge needs at least two nn.Module models, got {len(models)}")
+    if data is not None and not isinstance(data, Splits):
+        raise ConfigError(f"data must be Splits (slimfuse.datasets.load), got {type(data).__name__}")
+    if method in BASE_METHODS:
+        if base is None:
+            raise ConfigError(f"merge method {method!r} works on task vectors (member - base); pass base=, the model "
+                              "the members were fine-tuned from")
+        if not isinstance(base, nn.Module):
+            raise ConfigError(f"base must be an nn.Module, got {type(base).__name__}")
+    elif base is not None:
+        raise ConfigError(f"merge method {method!r} does not use base=; the task-vector methods "
+                          f"({', '.join(BASE_METHODS)}) do")
+    check_same_shapes(models + ([base] if base is not None else []), who="merge")
+    if method == "slerp" and len(models) != 2:
+        raise ConfigError(f"slerp interpolates exactly two models, got {len(models)}")
+    if method == "greedy" and data is None:
+        raise ConfigError("a greedy soup ranks members by validation accuracy; pass data=")
+    if data is None and method == "rebasin" and (matching == "activations" or repair):
+        what = "activation matching" if matching == "activations" else "REPAIR"
+        raise ConfigError(f"merge: {what} measures hidden activations; pass data=")
+    if fallback == "distill" and data is None:
+        raise ConfigError("fallback='distill' trains on data; pass data=")
+    return models
+
+
+# ----------------------------------------------------------------------------- task vectors
+
+
+def ties_vector(taus: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES on one tensor: keep each task vector's ``density`` largest magnitudes (ties broken by
+    position), elect the sign of their sum per entry, average the entries that agree with it."""
+    return disjoint_mean([trim(tau, density) for tau in taus])
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``tau`` with all but its ``round(density * numel)`` (at least 1) largest magnitudes zeroed."""
+    flat = tau.flatten()
+    k = max(1, round(density * flat.numel()))
+    keep = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.view_as(tau)
+
+
+def disjoint_mean(taus: list[torch.Tensor]) -> torch.Tensor:
+    """TIES' sign election and disjoint mean of (sparsified) task vectors."""
+    stack = torch.stack(taus)
+    elected = torch.sign(stack.sum(0))
+    agree = (torch.sign(stack) == elected) & (stack != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def dare_vector(tau: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE on one tensor: each entry dropped with probability ``drop``, survivors scaled by 1/(1-drop)."""
+    keep = torch.rand(tau.shape, generator=generator) >= drop
+    return tau * keep / (1.0 - drop)
+
+
+def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of two tensors (flattened); linear where they are (anti)parallel or zero."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    na, nb = fa.norm(), fb.norm()
+    if na < EPS or nb < EPS:
+        return torch.lerp(a, b, t)
+    cos = (fa @ fb / (na * nb)).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.sin() < 1e-6:
+        return torch.lerp(a, b, t)
+    wa, wb = torch.sin((1 - t) * omega) / omega.sin(), torch.sin(t * omega) / omega.sin()
+    return (wa * fa + wb * fb).view_as(a).to(a.dtype)
+
+
+def _interpolate(models, method, data, base, stats_x, *, scale, density, drop, t, seed):
+    """Task-vector methods and SLERP: the merged state for one coefficient, chosen on validation data."""
+    states = [m.state_dict() for m in models]
+    params = {name for name, _ in models[0].named_parameters()}
+    template = base if base is not None else models[0]
+    if method == "slerp":
+        def build(coef):
+            return {k: (slerp_tensor(states[0][k], states[1][k], coef) if k in params
+                        else torch.lerp(states[0][k].float(), states[1][k].float(), coef).to(v.dtype)
+                        if v.is_floating_point() else v) for k, v in states[0].items()}
+        grid, default, name = SLERP_TS, 0.5, "t"
+        given = t
+    else:
+        base_state = base.state_dict()
+        gen = torch.Generator().manual_seed(seed)
+        merged_tau = {}
+        for k in params:
+            taus = [s[k].float() - base_state[k].float() for s in states]
+            if method == "ties":
+                merged_tau[k] = ties_vector(taus, density)
+            elif method == "dare-ties":
+                merged_tau[k] = disjoint_mean([dare_vector(tau, drop, gen) for tau in taus])
+            elif method == "dare":
+                merged_tau[k] = sum(dare_vector(tau, drop, gen) for tau in taus)
+            else:
+                merged_tau[k] = sum(taus)
+        buffers = {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v)
+                   for k, v in base_state.items() if k not in params}
+
+        def build(coef):
+            out = dict(buffers)
+            for k in params:
+                out[k] = (base_state[k].float() + coef * merged_tau[k]).to(base_state[k].dtype)
+            return out
+        means = method in ("ties", "dare-ties")
+        grid, default, name = (MEAN_SCALES, 1.0, "scale") if means else (SUM_SCALES, 1.0 / len(models), "scale")
+        given = scale
+
+    def make(coef):
+        out = copy.deepcopy(template)
+        out.load_state_dict(build(coef))
+        if stats_x is not None:
+            refresh_bn(out, Split(stats_x, torch.zeros(len(stats_x), dtype=torch.long)))
+        return out.eval()
+
+    info: dict = {}
+    if method in ("ties", "dare-ties"):
+        info["density" if method == "ties" else "drop"] = density if method == "ties" else drop
+    if method == "dare":
+        info["drop"] = drop
+    if method.startswith("dare"):
+        info["seed"] = seed
+    if given is not None or data is None:
+        coef = given if given is not None else default
+        info[name] = coef
+        return make(coef), info
+    scores = []
+    for coef in sorted(set(grid) | {default}):
+        r = evaluate(make(coef), data.val)
+        scores.append((r["accuracy"], -r["nll"], coef))
+    best = max(scores)
+    info[name] = best[2]
+    info["val_accuracy_by_" + name] = {str(c): round(a, 4) for a, _, c in sorted(scores, key=lambda s: s[2])}
+    return make(best[2]), info
+
+
+# ----------------------------------------------------------------------------- permutation alignment
+
+
+class _Group:
+    """One permutable hidden dimension: the tensor axes that move together, where to observe it."""
+
+    def __init__(self, layer: str, size: int):
+        self.layer, self.size = layer, size
+        self.entries: list[tuple[str, int, int]] = []  # (state key, axis, expand: flattened spatial positions)
+        self.stat = layer  # module whose output REPAIR renormalises (the BatchNorm after the layer, if any)
+        self.act = layer  # module whose output activation matching correlates
+
+
+def permutation_groups(model: nn.Module) -> list[_Group]:
+    """The hidden dimensions of a chain model whose units can be permuted without changing its function.
+
+    Supports ``nn.Sequential`` chains of Linear / Conv2d (groups=1) / BatchNorm layers with
+    element-wise activations, pooling, dropout and one Flatten between convolutions and linear
+    layers (the zoo's ``mlp``, ``lenet5`` and ``cnn``). The output layer is never permuted.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(f"rebasin aligns nn.Sequential chains of Linear/Conv2d/BatchNorm layers (the zoo's mlp, "
+                          f"lenet5, cnn); this model is a {type(model).__name__}")
+    groups: list[_Group] = []
+    current: _Group | None = None
+    flattened = False
+    for name, m in model.named_children():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or flattened):
+                raise ConfigError(f"rebasin: layer {name!r} ({m}) cannot be aligned (grouped conv or conv after Flatten)")
+            if current is not None:
+                fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+                if fan_in % current.size:
+                    raise ConfigError(f"rebasin: layer {name!r} takes {fan_in} inputs, not a multiple of the "
+                                      f"{current.size} channels of {current.layer!r}")
+                current.entries.append((f"{name}.weight", 1, fan_in // current.size))
+                groups.append(current)
+            size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            current = _Group(name, size)
+            current.entries.append((f"{name}.weight", 0, 1))
+            if m.bias is not None:
+                current.entries.append((f"{name}.bias", 0, 1))
+            flattened = False
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if current is None or m.num_features != current.size:
+                raise ConfigError(f"rebasin: BatchNorm {name!r} does not follow a layer of {m.num_features} channels")
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, key, None) is not None:
+                    current.entries.append((f"{name}.{key}", 0, 1))
+            current.stat = current.act = name
+        elif isinstance(m, nn.Flatten):
+            flattened = current is not None
+        elif isinstance(m, ELEMENTWISE):
+            if current is not None:
+                current.act = name
+        else:
+            raise ConfigError(f"rebasin: cannot align through module {name!r} ({type(m).__name__}); supported: "
+                              "Linear, Conv2d, BatchNorm, element-wise activations, pooling, dropout, Flatten")
+    return groups
+
+
+def _axes(groups: list[_Group]) -> dict[str, list[tuple[int, int, int]]]:
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for gi, g in enumerate(groups):
+        for key, axis, expand in g.entries:
+            out.setdefault(key, []).append((axis, gi, expand))
+    return out
+
+
+def _split_axis(w: torch.Tensor, axis: int, expand: int) -> torch.Tensor:
+    """View ``w`` with ``axis`` split into (channels, expand) so channels can be indexed."""
+    shape = list(w.shape)
+    return w.reshape(shape[:axis] + [shape[axis] // expand, expand] + shape[axis + 1:])
+
+
+def _permute(w: torch.Tensor, axis: int, perm: torch.Tensor, expand: int) -> torch.Tensor:
+    return _split_axis(w, axis, expand).index_select(axis, perm).reshape(w.shape)
+
+
+def permute_state(state: dict, groups: list[_Group], perms: list[torch.Tensor]) -> dict:
+    """A new state dict with every group's axes reordered by its permutation."""
+    axes = _axes(groups)
+    out = dict(state)
+    for key, entries in axes.items():
+        w = state[key]
+        for axis, gi, expand in entries:
+            w = _permute(w, axis, perms[gi], expand)
+        out[key] = w
+    return out
+
+
+def _rows(w: torch.Tensor, axis: int, expand: int) -> torch.Tensor:
+    return _split_axis(w.double(), axis, expand).movedim(axis, 0).reshape(w.shape[axis] // expand, -1)
+
+
+def weight_matching(groups: list[_Group], ref: dict, state: dict, *, seed: int = 0, max_iter: int = 100) -> list:
+    """Permutations of ``state``'s hidden units that maximise the inner product with ``ref``'s weights."""
+    from scipy.optimize import linear_sum_assignment
+
+    axes = _axes(groups)
+    perms = [torch.arange(g.size) for g in groups]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_iter):
+        changed = False
+        for gi in torch.randperm(len(groups), generator=gen).tolist():
+            g = groups[gi]
+            cost = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for key, axis, expand in g.entries:
+                w = state[key]
+                for other_axis, other, other_expand in axes[key]:
+                    if other != gi:
+                        w = _permute(w, other_axis, perms[other], other_expand)
+                cost += _rows(ref[key], axis, expand) @ _rows(w, axis, expand).T
+            _, col = linear_sum_assignment(cost.numpy(), maximize=True)
+            new = torch.as_tensor(col, dtype=torch.long)
+            idx = torch.arange(g.size)
+            if cost[idx, new].sum() > cost[idx, perms[gi]].sum() + 1e-12 * cost.abs().sum():
+                perms[gi], changed = new, True
+        if not changed:
+            break
+    return perms
+
+
+def _features(model: nn.Module, names: list[str], x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Outputs of the named children on ``x`` as (rows, channels): conv maps give a row per position."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    mods = dict(model.named_children())
+    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: store[n].append(
+        (o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o).double())) for n in set(names)]
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                model(x[s : s + batch_size])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def activation_matching(groups: list[_Group], ref: nn.Module, model: nn.Module, x: torch.Tensor) -> list:
+    """Permutations of ``model``'s hidden units that maximise the correlation of activations with ``ref``'s."""
+    from scipy.optimize import linear_sum_assignment
+
+    names = [g.act for g in groups]
+    fa, fb = _features(ref, names, x), _features(model, names, x)
+    perms = []
+    for g in groups:
+        a, b = fa[g.act], fb[g.act]
+        za = (a - a.mean(0)) / (a.std(0) + EPS)
+        zb = (b - b.mean(0)) / (b.std(0) + EPS)
+        corr = za.T @ zb / len(za)
+        _, col = linear_sum_assignment(corr.numpy(), maximize=True)
+        perms.append(torch.as_tensor(col, dtype=torch.long))
+    return perms
+
+
+def align(model: nn.Module, ref: nn.Module, *, matching: str = "weights", x: torch.Tensor | None = None,
+          seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with its hidden units permuted to match ``ref`` (same function as ``model``)."""
+    groups = permutation_groups(model)
+    if matching == "weights":
+        perms = weight_matching(groups, ref.state_dict(), model.state_dict(), seed=seed)
+    else:
+        perms = activation_matching(groups, ref, model, x)
+    out = copy.deepcopy(model)
+    out.load_state_dict(permute_state(model.state_dict(), groups, perms))
+    return out.eval()
+
+
+def _stats(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    feats = _features(model, names, x)
+    return {n: (f.mean(0), f.std(0)) for n, f in feats.items()}
+
+
+def apply_repair(merged: nn.Module, members: list[nn.Module], x: torch.Tensor) -> nn.Module:
+    """REPAIR in place: every hidden channel of ``merged`` gets the members' average mean and std.
+
+    Layer by layer in order (a correction changes what the next layers see): the affine map of
+    the layer's BatchNorm (or of the layer itself) is rescaled and shifted. A layer without bias
+    and BatchNorm is only rescaled.
+    """
+    groups = permutation_groups(merged)
+    names = [g.stat for g in groups]
+    targets = [_stats(m, names, x) for m in members]
+    mods = dict(merged.named_children())
+    for g in groups:
+        mu = torch.stack([t[g.stat][0] for t in targets]).mean(0)
+        sd = torch.stack([t[g.stat][1] for t in targets]).mean(0)
+        got_mu, got_sd = _stats(merged, [g.stat], x)[g.stat]
+        s = sd / (got_sd + EPS)
+        mod = mods[g.stat]
+        with torch.no_grad():
+            shape = (-1,) + (1,) * (mod.weight.dim() - 1)
+            mod.weight.mul_(s.view(shape).to(mod.weight.dtype))
+            if mod.bias is not None:
+                mod.bias.copy_(((mod.bias.double() - got_mu) * s + mu).to(mod.bias.dtype))
+    return merged
+
+
+def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
+    if data is not None:
+        scores = [evaluate(m, data.val) for m in models]
+        ref_i = max(range(len(models)), key=lambda i: (scores[i]["accuracy"], -scores[i]["nll"]))
+    else:
+        ref_i = 0
+    ref = models[ref_i]
+    permutation_groups(ref)  # a clear error before any work
+    aligned = [copy.deepcopy(ref).eval() if i == ref_i else align(m, ref, matching=matching, x=stats_x, seed=seed)
+               for i, m in enumerate(models)]
+    states = [m.state_dict() for m in aligned]
+    out = copy.deepcopy(ref)
+    out.load_state_dict({k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point()
+                             else v) for k, v in states[0].items()})
+    out.eval()
+    if stats_x is not None:
+        refresh_bn(out, Split(stats_x, torch.zeros(len(stats_x), dtype=torch.long)))
+        out.eval()
+    if repair:
+        apply_repair(out, aligned, stats_x)
+    return ref, out, {"matching": matching, "repair": repair, "reference": ref_i}
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _paired_interval(a: np.ndarray, b: np.ndarray, *, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``a - b`` over paired samples and its percentile bootstrap interval."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": round(float(d.mean()), 6), "low": round(float(lo), 6), "high": round(float(hi), 6)}
+
+
+def _per_sample(proba: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    p = proba.double().clamp_min(1e-12)
+    return (p.argmax(1) == y).double().numpy(), (-p[torch.arange(len(y)), y].log()).numpy()
+
+
+def _summary(correct: np.ndarray, nll: np.ndarray) -> dict:
+    return {"accuracy": round(float(correct.mean()), 6), "nll": round(float(nll.mean()), 6)}
+
+
+def _verify(merged: nn.Module, models: list[nn.Module], data: Splits) -> dict:
+    """The merged model beside the best member (chosen on validation) and the mean ensemble, on test."""
+    test = data.test
+    val = [evaluate(m, data.val) for m in models]
+    best = max(range(len(models)), key=lambda i: (val[i]["accuracy"], -val[i]["nll"]))
+    member_p = [predict(m, test, output="proba") for m in models]
+    rows = [_per_sample(p, test.y) for p in member_p]
+    ens = _per_sample(torch.stack(member_p).mean(0), test.y)
+    got = _per_sample(predict(merged, test, output="proba"), test.y)
+    vs = {"accuracy": _paired_interval(got[0], rows[best][0]), "nll": _paired_interval(got[1], rows[best][1])}
+    verdict = "worse" if vs["accuracy"]["high"] < 0 else "better" if vs["accuracy"]["low"] > 0 else "on par"
+    one = artifact_bytes(merged)
+    return {
+        "split": "test", "samples": len(test),
+        "merged": _summary(*got),
+        "best_member": {"index": best, **_summary(*rows[best])},
+        "ensemble": {"method": "mean", **_summary(*ens)},
+        "members": [_summary(*r) for r in rows],
+        "vs_best": vs,
+        "verdict": verdict,
+        "params": {"merged": counts(merged)["params"], "ensemble": sum(counts(m)["params"] for m in models)},
+        "bytes": {"merged": one, "ensemble": sum(artifact_bytes(m) for m in models)},
+    }
+
+
+def _record(model: nn.Module, ver: dict) -> nn.Module:
+    meta = model.slimfuse
+    meta["lineage"][-1]["params"]["verification"] = ver
+    object.__setattr__(model, "verification", ver)
+    return model
+
+
+def _distill_fallback(merged: nn.Module, models, data: Splits, ver: dict, *, epochs: int, seed: int) -> nn.Module:
+    from .api import ensemble
+
+    teacher = ensemble(models, "mean", data)
+    best = models[ver["best_member"]["index"]]
+    student = distill(teacher, copy.deepcopy(best), data, epochs=epochs, seed=seed, progress=False)
+    after = _verify(student, models, data)
+    ver = dict(ver, fallback={"method": "distill", "epochs": epochs, **{k: after[k] for k in ("merged", "vs_best",
+                                                                                                  "verdict")}})
+    merge_step = lineage_of(merged)[-1]
+    merge_step["params"]["verification"] = ver
+    lineage = lineage_of(merged)[:-1] + [merge_step, lineage_of(student)[-1]]
+    meta = student.slimfuse
+    meta["lineage"] = lineage
+    object.__setattr__(student, "verification", ver)
+    return student.eval()
+
+
+__all__ = ["METHODS", "activation_matching", "align", "apply_repair", "dare_vector", "disjoint_mean", "merge", "permutation_groups",
+           "permute_state", "slerp_tensor", "ties_vector", "trim", "weight_matching"]
