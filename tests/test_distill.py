@@ -64,10 +64,22 @@ def test_loss_equals_hand_computation():
 def test_alpha_zero_trains_exactly_like_cross_entropy(digits, teacher):
     student = _mlp([32], seed=3)
     plain = sf.fit(student, digits, epochs=3, seed=5, op=None)
-    distilled = sf.distill(teacher, student, digits, alpha=0.0, temperature=4.0, epochs=3, seed=5)
+    distilled = sf.distill(teacher, student, digits, alpha=0.0, temperature=4.0, epochs=3, seed=5, transfer="train")
     a, b = plain.state_dict(), distilled.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_distillation_beats_the_student_alone(digits, teacher):
+    """The defaults (T=4, alpha=0.9, 20 epochs on the split + 4 jittered noisy copies) pay on a
+    small set: measured on digits over 3 seeds, student 64-16-10 alone 0.889, distilled 0.941 from
+    this unregularized 0.95 teacher; with the old default (transfer="train") 0.841, worse than alone."""
+    alone = _acc(sf.fit(_mlp([16], seed=0), digits, seed=0), digits.test)
+    distilled = sf.distill(teacher, _mlp([16], seed=0), digits, seed=0)
+    assert sf.lineage_of(distilled)[-1]["params"]["transfer"] == "augment"
+    acc = _acc(distilled, digits.test)
+    assert acc > alone + 0.02, (acc, alone)  # 360 test images: 0.02 is 7 images; measured margin ~0.05
+    assert acc > _acc(teacher, digits.test) - 0.03
 
 
 def test_distillation_from_an_ensemble_like_teacher(digits, teacher):

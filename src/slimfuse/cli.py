@@ -174,7 +174,7 @@ def distill(
     temperature: float = 4.0,
     alpha: Annotated[float, typer.Option(help="weight of the soft (teacher) term; 1 - alpha weighs the labels")] = 0.9,
     epochs: int = 20,
-    transfer: Annotated[str, typer.Option(help="train, augment, or a .npy file of unlabeled inputs")] = "train",
+    transfer: Annotated[str, typer.Option(help="train, augment, or a .npy file of unlabeled inputs")] = "augment",
     copies: Annotated[int, typer.Option(help="augmented copies of the training set (--transfer augment)")] = 4,
     mixup: Annotated[float, typer.Option(help="unlabeled mixup blends, as a multiple of the training set")] = 0.0,
     hint: Annotated[list[str] | None, typer.Option(help="FitNets hint STUDENT_MODULE=TEACHER_MODULE (repeatable)")] = None,

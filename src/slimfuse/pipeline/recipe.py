@@ -110,7 +110,7 @@ class DistillStep(_Step):
     temperature: PosFloat = 4.0
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.9
     epochs: PosInt = 20
-    transfer: Literal["train", "augment"] = "train"
+    transfer: Literal["train", "augment"] = "augment"
     copies: PosInt = 4
     mixup: Annotated[float, Field(ge=0)] = 0.0
     batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 64
