@@ -272,7 +272,8 @@ class Distill(Config):
     alpha: Annotated[float, Field(ge=0, le=1, description="weight of the soft (teacher) term; 1 - alpha weighs "
                                                           "the labels")] = 0.9
     transfer: Annotated[str, Field(min_length=1, max_length=4096,
-                                   description="train, augment, or a .npy file of unlabeled inputs")] = "train"
+                                   description="augment (the training split plus shifted, noisy copies), train, "
+                                               "or a .npy file of unlabeled inputs")] = "augment"
     copies: Annotated[int, Field(ge=1, le=1000, description="augmented copies of the training set "
                                                             "(transfer=augment)")] = 4
     shift: Annotated[int, Field(ge=0, le=64, description="augment: largest shift in pixels")] = 2

@@ -334,7 +334,7 @@ def distill(
     temperature: float = 4.0,
     alpha: float = 0.9,
     epochs: int = 20,
-    transfer="train",
+    transfer="augment",
     copies: int = 4,
     shift: int = 2,
     noise: float = 0.05,
@@ -354,7 +354,14 @@ def distill(
     """Train a copy of ``student`` to imitate ``teacher`` on a fixed transfer set; return it.
 
     ``transfer``, ``copies``, ``shift``, ``noise``, ``mixup``: the transfer set (see
-    :func:`transfer_set`). ``hints``: ``{"student.module.path": "teacher.module.path"}`` adds
+    :func:`transfer_set`). The default, ``"augment"`` with 4 copies, is the training split plus
+    4 copies shifted by up to ``shift`` pixels with Gaussian noise: on the training split alone
+    a teacher that fits it returns near-one-hot targets that carry little beyond the labels, and
+    distilling there lost to the student trained alone with unregularized teachers (mnist5k
+    784-64-10, 3 seeds: 0.910 vs 0.919; digits 0.841 vs 0.889); on the augmented set the teacher
+    labels inputs it has not memorized and the student closes most of the gap (mnist5k: 0.941
+    from a 0.946 teacher, 0.953 from a regularized 0.956 one; ``benchmarks/distill.py``). ``transfer="train"``
+    is the old behaviour (5x fewer steps per epoch). ``hints``: ``{"student.module.path": "teacher.module.path"}`` adds
     FitNets hint terms weighted by ``hint_weight``. Other options (``optimizer``, ``schedule``,
     ``weight_decay``, ``patience`` ...) go to :func:`slimfuse.fit`. Neither input is mutated; the
     result records the lineage step ``distill``.
