@@ -16,6 +16,7 @@ from .compress.quantize import quantize  # also registers every scheme and its c
 from .data import Split, Splits, Task
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .export import export
+from .hardware import hardware
 from .fuse import Ensemble, ensemble, soup, swa, train_members
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
@@ -25,7 +26,7 @@ from .train import evaluate, fit, predict
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
-    "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
+    "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit", "hardware",
     "lineage_of", "load", "measure", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
     "runtime", "save", "soup", "spec_of", "swa", "train_members", "zoo",
 ]

@@ -132,10 +132,21 @@ def eval_(
 
 @app.command()
 @user_errors
-def info(artifact: Annotated[Path, typer.Argument(help="artifact folder")]):
-    """Show an artifact's card: spec, task, lineage, storage, metrics, bytes."""
+def info(
+    artifact: Annotated[Path | None, typer.Argument(help="artifact folder")] = None,
+    hardware: Annotated[bool, typer.Option("--hardware", help="show this machine's CPU features and kernels")] = False,
+):
+    """Show an artifact's card: spec, task, lineage, storage, metrics, bytes (or --hardware: this machine)."""
     from .models import folder_bytes, lineage_str, read_card
 
+    if hardware:
+        from .hardware import hardware as detect
+
+        typer.echo(json.dumps(detect(), indent=2))
+        if artifact is None:
+            return
+    if artifact is None:
+        raise ConfigError("info needs an artifact folder (or --hardware)")
     card = read_card(artifact)
     summary = {
         "spec": card["spec"],
@@ -145,6 +156,7 @@ def info(artifact: Annotated[Path, typer.Argument(help="artifact folder")]):
         "metrics": card["metrics"],
         "bytes_on_disk": folder_bytes(artifact),
         "versions": card.get("versions"),
+        "hardware": card.get("hardware"),
     }
     typer.echo(json.dumps(summary, indent=2))
 

@@ -30,6 +30,7 @@ from torch import nn
 from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError
+from ..hardware import summary as hardware_summary
 from .spec import attach, lineage_of, spec_of, task_of
 from .zoo import build
 
@@ -78,6 +79,7 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "metrics": metrics or {},
         "storage": {"codec": codec, "meta": codec_meta},
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "hardware": hardware_summary(),  # the machine that made it (and measured its metrics)
     }
     path = Path(path)
     with atomic_folder(path) as tmp:

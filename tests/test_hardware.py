@@ -1,0 +1,124 @@
+"""slimfuse.hardware(): the machine's features, recorded on every report and card; half precision computed natively."""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import slimfuse as sf
+from slimfuse.cli import app
+from slimfuse.compress.quant_torch import HalfModel
+from slimfuse.hardware import FEATURES, computes, cpu_flags, summary
+from slimfuse.measure import flag_slower
+
+PROC = Path("/proc/cpuinfo")
+
+
+def test_hardware_has_the_documented_fields():
+    info = sf.hardware()
+    assert {"cpu", "machine", "cores", "flags", "features", "compute", "torch", "onnxruntime",
+            "torch_threads"} <= info.keys()
+    assert isinstance(info["cores"], int) and info["cores"] >= 1
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert info["torch"]["version"] == torch.__version__
+    assert info["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(info["torch"]["quantized_engines"]) <= set(torch.backends.quantized.supported_engines)
+    assert set(info["compute"]) == {"bf16", "fp16", "int8"}
+    assert [FEATURES[f] for f in info["flags"]] == info["features"]
+    ort = pytest.importorskip("onnxruntime")
+    assert info["onnxruntime"] == {"version": ort.__version__, "providers": ort.get_available_providers()}
+    json.dumps(info)  # goes into cards and reports
+
+
+@pytest.mark.skipif(not PROC.exists(), reason="no /proc/cpuinfo on this system")
+def test_features_agree_with_proc_cpuinfo():
+    text = PROC.read_text()
+    flags = next(set(line.split(":", 1)[1].split()) for line in text.splitlines()
+                 if line.split(":")[0].strip() in ("flags", "Features"))
+    info = sf.hardware()
+    assert set(info["flags"]) == flags & set(FEATURES)  # every reported feature is there, none is missed
+    assert info["compute"]["bf16"] == bool({"amx_bf16", "avx512_bf16"} & flags)
+    assert info["compute"]["fp16"] == bool({"amx_fp16", "avx512_fp16"} & flags)
+    assert info["cores"] == len(os.sched_getaffinity(0))
+
+
+def test_cpu_flags_parses_x86_and_arm_layouts():
+    assert cpu_flags("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nflags : other\n") == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags("processor : 0\nFeatures : fp asimd sve\n") == {"fp", "asimd", "sve"}
+    assert cpu_flags("") == set()
+
+
+def test_cards_and_reports_record_the_hardware(digits_mlp, digits, tmp_path):
+    path = sf.save(digits_mlp, tmp_path / "a")
+    card = json.loads((path / "card.json").read_text())
+    assert card["hardware"] == summary() and card["hardware"]["cores"] == sf.hardware()["cores"]
+    report = sf.measure({"mlp": digits_mlp}, digits.test, seconds=0.1)
+    assert json.loads(report.to_json())["hardware"] == summary()
+    assert report.to_markdown().startswith(f"Measured on: {summary()['cpu']}, {summary()['cores']} cores")
+    out = CliRunner().invoke(app, ["info", str(path)])
+    assert out.exit_code == 0 and json.loads(out.output)["hardware"] == summary()
+
+
+def test_cli_info_hardware_prints_the_machine():
+    out = CliRunner().invoke(app, ["info", "--hardware"])
+    assert out.exit_code == 0, out.output
+    shown = json.loads(out.output)
+    assert shown["flags"] == sf.hardware()["flags"] and shown["cores"] == sf.hardware()["cores"]
+    bad = CliRunner().invoke(app, ["info"])
+    assert bad.exit_code == 2 and "artifact folder" in bad.output
+
+
+def test_rows_slower_than_their_input_are_flagged():
+    rows = [
+        {"name": "base", "lineage": "train", "throughput_b256": 1000.0},
+        {"name": "int8", "lineage": "train -> quantize(scheme=int8)", "throughput_b256": 800.0},
+        {"name": "pruned", "lineage": "train -> prune", "throughput_b256": 1500.0},
+        {"name": "pq", "lineage": "train -> prune -> quantize", "throughput_b256": 1200.0},
+        {"name": "other", "lineage": "fit", "throughput_b256": 10.0},
+    ]
+    report = sf.Report(copy.deepcopy(rows))
+    assert report.row("int8")["slower"] == "base" and report.row("int8")["speedup"] == pytest.approx(0.8)
+    assert report.row("pq")["slower"] == "pruned"  # its input is the pruned model, not the first one
+    assert "slower" not in report.row("pruned") and report.row("pruned")["speedup"] == pytest.approx(1.5)
+    assert "slower" not in report.row("other") and "speedup" not in report.row("other")
+    assert "int8 (slower than base)" in report.to_markdown()
+    assert flag_slower([dict(r) for r in rows[:1]])[0].get("slower") is None
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+def test_half_scheme_computes_in_half_where_the_cpu_does(digits_mlp, digits, tmp_path, scheme):
+    q = sf.quantize(digits_mlp, scheme)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[scheme]
+    step = sf.lineage_of(q)[-1]["params"]
+    if computes(scheme):
+        assert isinstance(q, HalfModel) and {p.dtype for p in q.parameters()} == {dtype}
+        assert step["compute"] == scheme
+        seen = []
+        hook = q.net.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        out = q(digits.test.x[:32])
+        hook.remove()
+        assert seen == [dtype] and out.dtype == torch.float32  # computed in half, returned as float32
+    else:
+        assert not isinstance(q, HalfModel) and step["compute"].startswith("fp32 (this CPU has no native")
+    with torch.inference_mode():
+        ref, got = digits_mlp(digits.test.x), q(digits.test.x)
+    tol = 0.05 if scheme == "bf16" else 0.01  # bf16 keeps 8 bits of mantissa, fp16 11
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
+    assert sf.evaluate(q, digits.test)["accuracy"] >= sf.evaluate(digits_mlp, digits.test)["accuracy"] - 0.01
+    loaded = sf.load(sf.save(q, tmp_path / "q"))
+    assert type(loaded) is type(q) and torch.equal(sf.predict(loaded, digits.test), sf.predict(q, digits.test))
+
+
+def test_half_compute_can_be_forced_either_way(digits_mlp):
+    stored = sf.quantize(digits_mlp, "bf16", compute="fp32")
+    assert not isinstance(stored, HalfModel) and {p.dtype for p in stored.parameters()} == {torch.float32}
+    forced = sf.quantize(digits_mlp, "bf16", compute="half")
+    assert isinstance(forced, HalfModel)
+    with pytest.raises(sf.ConfigError, match="compute must be one of"):
+        sf.quantize(digits_mlp, "bf16", compute="fast")
+    with pytest.raises(sf.ConfigError, match="already quantized"):
+        sf.quantize(forced, "int8-dynamic", backend="torch")
