@@ -16,8 +16,8 @@ from .compress.quantize import quantize  # also registers every scheme and its c
 from .data import Split, Splits, Task
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .export import export
-from .hardware import hardware
 from .fuse import Ensemble, ensemble, soup, swa, train_members
+from .hardware import hardware
 from .measure import Report, measure
 from .models import load, read_card, save, zoo
 from .models.spec import lineage_of, spec_of
