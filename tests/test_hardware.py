@@ -122,3 +122,48 @@ def test_half_compute_can_be_forced_either_way(digits_mlp):
         sf.quantize(digits_mlp, "bf16", compute="fast")
     with pytest.raises(sf.ConfigError, match="already quantized"):
         sf.quantize(forced, "int8-dynamic", backend="torch")
+
+
+def test_choose_times_every_candidate_and_picks_the_fastest_within_the_bound(digits_mlp, digits):
+    from slimfuse.compress.choose import choose
+
+    broken = copy.deepcopy(digits_mlp)
+    with torch.no_grad():
+        broken.out.bias.fill_(0)
+        broken.out.bias[0] = 1e6  # always class 0: far out of the accuracy bound
+    c = choose(digits_mlp, digits.val, batch=64, val=digits.val, rounds=2, runs=2, reference="input",
+               candidates={"input": lambda: digits_mlp, "fp32 copy": lambda: copy.deepcopy(digits_mlp),
+                           "broken": lambda: broken, "fails": lambda: sf.quantize(digits_mlp, "no-such")})
+    assert c.name == "fp32 copy" and c.model is not None  # the input is timed, never picked; broken is out
+    assert c.row("broken")["within"] is False and c.row("broken")["drop"] > 0.5
+    assert "unknown quantization scheme" in c.row("fails")["error"]
+    assert choose(digits_mlp, digits.val, batch=8, val=digits.val, rounds=1, runs=1,
+                  candidates={"broken": lambda: broken}).name is None  # strict: nothing out of bounds is picked
+    cores = sf.hardware()["cores"]
+    for name in ("input", "fp32 copy", "broken"):
+        r = c.row(name)
+        assert set(r["per_threads"]) == set(range(1, cores + 1)) and r["throughput"] == max(r["per_threads"].values())
+        assert r["throughput"] == pytest.approx(64 / (r["ms"] / 1e3))
+    assert c.row("fp32 copy")["slower"] == (c.row("fp32 copy")["throughput"] < c.row("input")["throughput"])
+    assert json.dumps(c.summary())
+
+
+def test_auto_backend_returns_a_measured_candidate_and_records_the_timings(digits_mlp, digits):
+    q = sf.quantize(digits_mlp, "int8-static", calib=digits)
+    step = sf.lineage_of(q)[-1]["params"]
+    chosen = step["chosen_by"]
+    assert set(chosen["candidates"]) == {"input", "torch", "onnxruntime qdq", "onnxruntime qoperator"}
+    assert step["backend"] == chosen["picked"] != "input"
+    ok = {n: r for n, r in chosen["candidates"].items() if n != "input" and r["drop"] is not None
+          and r["drop"] <= 0.01 + 1e-12}
+    if ok:
+        assert chosen["within_bound"] and chosen["picked"] == max(ok, key=lambda n: ok[n]["throughput"])
+    else:  # none within the bound: the most accurate is returned, and said so
+        assert not chosen["within_bound"]
+        assert chosen["candidates"][chosen["picked"]]["drop"] == min(
+            r["drop"] for n, r in chosen["candidates"].items() if n != "input")
+    assert (q.slimfuse_runtime if hasattr(q, "slimfuse_runtime") else "torch") == (
+        "onnxruntime" if chosen["picked"].startswith("onnxruntime") else "torch")
+    assert sf.evaluate(q, digits.test)["accuracy"] >= sf.evaluate(digits_mlp, digits.test)["accuracy"] - 0.03
+    rule = sf.quantize(digits_mlp, "int8-dynamic", calib=None)  # no data to measure on: the fixed default
+    assert "chosen_by" not in sf.lineage_of(rule)[-1]["params"]
