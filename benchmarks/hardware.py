@@ -1,0 +1,176 @@
+"""Hardware benchmark: what this CPU's units buy, measured side by side, hardware named.
+
+1. bf16 / fp16 (``slimfuse.quantize``, computed in half where ``slimfuse.hardware()`` says the CPU
+   has the unit) vs fp32, on wide MLPs at batch 256: ratio of medians over interleaved rounds.
+2. ``quantize(..., backend="auto")`` on LeNet-300-100 (mnist5k): every backend/format it timed,
+   the pick, and the pick vs torch eager fp32 at batch 256, with the accuracy drop.
+3. torch CSR sparse matmul vs dense Linear at batch 256: the crossover sparsity per layer size.
+
+    python benchmarks/hardware.py [--rounds 7] [--quick]   # writes benchmarks/out/hardware.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import slimfuse as sf
+from slimfuse.hardware import describe, summary
+
+OUT = Path(__file__).parent / "out"
+THREADS = 2
+
+
+def _call_s(fn, x, runs: int) -> float:
+    fn(x)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def interleaved(variants: dict, x: torch.Tensor, *, rounds: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one median of ``runs`` calls per round, variants interleaved."""
+    times = {n: [] for n in variants}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for n, fn in variants.items():
+                times[n].append(_call_s(fn, x, runs))
+    return times
+
+
+def ratio_row(name: str, base: list[float], other: list[float]) -> dict:
+    """Speed-up of ``other`` over ``base``: ratio of medians, and the spread of per-round ratios."""
+    per_round = np.asarray(base) / np.asarray(other)
+    return {"case": name, "base_ms": float(np.median(base) * 1e3), "ms": float(np.median(other) * 1e3),
+            "speedup": float(np.median(base) / np.median(other)),
+            "spread": [float(per_round.min()), float(per_round.max())]}
+
+
+def half_precision(rounds: int, quick: bool) -> list[dict]:
+    rows = []
+    widths = [(1024, [1024, 1024]), (4096, [4096, 4096])] if not quick else [(1024, [1024])]
+    x_seed = torch.Generator().manual_seed(0)
+    for d, hidden in widths:
+        torch.manual_seed(0)
+        m = sf.zoo.mlp(d, hidden, 10).eval()
+        x = torch.randn(256, d, generator=x_seed)
+        variants = {"fp32": m}
+        for scheme in ("bf16", "fp16"):
+            variants[scheme] = sf.quantize(m, scheme)
+        times = interleaved(variants, x, rounds=rounds, runs=3 if d >= 4096 else 10)
+        with torch.inference_mode():
+            ref = m(x)
+            for scheme in ("bf16", "fp16"):
+                q = variants[scheme]
+                row = ratio_row(f"MLP {d}-{'-'.join(map(str, hidden))}-10, {scheme} vs fp32", times["fp32"],
+                                times[scheme])
+                row["computed_in"] = sf.lineage_of(q)[-1]["params"]["compute"]
+                row["max_rel_err"] = float((q(x) - ref).abs().max() / ref.abs().max())
+                rows.append(row)
+    return rows
+
+
+def auto_backend(rounds: int, quick: bool) -> dict:
+    data = sf.datasets.load("mnist5k")
+    torch.manual_seed(0)
+    m = sf.fit(sf.zoo.for_task("mlp", data.task, hidden=[300, 100]), data, epochs=5 if quick else 20, progress=False)
+    q = sf.quantize(m, "int8-static", calib=data)
+    chosen = sf.lineage_of(q)[-1]["params"]["chosen_by"]
+    x = data.test.x[:256].contiguous()
+    times = interleaved({"fp32": m, "auto": q}, x, rounds=rounds, runs=20)
+    row = ratio_row(f"LeNet-300-100 int8-static auto ({chosen['picked']}) vs torch eager fp32", times["fp32"],
+                    times["auto"])
+    base, acc = sf.evaluate(m, data.test)["accuracy"], sf.evaluate(q, data.test)["accuracy"]
+    row.update(fp32_accuracy=base, accuracy=acc, drop_points=(base - acc) * 100)
+    return {"chosen_by": chosen, "vs_fp32": row}
+
+
+def sparse_crossover(rounds: int, quick: bool) -> list[dict]:
+    """Dense ``F.linear`` vs torch CSR ``sparse @ dense`` of a magnitude-pruned weight, batch 256."""
+    rows = []
+    sizes = [256, 1024, 4096] if not quick else [1024]
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    for d in sizes:
+        w = torch.randn(d, d)
+        x = torch.randn(256, d)
+        for s in (0.5, 0.8, 0.9, 0.95, 0.98, 0.99):
+            k = int(s * w.numel())
+            thr = w.abs().flatten().kthvalue(k).values
+            ws = torch.where(w.abs() > thr, w, torch.zeros(()))
+            csr = ws.to_sparse_csr()
+            xt = x.t().contiguous()
+            variants = {"dense": lambda x, ws=ws: torch.nn.functional.linear(x, ws),
+                        "csr": lambda x, csr=csr, xt=xt: (csr @ xt).t()}
+            times = interleaved(variants, x, rounds=rounds, runs=5 if d >= 4096 else 20)
+            row = ratio_row(f"{d}x{d} at {s:.0%} sparse, CSR vs dense", times["dense"], times["csr"])
+            row["max_abs_err"] = float(((csr @ xt).t() - torch.nn.functional.linear(x, ws)).abs().max())
+            row.update(size=d, sparsity=s)
+            rows.append(row)
+    return rows
+
+
+def to_markdown(result: dict) -> str:
+    hw = result["hardware"]
+    load = ", ".join(f"{v:.1f}" for v in result["load_average"])
+    lines = [f"Hardware: {describe(hw)}; {THREADS} threads (load average at start {load}); batch 256; speed-ups are ratios of medians over "
+             f"{result['rounds']} interleaved rounds, [min, max] of per-round ratios.", ""]
+    lines += ["| case | computed in | fp32 ms | ms | speed-up | spread | max rel. error |", "|---|---|---|---|---|---|---|"]
+    for r in result["half"]:
+        lines.append(f"| {r['case']} | {r['computed_in']} | {r['base_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['max_rel_err']:.1e} |")
+    a = result["auto"]
+    lines += ["", f"quantize(int8-static, backend=auto) on LeNet-300-100: picked **{a['chosen_by']['picked']}** "
+              f"(threads {a['chosen_by']['threads']})", "",
+              "| candidate | best threads | samples/s | accuracy drop (val) |", "|---|---|---|---|"]
+    for n, c in a["chosen_by"]["candidates"].items():
+        tp = "failed" if c["throughput"] is None else f"{c['throughput']:,.0f}"
+        drop = "n/a" if c["drop"] is None else f"{c['drop'] * 100:+.2f} pt"
+        lines.append(f"| {n} | {c['threads']} | {tp} | {drop} |")
+    v = a["vs_fp32"]
+    lines += ["", f"Pick vs torch eager fp32 (test set, batch 256): {v['speedup']:.2f}x "
+              f"[{v['spread'][0]:.2f}-{v['spread'][1]:.2f}], accuracy {v['fp32_accuracy']:.4f} -> {v['accuracy']:.4f} "
+              f"({v['drop_points']:+.2f} pt drop)", ""]
+    lines += ["| layer | sparsity | dense ms | CSR ms | CSR speed-up | spread |", "|---|---|---|---|---|---|"]
+    for r in result["sparse"]:
+        lines.append(f"| {r['size']}x{r['size']} | {r['sparsity']:.0%} | {r['base_ms']:.3f} | {r['ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (ORT follows)")
+    ap.add_argument("--quick", action="store_true", help="one size per part, fewer epochs (a smoke run)")
+    args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    torch.set_num_threads(THREADS)
+    t0 = time.time()
+    result = {"hardware": summary(), "threads": THREADS, "load_average": list(os.getloadavg()), "rounds": args.rounds,
+              "half": half_precision(args.rounds, args.quick),
+              "auto": auto_backend(args.rounds, args.quick),
+              "sparse": sparse_crossover(args.rounds, args.quick)}
+    result["seconds"] = round(time.time() - t0, 1)
+    result["load_average_end"] = list(os.getloadavg())
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "hardware.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = to_markdown(result)
+    (OUT / "hardware.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
