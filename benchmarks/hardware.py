@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 import slimfuse as sf
 from slimfuse.hardware import describe, summary
@@ -124,24 +123,25 @@ def sparse_crossover(rounds: int, quick: bool) -> list[dict]:
 def to_markdown(result: dict) -> str:
     hw = result["hardware"]
     load = ", ".join(f"{v:.1f}" for v in result["load_average"])
-    lines = [f"Hardware: {describe(hw)}; {THREADS} threads (load average at start {load}); batch 256; speed-ups are ratios of medians over "
-             f"{result['rounds']} interleaved rounds, [min, max] of per-round ratios.", ""]
+    lines = [(f"Hardware: {describe(hw)}; {THREADS} threads (load average at start {load}); batch 256; "
+              f"speed-ups are ratios of medians over {result['rounds']} interleaved rounds, "
+              "[min, max] of per-round ratios."), ""]
     lines += ["| case | computed in | fp32 ms | ms | speed-up | spread | max rel. error |", "|---|---|---|---|---|---|---|"]
     for r in result["half"]:
         lines.append(f"| {r['case']} | {r['computed_in']} | {r['base_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['max_rel_err']:.1e} |")
     a = result["auto"]
-    lines += ["", f"quantize(int8-static, backend=auto) on LeNet-300-100: picked **{a['chosen_by']['picked']}** "
-              f"(threads {a['chosen_by']['threads']})", "",
+    lines += ["", (f"quantize(int8-static, backend=auto) on LeNet-300-100: picked **{a['chosen_by']['picked']}** "
+                   f"(threads {a['chosen_by']['threads']})"), "",
               "| candidate | best threads | samples/s | accuracy drop (val) |", "|---|---|---|---|"]
     for n, c in a["chosen_by"]["candidates"].items():
         tp = "failed" if c["throughput"] is None else f"{c['throughput']:,.0f}"
         drop = "n/a" if c["drop"] is None else f"{c['drop'] * 100:+.2f} pt"
         lines.append(f"| {n} | {c['threads']} | {tp} | {drop} |")
     v = a["vs_fp32"]
-    lines += ["", f"Pick vs torch eager fp32 (test set, batch 256): {v['speedup']:.2f}x "
-              f"[{v['spread'][0]:.2f}-{v['spread'][1]:.2f}], accuracy {v['fp32_accuracy']:.4f} -> {v['accuracy']:.4f} "
-              f"({v['drop_points']:+.2f} pt drop)", ""]
+    lines += ["", (f"Pick vs torch eager fp32 (test set, batch 256): {v['speedup']:.2f}x "
+                   f"[{v['spread'][0]:.2f}-{v['spread'][1]:.2f}], accuracy {v['fp32_accuracy']:.4f} -> "
+                   f"{v['accuracy']:.4f} ({v['drop_points']:+.2f} pt drop)"), ""]
     lines += ["| layer | sparsity | dense ms | CSR ms | CSR speed-up | spread |", "|---|---|---|---|---|---|"]
     for r in result["sparse"]:
         lines.append(f"| {r['size']}x{r['size']} | {r['sparsity']:.0%} | {r['base_ms']:.3f} | {r['ms']:.3f} | "
@@ -150,12 +150,12 @@ def to_markdown(result: dict) -> str:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (ORT follows)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (ORT follows)")
     ap.add_argument("--quick", action="store_true", help="one size per part, fewer epochs (a smoke run)")
     args = ap.parse_args()
-    global THREADS
     THREADS = args.threads
     torch.set_num_threads(THREADS)
     t0 = time.time()

@@ -57,7 +57,7 @@ def default_candidates(model: nn.Module, calib=None) -> dict[str, Callable[[], n
     if computes("bf16"):
         out["torch bf16"] = lambda: quantize(model, "bf16", compute="half")
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError:
         onnxruntime = None
     if onnxruntime is not None:
