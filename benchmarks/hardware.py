@@ -5,6 +5,7 @@
 2. ``quantize(..., backend="auto")`` on LeNet-300-100 (mnist5k): every backend/format it timed,
    the pick, and the pick vs torch eager fp32 at batch 256, with the accuracy drop.
 3. torch CSR sparse matmul vs dense Linear at batch 256: the crossover sparsity per layer size.
+4. ``slimfuse.sparse_kernels`` on a 90%-sparse 1024-wide MLP vs its dense self at batch 256.
 
     python benchmarks/hardware.py [--rounds 7] [--quick]   # writes benchmarks/out/hardware.{json,md}
 """
@@ -120,17 +121,53 @@ def sparse_crossover(rounds: int, quick: bool) -> list[dict]:
     return rows
 
 
+def sparse_mlp(rounds: int, quick: bool) -> dict:
+    """A 90%-sparse 1024-wide MLP (magnitude-pruned, random weights) vs its dense self, after sparse_kernels."""
+    torch.manual_seed(0)
+    d = 1024
+    m = sf.zoo.mlp(d, [d, d], 10).eval()
+    with torch.no_grad():
+        for layer in (m.fc1, m.fc2, m.out):
+            w = layer.weight
+            w[w.abs() < w.abs().flatten().kthvalue(int(0.9 * w.numel())).values] = 0
+    x = torch.randn(256, d, generator=torch.Generator().manual_seed(0))
+    s = sf.sparse_kernels(m, x, batch=256, rounds=rounds)
+    times = interleaved({"dense": m, "sparse": s}, x, rounds=rounds, runs=10)
+    row = ratio_row("MLP 1024-1024-1024-10 at 90% sparsity, sparse_kernels vs dense", times["dense"], times["sparse"])
+    row.update(layers=sf.lineage_of(s)[-1]["params"]["layers"], per_layer=s.slimfuse_kernels)
+    return row
+
+
 def to_markdown(result: dict) -> str:
     hw = result["hardware"]
     load = ", ".join(f"{v:.1f}" for v in result["load_average"])
     lines = [(f"Hardware: {describe(hw)}; {THREADS} threads (load average at start {load}); batch 256; "
               f"speed-ups are ratios of medians over {result['rounds']} interleaved rounds, "
               "[min, max] of per-round ratios."), ""]
-    lines += ["| case | computed in | fp32 ms | ms | speed-up | spread | max rel. error |", "|---|---|---|---|---|---|---|"]
-    for r in result["half"]:
+    if "half" in result:
+        lines += ["| case | computed in | fp32 ms | ms | speed-up | spread | max rel. error |",
+                  "|---|---|---|---|---|---|---|"]
+    for r in result.get("half", []):
         lines.append(f"| {r['case']} | {r['computed_in']} | {r['base_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['max_rel_err']:.1e} |")
-    a = result["auto"]
+    if "auto" in result:
+        lines += _auto_md(result["auto"])
+    if "sparse" in result:
+        lines += ["", "| layer | sparsity | dense ms | CSR ms | CSR speed-up | spread |", "|---|---|---|---|---|---|"]
+    for r in result.get("sparse", []):
+        lines.append(f"| {r['size']}x{r['size']} | {r['sparsity']:.0%} | {r['base_ms']:.3f} | {r['ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} |")
+    if "sparse_mlp" in result:
+        r = result["sparse_mlp"]
+        lines += ["", (f"{r['case']}: {r['speedup']:.2f}x [{r['spread'][0]:.2f}-{r['spread'][1]:.2f}] "
+                       f"(dense {r['base_ms']:.2f} ms, sparse {r['ms']:.2f} ms; layers run as CSR: "
+                       f"{', '.join(r['layers']) or 'none'}); per layer CSR/dense: "
+                       + ", ".join(f"{p} {t['speedup']:.2f}x" for p, t in r["per_layer"].items()))]
+    return "\n".join(lines) + "\n"
+
+
+def _auto_md(a: dict) -> list[str]:
+    lines = []
     lines += ["", (f"quantize(int8-static, backend=auto) on LeNet-300-100: picked **{a['chosen_by']['picked']}** "
                    f"(threads {a['chosen_by']['threads']})"), "",
               "| candidate | best threads | samples/s | accuracy drop (val) |", "|---|---|---|---|"]
@@ -141,12 +178,11 @@ def to_markdown(result: dict) -> str:
     v = a["vs_fp32"]
     lines += ["", (f"Pick vs torch eager fp32 (test set, batch 256): {v['speedup']:.2f}x "
                    f"[{v['spread'][0]:.2f}-{v['spread'][1]:.2f}], accuracy {v['fp32_accuracy']:.4f} -> "
-                   f"{v['accuracy']:.4f} ({v['drop_points']:+.2f} pt drop)"), ""]
-    lines += ["| layer | sparsity | dense ms | CSR ms | CSR speed-up | spread |", "|---|---|---|---|---|---|"]
-    for r in result["sparse"]:
-        lines.append(f"| {r['size']}x{r['size']} | {r['sparsity']:.0%} | {r['base_ms']:.3f} | {r['ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['spread'][0]:.2f}-{r['spread'][1]:.2f} |")
-    return "\n".join(lines) + "\n"
+                   f"{v['accuracy']:.4f} ({v['drop_points']:+.2f} pt drop)")]
+    return lines
+
+
+PARTS = {"half": half_precision, "auto": auto_backend, "sparse": sparse_crossover, "sparse_mlp": sparse_mlp}
 
 
 def main() -> None:
@@ -154,21 +190,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (ORT follows)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="one size per part, fewer epochs (a smoke run)")
     args = ap.parse_args()
     THREADS = args.threads
     torch.set_num_threads(THREADS)
     t0 = time.time()
-    result = {"hardware": summary(), "threads": THREADS, "load_average": list(os.getloadavg()), "rounds": args.rounds,
-              "half": half_precision(args.rounds, args.quick),
-              "auto": auto_backend(args.rounds, args.quick),
-              "sparse": sparse_crossover(args.rounds, args.quick)}
+    result = {"hardware": summary(), "threads": THREADS, "load_average": list(os.getloadavg()), "rounds": args.rounds}
+    for part in args.parts.split(","):
+        result[part] = PARTS[part](args.rounds, args.quick)
     result["seconds"] = round(time.time() - t0, 1)
     result["load_average_end"] = list(os.getloadavg())
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "hardware.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "hardware" if args.parts == ",".join(PARTS) else "hardware-" + args.parts.replace(",", "-")
+    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = to_markdown(result)
-    (OUT / "hardware.md").write_text(md)
+    (OUT / f"{stem}.md").write_text(md)
     print(md)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 import slimfuse as sf
@@ -167,3 +168,36 @@ def test_auto_backend_returns_a_measured_candidate_and_records_the_timings(digit
     assert sf.evaluate(q, digits.test)["accuracy"] >= sf.evaluate(digits_mlp, digits.test)["accuracy"] - 0.03
     rule = sf.quantize(digits_mlp, "int8-dynamic", calib=None)  # no data to measure on: the fixed default
     assert "chosen_by" not in sf.lineage_of(rule)[-1]["params"]
+
+
+@pytest.fixture(scope="module")
+def sparse_mlp():
+    torch.manual_seed(0)
+    m = sf.zoo.mlp(256, [256], 10)
+    with torch.no_grad():
+        for layer in (m.fc1, m.out):
+            w = layer.weight
+            w[w.abs() < w.abs().flatten().kthvalue(int(0.9 * w.numel())).values] = 0  # 90% unstructured
+    return m
+
+
+def test_sparse_kernel_layers_match_dense_and_reload_bit_exactly(sparse_mlp, tmp_path):
+    from slimfuse.compress.sparse_kernel import SparseLinear
+
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    forced = sf.sparse_kernels(sparse_mlp, x, batch=64, min_speedup=1e-9, rounds=1, runs=1)  # every layer CSR
+    assert {type(m) for m in (forced.fc1, forced.out)} == {SparseLinear}
+    assert set(forced.slimfuse_kernels) == {"fc1", "out"} and forced.slimfuse_kernels["fc1"]["sparsity"] >= 0.89
+    with torch.inference_mode():
+        ref, got = sparse_mlp(x), forced(x)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)  # the same product, summed in another order
+    loaded = sf.load(sf.save(forced, tmp_path / "s"))
+    assert type(loaded.fc1) is SparseLinear and sf.spec_of(loaded)["arch"] == "sparse-kernels"
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), got)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sparse_mlp.state_dict().values()))
+    never = sf.sparse_kernels(sparse_mlp, x, batch=64, min_speedup=1e9, rounds=1, runs=1)
+    assert not any(isinstance(m, SparseLinear) for m in never.modules())
+    assert sf.spec_of(never) == sf.spec_of(sparse_mlp) and sf.lineage_of(never)[-1]["params"]["layers"] == []
+    with pytest.raises(sf.ConfigError, match="no Linear"):
+        sf.sparse_kernels(nn.Sequential(nn.ReLU()), x)

@@ -13,6 +13,7 @@ from ._version import __version__
 from .compress.distill import distill
 from .compress.prune import prune  # also registers the sparse-zstd storage codec
 from .compress.quantize import quantize  # also registers every scheme and its codecs
+from .compress.sparse_kernel import sparse_kernels  # also registers the sparse-kernels architecture
 from .data import Split, Splits, Task
 from .errors import ArtifactError, ConfigError, DataError, SlimfuseError
 from .export import export
@@ -28,5 +29,5 @@ __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit", "hardware",
     "lineage_of", "load", "measure", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
-    "runtime", "save", "soup", "spec_of", "swa", "train_members", "zoo",
+    "runtime", "save", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
 ]
