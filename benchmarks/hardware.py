@@ -23,19 +23,10 @@ import torch
 
 import slimfuse as sf
 from slimfuse.hardware import describe, summary
+from slimfuse.measure import median_seconds
 
 OUT = Path(__file__).parent / "out"
 THREADS = 2
-
-
-def _call_s(fn, x, runs: int) -> float:
-    fn(x)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def interleaved(variants: dict, x: torch.Tensor, *, rounds: int, runs: int) -> dict[str, list[float]]:
@@ -44,7 +35,7 @@ def interleaved(variants: dict, x: torch.Tensor, *, rounds: int, runs: int) -> d
     with torch.inference_mode():
         for _ in range(rounds):
             for n, fn in variants.items():
-                times[n].append(_call_s(fn, x, runs))
+                times[n].append(median_seconds(fn, x, runs))
     return times
 
 

@@ -93,6 +93,18 @@ def latency(model: nn.Module, x: torch.Tensor, *, threads: int = 2, seconds: flo
     }
 
 
+def median_seconds(fn, x, runs: int) -> float:
+    """Median wall-clock seconds of ``runs`` calls ``fn(x)`` after one warm-up call (one round of an
+    interleaved comparison: callers alternate variants between rounds so load drift hits all alike)."""
+    fn(x)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
     for _ in range(3):  # warm-up: allocator, kernels, lazy init
         model(x)

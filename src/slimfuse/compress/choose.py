@@ -9,7 +9,6 @@ picks the fastest within it. ``quantize(..., backend="auto")`` uses it to pick a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from torch import nn
 from ..data import Split, Splits
 from ..errors import ConfigError, SlimfuseError
 from ..hardware import computes, hardware, summary
+from ..measure import median_seconds
 
 
 @dataclass
@@ -127,7 +127,7 @@ def choose(model: nn.Module, sample, *, candidates: dict[str, Callable[[], nn.Mo
                 for t in threads:
                     torch.set_num_threads(t)  # ONNX Runtime sessions follow torch's count (runtime.py)
                     for name, m in built.items():
-                        times[(name, t)].append(_median_call(m, big, runs))
+                        times[(name, t)].append(median_seconds(m, big, runs))
     finally:
         torch.set_num_threads(old)
     for row in rows:
@@ -152,16 +152,6 @@ def choose(model: nn.Module, sample, *, candidates: dict[str, Callable[[], nn.Mo
         pick = min(timed, key=lambda r: (r["drop"], -r["throughput"]))
     return Choice(pick and pick["candidate"], pick and built[pick["candidate"]], pick and pick["threads"], rows, batch,
                   within=bool(ok))
-
-
-def _median_call(m: nn.Module, x: torch.Tensor, runs: int) -> float:
-    m(x)  # warm-up at this thread count (sessions, packed weights)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        m(x)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def _inputs(data) -> torch.Tensor:

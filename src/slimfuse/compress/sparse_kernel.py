@@ -12,7 +12,6 @@ run sparse, so a reload runs the same kernels. ``model.slimfuse_kernels`` has ea
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..measure import median_seconds
 from ..models.spec import derive, spec_of
 from ..models.zoo import build, register
 
@@ -79,16 +79,6 @@ def sparse_kernels_arch(base: dict, layers: list[str]) -> nn.Module:
     return _swap(build(base), layers)
 
 
-def _time(fn, x, runs: int) -> float:
-    fn(x)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def sparse_kernels(model: nn.Module, sample: torch.Tensor, *, batch: int = 256, min_speedup: float = 1.1,
                    rounds: int = 5, runs: int = 5) -> nn.Module:
     """A copy of ``model`` whose Linear layers run through CSR where measured ``min_speedup`` x faster.
@@ -119,8 +109,8 @@ def sparse_kernels(model: nn.Module, sample: torch.Tensor, *, batch: int = 256, 
         with torch.inference_mode():
             dense_t, csr_t = [], []
             for _ in range(rounds):  # interleaved, so load drift hits both alike
-                dense_t.append(_time(layer, seen[path], runs))
-                csr_t.append(_time(sparse, seen[path], runs))
+                dense_t.append(median_seconds(layer, seen[path], runs))
+                csr_t.append(median_seconds(sparse, seen[path], runs))
             d, c = float(np.median(dense_t)), float(np.median(csr_t))
             zeros = float((layer.weight == 0).float().mean())
             timings[path] = {"dense_ms": d * 1e3, "csr_ms": c * 1e3, "speedup": d / c, "sparsity": round(zeros, 4)}
