@@ -34,6 +34,8 @@ _LAZY = {
     "Splits": ("slimfuse.data", "Splits"),
     "Task": ("slimfuse.data", "Task"),
     "export": ("slimfuse.export", "export"),
+    "hardware": ("slimfuse.hardware", "hardware"),
+    "sparse_kernels": ("slimfuse.compress.sparse_kernel", "sparse_kernels"),
     "Ensemble": ("slimfuse.fuse", "Ensemble"),
     "ensemble": ("slimfuse.fuse", "ensemble"),
     "merge": ("slimfuse.fuse.merge", "merge"),
@@ -55,9 +57,9 @@ _LAZY = {
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
-    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
+    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit", "hardware",
     "lineage_of", "load", "measure", "merge", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
-    "runtime", "save", "soup", "spec_of", "swa", "train_members", "zoo",
+    "runtime", "save", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
 ]
 
 
@@ -95,7 +97,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .compress.prune import prune
     from .compress.quantize import quantize
     from .data import Split, Splits, Task
+    from .compress.sparse_kernel import sparse_kernels
     from .export import export
+    from .hardware import hardware
     from .fuse import Ensemble, ensemble, train_members
     from .fuse.merge import merge
     from .fuse.soup import soup, swa

@@ -251,12 +251,15 @@ def eval_(**kw):
                              trust_factory=kw["trust_factory"]).message)
 
 
-@verb("info", _artifact())
-def info(artifact):
-    """Show an artifact's card: spec, task, lineage, storage, metrics, bytes."""
+@verb("info", click.Argument(["artifact"], required=False, type=click.Path(path_type=Path)),
+      click.Option(["--hardware"], is_flag=True, default=False, help="show this machine's CPU features and kernels"))
+def info(artifact, hardware):
+    """Show an artifact's card: spec, task, lineage, storage, metrics, bytes (or --hardware: this machine)."""
+    if artifact is None and not hardware:
+        raise ConfigError("info needs an artifact folder (or --hardware)")
     from . import jobs
 
-    click.echo(jobs.info(artifact).message)
+    click.echo(jobs.info(artifact, hardware=hardware).message)
 
 
 @verb("demo", click.Option(["--out", "-o"], type=click.Path(path_type=Path),

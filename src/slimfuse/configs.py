@@ -218,7 +218,12 @@ class Quantize(Config):
 
     scheme: Annotated[str, Field(description="int8-dynamic, int8-static, qat, fp16, bf16, mixed or codebook:N")]
     backend: Annotated[Literal["auto", "torch", "onnxruntime"],
-                       Field(description="auto (the measured default), torch or onnxruntime")] = "auto"
+                       Field(description="auto (with data: every backend built and timed here, the fastest within "
+                                         "auto_max_drop kept), torch or onnxruntime")] = "auto"
+    auto_batch: Annotated[int, Field(ge=1, le=2**20, description="backend=auto: the deployment batch size "
+                                                                 "timed")] = 256
+    auto_max_drop: Annotated[Points, Field(description="backend=auto: largest validation accuracy drop, in points, "
+                                                       "of the backend chosen")] = 1.0
     calibrator: Annotated[Literal["minmax", "percentile", "entropy"] | None,
                           Field(description="int8-static/mixed activation ranges (default: percentile on torch, "
                                             "minmax on onnxruntime, as measured)")] = None
@@ -231,6 +236,9 @@ class Quantize(Config):
                                                   "(0.5 = half a point)")] = 0.5
     high: Annotated[Literal["fp32", "fp16", "bf16"], Field(description="mixed: precision of the layers kept "
                                                                        "out of int8")] = "fp32"
+    compute: Annotated[Literal["auto", "half", "fp32"],
+                       Field(description="fp16/bf16: compute in half precision (auto: where this CPU has the "
+                                         "unit, else storage-only)")] = "auto"
     epochs: Annotated[FineTuneEpochs | None, Field(description="qat / codebook fine-tuning epochs (default 3 qat, "
                                                                "2 codebook)")] = None
     lr: Annotated[LearningRate | None, Field(description="qat / codebook fine-tuning learning rate "
@@ -261,7 +269,8 @@ class Quantize(Config):
 
     def options(self) -> dict:
         """The scheme options set explicitly (a scheme refuses the ones it does not use)."""
-        return {k: v for k, v in self.given().items() if k not in ("scheme", "backend", "validate")}
+        return {k: v for k, v in self.given().items()
+                if k not in ("scheme", "backend", "validate", "auto_batch", "auto_max_drop")}
 
 
 class Distill(Config):

@@ -191,6 +191,8 @@ def quantize(source: Source, cfg: configs.Quantize, data: configs.DataRef | Spli
     from .runtime import OnnxPredictor
 
     cfg, out = configs.Quantize.of(cfg), Path(out)
+    if out.suffix == ".onnx" and cfg.backend == "auto":  # an .onnx file can only hold an ONNX Runtime model
+        cfg = cfg.model_copy(update={"backend": "onnxruntime"})
     m, ready = model(source, trust_factory=trust_factory), splits(data)
     chosen = backend_for(cfg.scheme, cfg.backend)
     if out.suffix == ".onnx" and chosen != "onnxruntime":
@@ -198,7 +200,8 @@ def quantize(source: Source, cfg: configs.Quantize, data: configs.DataRef | Spli
     options = cfg.options()
     if trains(cfg.scheme, cfg.backend):
         options["checkpoint"] = _checkpoint(out, checkpoint)
-    q = quantize_model(m, cfg.scheme, calib=ready, backend=cfg.backend, validate=cfg.validate, **options)
+    q = quantize_model(m, cfg.scheme, calib=ready, backend=cfg.backend, validate=cfg.validate,
+                       auto_batch=cfg.auto_batch, auto_max_drop=cfg.auto_max_drop, **options)
     if isinstance(q, OnnxPredictor) and out.suffix == ".onnx":
         metrics, nbytes = _metrics(q, ready), write_onnx(q, "onnx", out).bytes
     else:
@@ -351,17 +354,26 @@ def evaluate(source: Source, cfg: configs.Measure, data: configs.DataRef | Split
     return Done(None, report.to_markdown(), m, {cfg.split: report.rows[0]})
 
 
-def info(path: str | Path) -> Done:
-    """An artifact's card in short: spec, task, lineage, storage, metrics, bytes on disk, versions."""
+def info(path: str | Path | None, *, hardware: bool = False) -> Done:
+    """An artifact's card in short (spec, task, lineage, storage, metrics, bytes on disk, versions, the hardware
+    it was made on); ``hardware``: this machine's CPU features and kernels first."""
     from .models import folder_bytes, lineage_str, read_card
 
-    card = read_card(path)
-    summary = {
-        "spec": card["spec"], "task": card.get("task"), "lineage": lineage_str(card["lineage"]),
-        "storage": card["storage"], "metrics": card["metrics"], "bytes_on_disk": folder_bytes(path),
-        "versions": card.get("versions"),
-    }
-    return Done(Path(path), json.dumps(summary, indent=2), metrics=card["metrics"])
+    parts = []
+    if hardware:
+        from .hardware import hardware as detect
+
+        parts.append(json.dumps(detect(), indent=2))
+    metrics: dict = {}
+    if path is not None:
+        card = read_card(path)
+        metrics = card["metrics"]
+        parts.append(json.dumps({
+            "spec": card["spec"], "task": card.get("task"), "lineage": lineage_str(card["lineage"]),
+            "storage": card["storage"], "metrics": metrics, "bytes_on_disk": folder_bytes(path),
+            "versions": card.get("versions"), "hardware": card.get("hardware"),
+        }, indent=2))
+    return Done(Path(path) if path is not None else None, "\n".join(parts), metrics=metrics)
 
 
 def optimize(source: Source, cfg: configs.Optimize, data: configs.DataRef | Splits, out: str | Path, *,

@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import configs
 from .data import Split
 from .errors import ConfigError
+from .hardware import describe, summary
 from .models.artifact import folder_bytes, save
 from .models.spec import lineage_of, lineage_str, spec_of
 from .train import check_fits, evaluate
@@ -93,6 +94,18 @@ def latency(model: nn.Module, x: torch.Tensor, *, threads: int = 2, seconds: flo
     }
 
 
+def median_seconds(fn, x, runs: int) -> float:
+    """Median wall-clock seconds of ``runs`` calls ``fn(x)`` after one warm-up call (one round of an
+    interleaved comparison: callers alternate variants between rounds so load drift hits all alike)."""
+    fn(x)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
     for _ in range(3):  # warm-up: allocator, kernels, lazy init
         model(x)
@@ -106,6 +119,39 @@ def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
 
 
 Score = Callable[[nn.Module, Split], dict]
+
+
+def _parent(row: dict, by_lineage: dict[str, dict]) -> dict | None:
+    """The row whose lineage is the longest proper prefix of ``row``'s lineage: the model it was made from."""
+    steps = row.get("lineage", "").split(" -> ")
+    for n in range(len(steps) - 1, 0, -1):
+        parent = by_lineage.get(" -> ".join(steps[:n]))
+        if parent is not None and parent is not row:
+            return parent
+    return None
+
+
+def flag_slower(rows: list[dict]) -> list[dict]:
+    """Mark each row measured slower (throughput at the large batch) than the row of its input model.
+
+    The input is the row whose lineage is the longest prefix of the row's own (``train -> prune`` is the
+    input of ``train -> prune -> quantize``); a row whose input was not measured is left alone. A
+    flagged row gets ``"slower": <input's name>`` and ``"speedup"`` (< 1); rows with a measured input
+    get ``"speedup"`` either way."""
+    by_lineage: dict[str, dict] = {}
+    for r in rows:
+        by_lineage.setdefault(r.get("lineage", ""), r)
+    for r in rows:
+        parent = _parent(r, by_lineage) if r.get("lineage") else None
+        key = next((k for k in r if k.startswith("throughput_b")), None)
+        if parent is None or key is None or not parent.get(key) or r.get(key) is None:
+            continue
+        r["speedup"] = float(r[key] / parent[key])
+        if r[key] < parent[key]:
+            r["slower"] = parent["name"]
+        else:
+            r.pop("slower", None)
+    return rows
 
 
 def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0,
@@ -173,6 +219,10 @@ class Report:
     rows: list[dict] = field(default_factory=list)
     metric: str = "accuracy"  # the higher-is-better quality metric of plots and Pareto fronts
     extra: list[tuple[str, str, str]] = field(default_factory=list)  # this report's own (key, label, format) columns
+    hardware: dict = field(default_factory=summary)  # the machine the rows were measured on
+
+    def __post_init__(self) -> None:
+        flag_slower(self.rows)
 
     def row(self, name: str) -> dict:
         for r in self.rows:
@@ -194,16 +244,19 @@ class Report:
     def to_markdown(self, *, lineage: bool = True) -> str:
         cols = self.columns()
         head = [c[1] for c in cols] + (["lineage"] if lineage else [])
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines = [f"Measured on: {describe(self.hardware)}", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             cells = [self.cell(r, key, f) for key, _, f in cols]
+            if r.get("slower") and cells:
+                cells[0] += f" (slower than {r['slower']})"
             if lineage:
                 cells.append(r.get("lineage", ""))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
-        return json.dumps({"metric": self.metric, "rows": self.rows}, indent=2)
+        return json.dumps({"metric": self.metric, "hardware": self.hardware, "rows": self.rows}, indent=2)
 
     def __str__(self) -> str:
         return self.to_markdown()

@@ -29,6 +29,7 @@ from torch import nn
 from . import configs
 from .data import Splits
 from .errors import ConfigError, SlimfuseError
+from .hardware import computes
 from .measure import Report, Score, measure_one
 
 OBJECTIVES = {  # objective -> (row key, lower is better, label); throughput times the task's large batch
@@ -273,7 +274,10 @@ class _Search:
 
         done = [c for c in self.candidates if c.model is not None]
         key, metric = self.key, f"val_{self.metric}"
-        meeting = [c for c in done if c.meets and c is not self.baseline]
+        # a compressed model measured slower than its input is never the best for a speed objective
+        slower = {c.name for c in done if self.objective in ("latency", "throughput") and c is not self.baseline
+                  and c.row[key] > self.baseline.row[key]}
+        meeting = [c for c in done if c.meets and c is not self.baseline and c.name not in slower]
         best = min(meeting, key=lambda c: (c.row[key], c.drop)) if meeting else None
         closest = best or min((c for c in done if c is not self.baseline), key=lambda c: (c.drop, c.row[key]),
                               default=self.baseline)
@@ -336,6 +340,9 @@ def classification_moves(model: nn.Module, data: Splits, objective: str) -> list
         Move("int8-static (onnxruntime)", q("int8-static", "onnxruntime"), finishing=True),
         Move("int8-dynamic (onnxruntime)", q("int8-dynamic", "onnxruntime"), finishing=True),
         Move("int8-static (torch)", q("int8-static", "torch"), finishing=True),
+        # bf16 only where the CPU computes it (AMX-BF16 / AVX-512 BF16): elsewhere it is a storage format
+        *([Move("bf16 (torch)", lambda m: quantize(m, "bf16", compute="half"), finishing=True, objectives=speed)]
+          if computes("bf16") else []),
         Move("codebook:5", lambda m: quantize(m, "codebook:5", data=data, epochs=1), finishing=True,
              objectives=("bytes",)),
     ]

@@ -11,9 +11,13 @@ plan and loads the int8 tensors, never unpickling anything.
 Layers a scheme has no kernel for stay in float and are listed in the plan with the
 reason (``model.layers``, the card's spec and lineage step).
 
-fp16 / bf16 round every float tensor to half precision and store it in 2 bytes (the
-``half`` codec), but compute in float32: eager half-precision matmuls measured 13-50x
-slower than fp32 on this project's CPUs (AVX2, no AVX512-FP16/AMX; BENCHMARKS.md).
+fp16 / bf16 store every float tensor in 2 bytes. Where the CPU computes the format natively
+(``slimfuse.hardware()``: AMX-BF16 / AVX-512 BF16 for bf16, AMX-FP16 / AVX512-FP16 for fp16) the
+model also *runs* in it (``compute="auto"``: a :class:`HalfModel`, architecture ``half``, casting
+float inputs to the format and outputs back to float32); elsewhere it computes in float32 with the
+weights rounded (the ``half`` codec stores them in 2 bytes), because eager half-precision matmuls
+measured 13-50x slower than fp32 on CPUs without those units (BENCHMARKS.md). The lineage step and
+the layer precisions say which (``compute``).
 """
 
 from __future__ import annotations
@@ -331,7 +335,7 @@ def _finish(source: nn.Module, result: nn.Module, scheme: str, plan: dict, **par
 def _check_source(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"quantize takes a torch.nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, (_Int8Layer, QuantizedModel)) for m in model.modules()):
+    if any(isinstance(m, (_Int8Layer, QuantizedModel, HalfModel)) for m in model.modules()):
         raise ConfigError("this model is already quantized; quantize its float source instead")
 
 
@@ -449,25 +453,76 @@ def _round_half(model: nn.Module, dtype: torch.dtype, only: set[str] | None = No
     return model
 
 
-def _half(model: nn.Module, scheme: str) -> nn.Module:
+class HalfModel(nn.Module):
+    """``net`` computed in ``dtype`` (float16 or bfloat16): float inputs are cast to it, float outputs back
+    to float32, so callers see a float32 model. What the fp16/bf16 schemes return where the CPU computes
+    the format natively."""
+
+    def __init__(self, net: nn.Module, dtype: str):
+        super().__init__()
+        if dtype not in ("float16", "bfloat16"):
+            raise ConfigError(f"half: dtype must be float16 or bfloat16, got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        self.net = net.to(self.dtype).eval()
+
+    def train(self, mode: bool = True):
+        """Half-precision weights are for inference: the network stays in eval mode (dropout off)."""
+        self.training = mode
+        self.net.eval()
+        return self
+
+    def forward(self, *args):
+        cast = [a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        out = self.net(*cast)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+@register("half")
+def half(base: dict, dtype: str) -> HalfModel:
+    """Architecture of a model computed in half precision: the ``base`` architecture cast to ``dtype``."""
+    return HalfModel(build(base), dtype)
+
+
+COMPUTE = ("auto", "half", "fp32")
+
+
+def _half(model: nn.Module, scheme: str, compute: str = "auto") -> nn.Module:
+    from ..hardware import computes
+
     _check_source(model)
-    out = _round_half(copy.deepcopy(model).eval(), HALF[scheme])
+    if compute not in COMPUTE:
+        raise ConfigError(f"{scheme}: compute must be one of {', '.join(COMPUTE)}, got {compute!r}")
+    native = computes(scheme)
+    in_half = compute == "half" or (compute == "auto" and native)
+    dtype = HALF[scheme]
+    if in_half:
+        base = spec_of(model)
+        spec = {"arch": "half", "args": {"base": base, "dtype": str(dtype).removeprefix("torch.")}} if base else None
+        out = HalfModel(copy.deepcopy(model).eval(), str(dtype).removeprefix("torch."))
+        how = scheme if native else f"{scheme} (forced: this CPU has no native {scheme} unit, expect it slow)"
+    else:
+        spec = None
+        out = _round_half(copy.deepcopy(model).eval(), dtype)
+        why = "asked for" if compute == "fp32" else f"this CPU has no native {scheme}"
+        how = f"fp32 ({why})"
     object.__setattr__(out, "slimfuse_codec", "half")
-    precision = {p: f"{scheme} (computed in fp32)" for p, m in out.named_modules()
+    precision = {p: f"{scheme} (computed in {how.split(' (')[0]})" for p, m in out.named_modules()
                  if any(True for _ in m.parameters(recurse=False))}
-    return derive(model, out, "quantize", scheme=scheme, precision=precision)
+    return derive(model, out, "quantize", spec=spec, scheme=scheme, compute=how, precision=precision)
 
 
 @_scheme("fp16")
-def fp16(model: nn.Module, *, calib=None) -> nn.Module:
-    """Weights stored in float16 (2 bytes each); computed in float32 (see module docstring)."""
-    return _half(model, "fp16")
+def fp16(model: nn.Module, *, calib=None, compute: str = "auto") -> nn.Module:
+    """Weights stored in float16 (2 bytes each); computed in float16 where the CPU has AMX-FP16/AVX512-FP16
+    (``compute="auto"``), else in float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
+    return _half(model, "fp16", compute)
 
 
 @_scheme("bf16")
-def bf16(model: nn.Module, *, calib=None) -> nn.Module:
-    """Weights stored in bfloat16 (2 bytes each); computed in float32 (see module docstring)."""
-    return _half(model, "bf16")
+def bf16(model: nn.Module, *, calib=None, compute: str = "auto") -> nn.Module:
+    """Weights stored in bfloat16 (2 bytes each); computed in bfloat16 where the CPU has AMX-BF16/AVX-512 BF16
+    (``compute="auto"``), else in float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
+    return _half(model, "bf16", compute)
 
 
 def _encode_half(state: dict) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import configs
 from ..errors import ConfigError
+from ..models.spec import lineage_of
 from ..validate import COSINE_FLOOR, QUANTIZE_COSINE_FLOOR, QUANTIZE_FLOOR, check
 from . import codebook, onnx_int8, quant_torch  # noqa: F401  (each registers its schemes)
 from .schemes import DEFAULT_BACKEND, SCHEMES
@@ -25,7 +26,6 @@ def backend_for(scheme: str, backend: str = "auto") -> str:
     name = scheme.partition(":")[0]
     chosen = DEFAULT_BACKEND.get(name, backend) if backend == "auto" else backend
     if (name, chosen) not in SCHEMES:
-        have = sorted(b for s, b in SCHEMES if s == name)
         raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
     return chosen
 
@@ -37,12 +37,17 @@ def trains(scheme: str, backend: str = "auto") -> bool:
 
 
 def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, backend: str = "auto",
-             validate: bool = True, **options) -> nn.Module:
+             validate: bool = True, auto_batch: int = 256, auto_max_drop: float = 1.0, **options) -> nn.Module:
     """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``, or a
     :class:`slimfuse.configs.Quantize`, of which the string and keyword form is a shorthand).
 
     ``calib``: calibration data (a ``Split``, ``Splits`` or tensor) for schemes that need it.
-    ``backend``: ``auto`` (the measured default for the scheme), ``torch`` or ``onnxruntime``.
+    ``backend``: ``torch``, ``onnxruntime`` or ``auto``: where the scheme has several backends (and
+    ONNX Runtime int8-static two formats) and ``calib`` gives inputs, each is built and timed on this
+    machine at batch ``auto_batch`` over thread counts 1..cores (:func:`slimfuse.compress.choose.choose`),
+    and the fastest whose validation accuracy is at most ``auto_max_drop`` points below the input's is
+    returned (none within it: the most accurate one, ``within_bound: false``); the timings go into the
+    lineage step (``chosen_by``). Without data the scheme's measured default backend is used.
     ``options``: fields of :class:`slimfuse.configs.Quantize` (``samples``, ``calibrator``,
     ``max_drop`` in points, ``exclude`` ...), and ``checkpoint`` for the schemes that fine-tune.
     ``validate``: run the result through :func:`slimfuse.validate.check` (a crash, NaN, collapse
@@ -51,17 +56,52 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     if isinstance(scheme, configs.Quantize):
         options = {**scheme.options(), **options}
         scheme, backend, validate = scheme.scheme, scheme.backend, scheme.validate
+        auto_batch, auto_max_drop = options.pop("auto_batch", auto_batch), options.pop("auto_max_drop", auto_max_drop)
     if not isinstance(scheme, str) or not scheme:
         raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}
-    configs.Quantize.build(scheme=scheme, backend=backend, **options)  # the one set of names and bounds
+    configs.Quantize.build(scheme=scheme, backend=backend, auto_batch=auto_batch, auto_max_drop=auto_max_drop,
+                           **options)  # the one set of names and bounds
     name, _, arg = scheme.partition(":")
-    chosen = backend_for(scheme, backend)
-    result = SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options, **runtime)
+    have = sorted(b for s, b in SCHEMES if s == name)
+    if backend == "auto" and len(have) > 1 and calib is not None:
+        result = _measured(model, name, arg or None, calib, have, auto_batch, auto_max_drop / 100,
+                           {**options, **runtime})
+        chosen = lineage_of(result)[-1]["params"].get("backend", "auto")
+    else:
+        chosen = backend_for(scheme, backend)
+        result = SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options, **runtime)
     return check(result, f"quantize({scheme}, backend={chosen})", reference=model if isinstance(model, nn.Module)
                  else None, data=calib, validate=validate, fix=FIXES.get((name, chosen), FIXES[None]),
                  floor=QUANTIZE_FLOOR if name in INT8_SCHEMES else None,
                  cosine_floor=QUANTIZE_COSINE_FLOOR if name in INT8_SCHEMES else COSINE_FLOOR)
+
+
+def _measured(model, name, arg, calib, backends, batch, max_drop, options) -> nn.Module:
+    """``backend="auto"`` with data: build every backend (and ORT format) of ``name``, keep the fastest in bounds."""
+    from ..data import Split, Splits
+    from ..models.spec import attach, lineage_of, spec_of, task_of
+    from .choose import choose
+
+    def builder(b, extra):
+        return lambda: SCHEMES[(name, b)](model, arg=arg, calib=calib, **options, **extra)
+
+    candidates = {"input": lambda: model}  # timed alongside as the reference, never picked
+    for b in backends:
+        if b == "onnxruntime" and name == "int8-static" and "format" not in options:
+            for fmt in ("qdq", "qoperator"):
+                candidates[f"{b} {fmt}"] = builder(b, {"format": fmt})
+        else:
+            candidates[b] = builder(b, {})
+    val = calib.val if isinstance(calib, Splits) else calib if isinstance(calib, Split) else None
+    choice = choose(model, calib, candidates=candidates, batch=batch, val=val, max_drop=max_drop, reference="input",
+                    strict=False)  # none within the bound: the most accurate one, recorded as such
+    if choice.model is None:  # every backend failed: the default backend's own error
+        return SCHEMES[(name, DEFAULT_BACKEND[name])](model, arg=arg, calib=calib, **options)
+    q = choice.model
+    lineage = lineage_of(q)
+    lineage[-1]["params"].update(backend=choice.name, chosen_by=choice.summary())
+    return attach(q, spec_of(q), lineage=lineage, task=task_of(q))
 
 
 INT8_SCHEMES = ("int8-dynamic", "int8-static", "qat", "mixed")  # near-lossless: the gate's higher floors

@@ -32,6 +32,7 @@ from torch import nn
 from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError
+from ..hardware import summary as hardware_summary
 from .spec import attach, lineage_of, spec_of, task_of
 from .zoo import build, factory_spec
 
@@ -90,6 +91,7 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "lineage": lineage_of(model),
         "metrics": metrics or {},
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "hardware": hardware_summary(),  # the machine that made it (and measured its metrics)
     }
     card["storage"] = {"tied": tied} if tied else {}  # _encoded adds the codec and its meta
     weights, card_text = _encoded(state, codec, card)

@@ -29,7 +29,8 @@ PROVIDERS = {
     "onnx": "slimfuse.runtime", "pruned": "slimfuse.models.shrunk", "quantized": "slimfuse.compress.quant_torch",
     "ensemble": "slimfuse.fuse.combine", "minilm": "slimfuse.nlp.minilm", "mf": "slimfuse.recsys.models",
     "two-tower": "slimfuse.recsys.models", "qtables": "slimfuse.recsys.compress",
-    "rec-ensemble": "slimfuse.recsys.ensemble",
+    "rec-ensemble": "slimfuse.recsys.ensemble", "half": "slimfuse.compress.quant_torch",
+    "sparse-kernels": "slimfuse.compress.sparse_kernel",
 }
 # Trust given to the outermost build() holds for the specs an architecture builds inside it
 # (e.g. a pruned or ensembled user model whose args hold the base spec).
