@@ -51,7 +51,7 @@ def ensemble(
     ``prior`` pseudo-samples toward equal weights; ``temperature=True`` fits one temperature of the
     combined probabilities on validation NLL; with ``fallback=True`` a ``folds``-fold
     cross-validation over the validation rows checks that the combination beats the best member
-    out of sample (paired 95% interval on ``metric``, accuracy not worse beyond noise), and when it
+    out of sample (one-sided 95% paired test on ``metric``, accuracy not worse beyond noise), and when it
     does not, warns and returns the best member alone (one-hot weights, recorded in the lineage)) or
     ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
@@ -88,7 +88,7 @@ def ensemble(
                 nll_iv = checked.nll
                 warnings.warn(
                     f"ensemble 'weighted': no combination beats the best member (member {checked.best}) with "
-                    f"confidence on held-out validation folds (NLL difference {nll_iv.diff:+.4f}, 95% interval "
+                    f"confidence on held-out validation folds (NLL difference {nll_iv.diff:+.4f}, 90% interval "
                     f"[{nll_iv.lo:+.4f}, {nll_iv.hi:+.4f}]); returning the best member alone (one-hot weights)",
                     UserWarning, stacklevel=2)
                 w = np.zeros(len(members_list))

@@ -136,10 +136,10 @@ class Ensemble(nn.Module):
         net = None
         if FusedMLP.supports(list(self.members)):
             net = FusedMLP(list(self.members))
-            if not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
-                # trust the fused network only once it reproduces the loop on real inputs
-                if not torch.allclose(net(x), self._loop(x), rtol=1e-4, atol=1e-5):
-                    net = None
+            tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            # trust the fused network only once it reproduces the loop on real inputs
+            if not tracing and not torch.allclose(net(x), self._loop(x), rtol=1e-4, atol=1e-5):
+                net = None
         self._fused = (sig, net)
         return net
 

@@ -13,8 +13,8 @@ selection on bootstrap resamples of the validation rows and averages the weights
 (Caruana et al. 2006's bagged selection); ``refine(..., prior=s)`` adds a pull of
 ``s`` pseudo-samples toward uniform weights (KL(uniform || w)). :func:`check`
 estimates, by cross-validation over the validation rows, whether the fitted
-combination beats the best single member on data it was not fitted on: the paired
-95% interval of the out-of-fold difference must exclude 0.
+combination beats the best single member on data it was not fitted on: a one-sided
+95% paired test of the out-of-fold difference.
 """
 
 from __future__ import annotations
@@ -199,11 +199,12 @@ class Check:
                 "nll_diff": self.nll.to_dict(), "accuracy_diff": self.accuracy.to_dict()}
 
 
-def check(probas, y, fit, *, metric: str = "nll", folds: int = 5, seed: int = 0, level: float = 0.95) -> Check:
+def check(probas, y, fit, *, metric: str = "nll", folds: int = 5, seed: int = 0, level: float = 0.90) -> Check:
     """Cross-validate ``fit(probas, y) -> Selection`` over the rows: out-of-fold combined
     probabilities vs the best member's. ``beats`` when the paired ``level`` interval of the
-    difference on ``metric`` (NLL or error) lies wholly on the ensemble's side and its accuracy is
-    not worse beyond noise."""
+    difference on ``metric`` (NLL or error) lies wholly on the ensemble's side (the default 90%
+    two-sided interval is the one-sided 95% test of the directional claim "beats") and its accuracy
+    is not worse beyond noise."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     probas, y = _check(probas, y)
