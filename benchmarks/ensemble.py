@@ -8,7 +8,17 @@ same epochs, logistic-regression meta-learner). Columns: test accuracy,
 NLL, training time, batch-1 p50 and batch-256 latency (torch eager, 2 threads).
 Plus the vectorized-inference check: 5 members at batch 1 through vmap vs the loop vs one member.
 
-    .venv/bin/python benchmarks/ensemble.py        # -> benchmarks/out/ensemble.{json,md}
+    .venv/bin/python benchmarks/ensemble.py              # seeds 0-2, paired intervals, fused latency
+                                                         # -> benchmarks/out/ensemble-seeds.{json,md}
+    .venv/bin/python benchmarks/ensemble.py --seed 1     # one seed's members (parallel runs); the
+                                                         # plain command reuses out/ensemble-seed*.npz
+    .venv/bin/python benchmarks/ensemble.py --baselines  # one seed, outside baselines -> out/ensemble.{json,md}
+
+Over seeds: per data set and seed, 5 MLP members of different widths; the best member (by
+validation NLL), mean, plain Caruana, the default weighted ensemble and stacking on the test split;
+mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
+all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
+the loop, interleaved, medians of 5 rounds.
 
 torchensemble is optional (``make bench-deps`` installs it with --no-deps); its row is skipped
 when it is missing.
@@ -23,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +41,7 @@ import torch
 from torch import nn
 
 import slimfuse as sf
+from slimfuse import stats
 from slimfuse.fuse import ensemble, soup, train_members
 from slimfuse.measure import latency
 
@@ -111,8 +123,8 @@ def torchensemble_row(data, hidden, epochs, seed):
 def sklearn_stacking_row(data, widths, epochs, seed):
     import warnings
 
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.ensemble import StackingClassifier
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -229,7 +241,233 @@ def to_markdown(result: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+# ---- over seeds, with paired intervals (issue 17) -------------------------------------------------
+
+SEEDS = (0, 1, 2)
+VARIANTS = [  # label, method, options
+    ("mean of probabilities", "mean", {}),
+    ("weighted (plain Caruana, as before)", "weighted",
+     {"bags": 0, "refine": False, "temperature": False, "fallback": False}),
+    ("weighted (bagged + prior + temperature, unchecked)", "weighted", {"fallback": False}),
+    ("weighted (default: bagged + prior + temperature, checked)", "weighted", {}),
+    ("stacking (blend on val, LR)", "stacking", {}),
+]
+
+
+def per_sample(model, split) -> dict:
+    logits = sf.predict(model, split).numpy()
+    return stats.per_sample(logits, split.y.numpy())
+
+
+def seeded(name: str, seed: int) -> dict:
+    widths, epochs, _ = CONFIG[name]
+    data = sf.datasets.load(name, seed=seed)
+    builders = [lambda h=h: sf.zoo.for_task("mlp", data.task, hidden=h) for h in widths]
+    members = train_members(builders, data, K, "architectures", epochs=epochs, seed=seed)
+    best = min(members, key=lambda m: sf.evaluate(m, data.val)["nll"])
+    out = {"best member (by val NLL)": per_sample(best, data.test)}
+    notes = {}
+    for label, method, opts in VARIANTS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ens = ensemble(members, method, data, seed=seed, **opts)
+        out[label] = per_sample(ens, data.test)
+        if method == "weighted":
+            notes[label] = {"weights": [round(float(w), 3) for w in ens.selection.weights],
+                            "temperature": round(ens.temperature, 3), "fallback": bool(caught)}
+    print(f"  {name} seed {seed}: " + ", ".join(f"{k[:18]} {v['correct'].mean():.4f}/{v['nll'].mean():.4f}"
+                                             for k, v in out.items()), flush=True)
+    return {"samples": out, "notes": notes}
+
+
+def compare_over_seeds(runs: list[dict], a: str, b: str, key: str) -> dict:
+    """Per-seed paired intervals, and one over the pooled test samples of every seed."""
+    per = [stats.paired_bootstrap(r["samples"][a][key], r["samples"][b][key], seed=i) for i, r in enumerate(runs)]
+    pooled = stats.paired_bootstrap(np.concatenate([r["samples"][a][key] for r in runs]),
+                                    np.concatenate([r["samples"][b][key] for r in runs]))
+    higher = key == "correct"
+    return {"pooled": pooled.to_dict(), "claim": stats.claim(pooled, higher_is_better=higher),
+            "per_seed": [stats.claim(iv, higher_is_better=higher) for iv in per]}
+
+
+def calls_per_batch(x) -> int:
+    return 2000 if len(x) == 1 else 200
+
+
+def fused_latency() -> list[dict]:
+    """5 members of one MLP architecture: one member vs fused vs the loop, 2 threads, interleaved call
+    by call; medians (and 10th percentiles) of the per-call times."""
+    rows = []
+    for label, in_f, hidden in (("LeNet-300-100 (mnist5k)", 784, [300, 100]), ("784-128-10", 784, [128]),
+                                ("64-32-10 (digits)", 64, [32])):
+        torch.manual_seed(0)
+        members = [sf.zoo.mlp(in_f, hidden, 10) for _ in range(K)]
+        ens = ensemble(members, "mean")
+        x = torch.randn(256, in_f)
+        times = {"one": [], "fused": [], "loop": []}
+        old = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            with torch.inference_mode():
+                for xb in (x[:1], x):  # per call, the three variants one after another: any
+                    calls = {v: [] for v in times}  # preemption hits them alike
+                    for it in range(calls_per_batch(xb) + 20):
+                        for variant in times:
+                            model = members[0] if variant == "one" else ens
+                            ens.fuse = variant != "loop"
+                            t0 = time.perf_counter()
+                            model(xb)
+                            if it >= 20:  # warm-up
+                                calls[variant].append(time.perf_counter() - t0)
+                            if variant != "one":
+                                assert ens.last_path == variant, ens.last_path
+                    for v, ts in calls.items():
+                        times[v].append(np.asarray(ts) * 1e3)
+        finally:
+            torch.set_num_threads(old)
+        ens.fuse = True
+        row = {"model": label, "calls": [len(t) for t in times["one"]]}
+        for variant, (b1, b256) in times.items():
+            row[f"{variant}_b1_ms"], row[f"{variant}_b256_ms"] = float(np.median(b1)), float(np.median(b256))
+            row[f"{variant}_b1_iqr"] = float(np.subtract(*np.percentile(b1, [75, 25])))
+            row[f"{variant}_b1_min"], row[f"{variant}_b256_min"] = float(np.percentile(b1, 10)), float(np.percentile(b256, 10))
+        for b in ("b1", "b256"):
+            row[f"fused_over_one_{b}_min"] = row[f"fused_{b}_min"] / row[f"one_{b}_min"]
+            row[f"fused_over_one_{b}"] = row[f"fused_{b}_ms"] / row[f"one_{b}_ms"]
+            row[f"loop_over_one_{b}"] = row[f"loop_{b}_ms"] / row[f"one_{b}_ms"]
+        print(f"  fused {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("model", "calls")), flush=True)
+        print(f"    medians of {row['calls']} interleaved calls; 10th percentiles fused/one b1 "
+              f"{row['fused_over_one_b1_min']:.2f}x b256 {row['fused_over_one_b256_min']:.2f}x", flush=True)
+        rows.append(row)
+    return rows
+
+
+def cpu_features() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return torch.backends.cpu.get_cpu_capability()
+    names = {"avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16",
+             "avx512_fp16": "AVX512-FP16"}
+    return ", ".join(v for k, v in names.items() if k in flags) or torch.backends.cpu.get_cpu_capability()
+
+
+def seeds_markdown(result: dict) -> str:
+    md = [f"CPU: {result['cpu']}; torch {result['torch']}; 2 threads; seeds {list(SEEDS)}.", ""]
+    for ds in result["datasets"]:
+        md += [f"### {ds['dataset']} (members: MLPs {ds['widths']}, {ds['epochs']} epochs; {ds['n_test']} test "
+               f"samples per seed)", "",
+               "| model | test accuracy mean ± sd | test NLL mean ± sd | NLL vs best member (pooled 95% CI; per seed) "
+               "| NLL vs mean | accuracy vs best member (pt) |", "|---|---|---|---|---|---|"]
+        for name, r in ds["rows"].items():
+            def c(key, r=r):
+                if key not in r:
+                    return "—"
+                v = r[key]
+                s = 100 if key.startswith("acc") else 1
+                iv = v["pooled"]
+                return (f"{v['claim']}: {s * iv['diff']:+.4f} [{s * iv['lo']:+.4f}, {s * iv['hi']:+.4f}]; "
+                        f"{'/'.join(v['per_seed'])}")
+            md.append(f"| {name} | {r['accuracy']['mean']:.4f} ± {r['accuracy']['std']:.4f} | "
+                      f"{r['nll']['mean']:.4f} ± {r['nll']['std']:.4f} | {c('nll_vs_best')} | {c('nll_vs_mean')} | "
+                      f"{c('acc_vs_best')} |")
+        md += ["", "Weighted (default) per seed: " + "; ".join(
+            f"weights {n['weights']}, T={n['temperature']}, fallback {n['fallback']}" for n in ds["notes"]), ""]
+    md += ["### Fused members (5 x one MLP architecture, mean; loaded machine)", "",
+           "| members | one b1 ms | fused b1 ms | loop b1 ms | fused/one b1 | loop/one b1 | one b256 ms | "
+           "fused b256 ms | loop b256 ms | fused/one b256 | fused/one b1, b256 (10th percentiles) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["fused"]:
+        md.append(f"| {r['model']} | {r['one_b1_ms']:.3f} | {r['fused_b1_ms']:.3f} | {r['loop_b1_ms']:.3f} | "
+                  f"{r['fused_over_one_b1']:.2f}x | {r['loop_over_one_b1']:.2f}x | {r['one_b256_ms']:.2f} | "
+                  f"{r['fused_b256_ms']:.2f} | {r['loop_b256_ms']:.2f} | {r['fused_over_one_b256']:.2f}x | "
+                  f"{r['fused_over_one_b1_min']:.2f}x, {r['fused_over_one_b256_min']:.2f}x |")
+    md += ["", "Targets:", ""] + [f"- {t}" for t in result["targets"]]
+    return "\n".join(md) + "\n"
+
+
+def seeds_targets(result: dict) -> list[str]:
+    out = []
+    for ds in result["datasets"]:
+        for name, r in ds["rows"].items():
+            if not name.startswith(("weighted (default", "weighted (bagged", "stacking")):
+                continue
+            nll_ok = r["nll_vs_best"]["claim"] == "met" and r["nll_vs_mean"]["claim"] == "met"
+            acc_ok = r["acc_vs_best"]["claim"] != "missed"
+            out.append(f"{ds['dataset']}: {name} beats best member and mean on test NLL: "
+                       f"{'met' if nll_ok else 'missed'} (vs best {r['nll_vs_best']['claim']}, vs mean "
+                       f"{r['nll_vs_mean']['claim']})")
+            out.append(f"{ds['dataset']}: {name} not worse than best member on accuracy beyond noise: "
+                       f"{'met' if acc_ok else 'missed'} ({r['acc_vs_best']['claim']})")
+    for r in result["fused"]:
+        out.append(f"5 fused {r['model']} at batch 1 <= 2x one member: "
+                   f"{'met' if r['fused_over_one_b1'] <= 2 else 'missed'} ({r['fused_over_one_b1']:.2f}x)")
+        out.append(f"5 fused {r['model']} at batch 256 <= 5x one member: "
+                   f"{'met' if r['fused_over_one_b256'] <= 5 else 'missed'} ({r['fused_over_one_b256']:.2f}x)")
+    return out
+
+
+def run_seed(seed: int) -> None:
+    """Both data sets for one seed -> out/ensemble-seed{seed}.npz + .json (the aggregate reads them)."""
+    arrays, notes = {}, {}
+    for name in CONFIG:
+        run = seeded(name, seed)
+        for label, v in run["samples"].items():
+            for key, arr in v.items():
+                arrays[f"{name}|{label}|{key}"] = arr
+        notes[name] = run["notes"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    np.savez(OUT / f"ensemble-seed{seed}.npz", **arrays)
+    (OUT / f"ensemble-seed{seed}.json").write_text(json.dumps(notes, indent=2))
+
+
+def load_seed(seed: int) -> dict:
+    z = np.load(OUT / f"ensemble-seed{seed}.npz", allow_pickle=False)
+    notes = json.loads((OUT / f"ensemble-seed{seed}.json").read_text())
+    out: dict = {}
+    for k in z.files:
+        name, label, key = k.split("|")
+        out.setdefault(name, {"samples": {}, "notes": notes[name]})["samples"].setdefault(label, {})[key] = z[k]
+    return out
+
+
+def main_seeds(seeds=SEEDS) -> int:
+    start = time.perf_counter()
+    missing = [s for s in seeds if not (OUT / f"ensemble-seed{s}.npz").exists()]
+    for s in missing:
+        run_seed(s)
+    loaded = [load_seed(s) for s in seeds]
+    datasets = []
+    for name in CONFIG:
+        widths, epochs, _ = CONFIG[name]
+        runs = [ld[name] for ld in loaded]
+        rows = {}
+        for label in runs[0]["samples"]:
+            row = {"accuracy": stats.spread([r["samples"][label]["correct"].mean() for r in runs]),
+                   "nll": stats.spread([r["samples"][label]["nll"].mean() for r in runs])}
+            if label != "best member (by val NLL)":
+                row["nll_vs_best"] = compare_over_seeds(runs, label, "best member (by val NLL)", "nll")
+                row["acc_vs_best"] = compare_over_seeds(runs, label, "best member (by val NLL)", "correct")
+                if label != "mean of probabilities":
+                    row["nll_vs_mean"] = compare_over_seeds(runs, label, "mean of probabilities", "nll")
+            rows[label] = row
+        datasets.append({"dataset": name, "widths": widths, "epochs": epochs, "rows": rows,
+                         "n_test": len(runs[0]["samples"][label]["nll"]),
+                         "notes": [r["notes"]["weighted (default: bagged + prior + temperature, checked)"] for r in runs]})
+    result = {"datasets": datasets, "fused": fused_latency(), "torch": torch.__version__, "cpu": cpu_features()}
+    result["targets"] = seeds_targets(result)
+    result["seconds"] = time.perf_counter() - start
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "ensemble-seeds.json").write_text(json.dumps(result, indent=2))
+    md = seeds_markdown(result)
+    (OUT / "ensemble-seeds.md").write_text(md)
+    print(md)
+    print(f"total {result['seconds']:.0f} s")
+    return 0
+
+
 def main() -> int:
+    """The single-seed comparison with outside baselines (``--baselines``)."""
     start = time.perf_counter()
     result = {"datasets": [run_dataset(name) for name in CONFIG], "torch": torch.__version__,
               "threads": 2, "cpu_count": os.cpu_count()}
@@ -245,4 +483,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "--baselines" in sys.argv[1:]:
+        sys.exit(main())
+    if "--seed" in sys.argv[1:]:  # one seed's members only (run seeds in parallel, then aggregate)
+        run_seed(int(sys.argv[sys.argv.index("--seed") + 1]))
+        sys.exit(0)
+    sys.exit(main_seeds())

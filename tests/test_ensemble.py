@@ -58,6 +58,37 @@ def test_weighted_is_never_worse_than_the_best_member_on_its_validation_data(dat
         assert len(ens.members) == int((w > 0).sum())
 
 
+def test_weighted_falls_back_to_a_clearly_best_member_with_a_warning(data, members):
+    """Members that are noise next to a trained one: no combination beats it, so the ensemble says
+    so and returns it alone (one-hot weights), recorded in the lineage."""
+    torch.manual_seed(0)
+    good = sf.fit(sf.zoo.mlp(64, [64], 10), data, epochs=30, lr=3e-3)  # trained long: well calibrated
+    noisy = []
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        net = sf.zoo.mlp(64, [24], 10)  # untrained and confidently wrong
+        with torch.no_grad():
+            net.out.weight.mul_(20)
+        noisy.append(net)
+    with pytest.warns(UserWarning, match="no combination beats the best member"):
+        ens = ensemble([noisy[0], good, noisy[1], noisy[2]], "weighted", data)
+    assert ens.selection.weights.tolist() == [0.0, 1.0, 0.0, 0.0] and len(ens.members) == 1
+    step = sf.lineage_of(ens)[-1]["params"]
+    assert step["fallback"] is True and step["check"]["best_member"] == 1
+    assert ens.temperature == 1.0 and torch.allclose(sf.predict(ens, data.test, output="proba"),
+                                                     sf.predict(good, data.test, output="proba"), atol=1e-6)
+
+
+def test_weighted_keeps_a_combination_that_beats_its_best_member_out_of_sample(data, members):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the combination pays here
+        ens = ensemble(members, "weighted", data)
+    step = sf.lineage_of(ens)[-1]["params"]
+    assert step["fallback"] is False and step["check"]["nll_diff"]["hi"] < 0
+    best = min(sf.evaluate(m, data.test)["nll"] for m in members)
+    assert sf.evaluate(ens, data.test)["nll"] < best
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(2, 6), st.integers(5, 40), st.integers(2, 5), st.integers(0, 10_000))
 def test_caruana_on_cached_arrays_keeps_the_best_point_of_its_trajectory(k, n, c, seed):
@@ -118,12 +149,12 @@ def test_stacking_refuses_meta_features_from_a_member_that_saw_the_label(members
 # ---- vectorized inference -----------------------------------------------------------------------
 
 def test_vmap_equals_the_member_loop(data, members):
-    for group in (members, [sf.zoo.cnn(10, 1, 8, [4], 8) for _ in range(3)]):
+    for group, auto in ((members, "fused"), ([sf.zoo.cnn(10, 1, 8, [4], 8) for _ in range(3)], "loop")):
         # untrained CNNs: their mean predicts one class, which the validation gate calls a collapse
         ens = ensemble(group, "mean", data, validate=False)
         with torch.inference_mode():
             ens(data.test.x[:4])
-            assert ens.last_path == "loop"  # auto on CPU: the loop, measured faster there
+            assert ens.last_path == auto  # auto on CPU: MLPs fused into one network, other members the loop
             ens.vectorize = True
             batched = ens(data.test.x)
             assert ens.last_path == "vmap"
@@ -151,6 +182,32 @@ def test_vmap_follows_weight_updates(data, members):
     ens.vectorize = False
     with torch.no_grad():
         assert torch.allclose(after, ens(data.test.x[:8]), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_mlp_members_equal_the_loop_and_export_as_one_wide_graph(tmp_path, data):
+    group = [sf.zoo.mlp(64, [24, 12], 10, dropout=0.1) for _ in range(5)]
+    ens = ensemble(group, "weighted", weights=[0.1, 0.3, 0.2, 0.25, 0.15])
+    with torch.no_grad():
+        fused = ens.member_logits(data.test.x)
+        assert ens.last_path == "fused"
+        loop = ens._loop(data.test.x)
+    assert torch.allclose(fused, loop, rtol=1e-5, atol=1e-6)  # float rounding only
+    with torch.no_grad():
+        ens.members[2].out.bias[3] += 4.0  # an in-place update rebuilds the fused weights
+        assert torch.allclose(ens.member_logits(data.test.x), ens._loop(data.test.x), rtol=1e-5, atol=1e-6)
+    ens.train()
+    assert ens(data.test.x[:2]) is not None and ens.last_path == "loop"  # training never sees the fused copy
+    ens.eval()
+    import onnx
+
+    result = sf.export(ens, "onnx", tmp_path / "fused.onnx", sample=data.val)
+    assert result.parity["max_abs_diff"] < 1e-4
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
+    assert sum(op in ("MatMul", "Gemm") for op in ops) == 3  # one matmul per layer, not one per member
+    session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: data.test.x.numpy()})[0]
+    ens.fuse = False
+    np.testing.assert_allclose(got, sf.predict(ens, data.test).numpy(), rtol=1e-4, atol=1e-5)
 
 
 # ---- artifacts and export -----------------------------------------------------------------------

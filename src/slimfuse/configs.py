@@ -316,7 +316,17 @@ class Ensemble(Config):
                                         "predictions) or stacking")] = "weighted"
     rounds: Annotated[int, Field(ge=1, le=10_000, description="weighted: selection rounds")] = 25
     metric: Annotated[Literal["nll", "error"], Field(description="weighted: what selection minimizes")] = "nll"
-    refine: Annotated[bool, Field(description="weighted: refine the weights by minimizing validation NLL")] = False
+    refine: Annotated[bool, Field(description="weighted: refine the weights by minimizing validation NLL (pulled "
+                                              "toward equal weights by prior)")] = True
+    bags: Annotated[int, Field(ge=0, le=1000, description="weighted: selection on this many bootstrap resamples "
+                                                          "of the validation rows, averaged (0: one plain run)")] = 20
+    prior: Annotated[float, Field(ge=0, le=1e6, description="weighted: pseudo-samples pulling the refined weights "
+                                                            "toward equal")] = 5.0
+    temperature: Annotated[bool, Field(description="weighted: fit one temperature of the combined probabilities on "
+                                                   "validation NLL")] = True
+    fallback: Annotated[bool, Field(description="weighted: when a cross-validated check finds no confident gain "
+                                                "over the best member, return the best member alone")] = True
+    folds: Annotated[int, Field(ge=2, le=100, description="weighted: folds of that check")] = 5
     meta: Annotated[Literal["linear", "mlp"], Field(description="stacking meta-learner")] = "linear"
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "
                                                           "split the meta-learner trains on")] = 1.0

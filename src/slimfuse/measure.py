@@ -19,17 +19,18 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import configs
+from . import configs, stats
 from .data import Split
 from .errors import ConfigError
 from .hardware import describe, summary
 from .models.artifact import folder_bytes, save
 from .models.spec import lineage_of, lineage_str, spec_of
-from .train import check_fits, evaluate
+from .train import check_fits, predict
 
 
 def artifact_bytes(model: nn.Module) -> int:
@@ -155,13 +156,22 @@ def flag_slower(rows: list[dict]) -> list[dict]:
 
 
 def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0,
-                score: Score | None = None, batch: int = 256) -> dict:
+                score: Score | None = None, batch: int = 256, samples: dict | None = None) -> dict:
     """One row. ``score(model, split) -> {metric: value}`` replaces the classification metrics
-    (accuracy, NLL) for other tasks: embedding fidelity, ranking quality."""
+    (accuracy, NLL) for other tasks: embedding fidelity, ranking quality. With classification
+    metrics, ``samples[name]`` (when a dict is given) receives the per-sample correctness and NLL
+    that :meth:`Report.compare` pairs."""
+    row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
     if score is None:
         check_fits(model, split)
-    row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
-    row.update((score or evaluate)(model, split))
+        logits = predict(model, split)
+        per = stats.per_sample(logits.numpy(), split.y.numpy())
+        row.update(accuracy=(logits.argmax(-1) == split.y).float().mean().item(),
+                   nll=F.cross_entropy(logits, split.y).item())
+        if samples is not None:
+            samples[name] = {"correct": per["correct"], "nll": per["nll"].astype(np.float32)}
+    else:
+        row.update(score(model, split))
     row.update(counts(model))
     row["macs"] = macs(model, split.x)
     row["bytes"] = artifact_bytes(model)
@@ -183,11 +193,12 @@ def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: 
         models = {"model": models}
     if not models:
         raise ConfigError("nothing to measure: no models given")
-    rows = [measure_one(n, m, split, threads=threads, seconds=seconds, score=score, batch=batch)
+    samples: dict = {}
+    rows = [measure_one(n, m, split, threads=threads, seconds=seconds, score=score, batch=batch, samples=samples)
             for n, m in models.items()]
     if any(metric not in r for r in rows):
         raise ConfigError(f"the score has no metric {metric!r}; it gives {sorted(set(rows[0]) - {'name'})}")
-    return Report(rows, metric=metric)
+    return Report(rows, metric=metric, samples=samples)
 
 
 _COLUMNS = [
@@ -213,8 +224,33 @@ def register_column(key: str, label: str, fmt: str = "{:.4f}") -> None:
 
 
 @dataclass
+class Comparison:
+    """``a`` vs ``b`` on one metric: the paired difference ``a - b`` with its interval and a verdict
+    (``"better"``: ``a`` is better beyond noise, ``"worse"``, or ``"tie"``); for accuracy also
+    McNemar's exact p-value."""
+
+    a: str
+    b: str
+    metric: str
+    interval: stats.Interval
+    verdict: str
+    p_value: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "metric": self.metric, **self.interval.to_dict(),
+                "verdict": self.verdict, "p_value": self.p_value}
+
+    def __str__(self) -> str:
+        p = f", McNemar p={self.p_value:.3g}" if self.p_value is not None else ""
+        return f"{self.a} vs {self.b}: {self.metric} {self.interval} ({self.verdict}{p})"
+
+
+_LOWER_IS_BETTER = {"nll"}
+
+
+@dataclass
 class Report:
-    """Rows of measurements; ``to_markdown()``, ``to_json()``, ``row(name)``."""
+    """Rows of measurements; ``to_markdown()``, ``to_json()``, ``row(name)``, ``compare(a, b)``."""
 
     rows: list[dict] = field(default_factory=list)
     metric: str = "accuracy"  # the higher-is-better quality metric of plots and Pareto fronts
@@ -223,6 +259,25 @@ class Report:
 
     def __post_init__(self) -> None:
         flag_slower(self.rows)
+    # per model name: per-sample "correct" (bool) and "nll" on the measured split (classification only)
+    samples: dict = field(default_factory=dict, repr=False)
+
+    def compare(self, a: str, b: str, metric: str = "accuracy", *, level: float = 0.95, n_boot: int = 2000,
+                seed: int = 0) -> Comparison:
+        """Paired difference ``a - b`` on ``metric`` (``accuracy`` or ``nll``) over the test samples,
+        with a ``level`` paired-bootstrap interval and the verdict for ``a``: better, worse or tie."""
+        if metric not in ("accuracy", "nll"):
+            raise ConfigError(f"compare works on per-sample metrics: accuracy or nll, not {metric!r}")
+        for name in (a, b):
+            self.row(name)  # KeyError names an unknown model
+            if name not in self.samples:
+                raise ConfigError(f"no per-sample results for {name!r}: compare needs rows measured by "
+                                  "measure() with classification metrics")
+        key = "correct" if metric == "accuracy" else "nll"
+        va, vb = self.samples[a][key], self.samples[b][key]
+        interval = stats.paired_bootstrap(va, vb, n_boot=n_boot, level=level, seed=seed)
+        p = stats.mcnemar(va, vb)["p_value"] if metric == "accuracy" else None
+        return Comparison(a, b, metric, interval, stats.verdict(interval, higher_is_better=metric not in _LOWER_IS_BETTER), p)
 
     def row(self, name: str) -> dict:
         for r in self.rows:

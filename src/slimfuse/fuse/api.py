@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -32,7 +33,12 @@ def ensemble(
     weights=None,
     rounds: int = 25,
     metric: str = "nll",
-    refine: bool = False,
+    refine: bool = True,
+    bags: int = 20,
+    prior: float = 5.0,
+    temperature: bool = True,
+    fallback: bool = True,
+    folds: int = 5,
     meta: str = "linear",
     meta_hidden: list[int] | None = None,
     blend: float = 1.0,
@@ -43,7 +49,13 @@ def ensemble(
 
     ``method``: ``mean`` (optionally with fixed ``weights``), ``mean-logits``, ``vote``,
     ``weighted`` (Caruana selection on ``data.val`` predictions, ``rounds`` steps minimizing
-    ``metric``; ``refine=True`` then minimizes validation NLL over the simplex) or
+    ``metric``, run on ``bags`` bootstrap resamples of the validation rows and averaged (``bags=0``:
+    one plain run); ``refine=True`` then minimizes validation NLL over the simplex with a pull of
+    ``prior`` pseudo-samples toward equal weights; ``temperature=True`` fits one temperature of the
+    combined probabilities on validation NLL; with ``fallback=True`` a ``folds``-fold
+    cross-validation over the validation rows checks that the combination beats the best member
+    out of sample (one-sided 95% paired test on ``metric``, accuracy not worse beyond noise), and when it
+    does not, warns and returns the best member alone (one-hot weights, recorded in the lineage)) or
     ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
     fraction of ``data.val``). Members are never refitted or mutated.
@@ -54,7 +66,9 @@ def ensemble(
     """
     if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
         return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
-    configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend)
+    configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend,
+                           bags=bags, prior=prior, temperature=temperature, fallback=fallback, folds=folds,
+                           validate=validate)  # the one set of names and bounds
     if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
         raise ConfigError("members must be a list of trained modules")
     members_list = list(members)
@@ -69,14 +83,34 @@ def ensemble(
     if method == "weighted" and weights is None:
         probas = member_probas(members_list, data.val)
         y = data.val.y.numpy()
-        sel = select.caruana(probas, y, rounds=rounds, metric=metric)
-        if refine:
-            sel = select.refine(probas, y, sel)
+
+        def fit_weights(p, t):
+            return select.select(p, t, rounds=rounds, metric=metric, bags=bags, refine_nll=refine, prior=prior,
+                                 temperature=temperature, seed=seed)
+
+        sel = fit_weights(probas, y)
+        checked = None
+        if fallback and len(members_list) > 1:
+            checked = select.check(probas, y, fit_weights, metric=metric, folds=folds, seed=seed)
+            if not checked.beats:
+                nll_iv = checked.nll
+                warnings.warn(
+                    f"ensemble 'weighted': no combination beats the best member (member {checked.best}) with "
+                    f"confidence on held-out validation folds (NLL difference {nll_iv.diff:+.4f}, 90% interval "
+                    f"[{nll_iv.lo:+.4f}, {nll_iv.hi:+.4f}]); returning the best member alone (one-hot weights)",
+                    UserWarning, stacklevel=2)
+                w = np.zeros(len(members_list))
+                w[checked.best] = 1.0
+                sel = select.Selection(w, metric, select.METRICS[metric](probas[checked.best], y))
         step.update(weights=[round(float(w), 6) for w in sel.weights], rounds=rounds, metric=metric,
-                    best_round=sel.best_round, refined=sel.refined, val_loss=round(sel.loss, 6))
+                    best_round=sel.best_round, refined=sel.refined, val_loss=round(sel.loss, 6), bags=bags,
+                    prior=prior, temperature=round(sel.temperature, 6))
+        if checked is not None:
+            step.update(check=checked.to_dict(), fallback=not checked.beats)
         keep = [i for i, w in enumerate(sel.weights) if w > 0]
-        ens = make([members_list[i] for i in keep], "weighted", classes=classes, weights=sel.weights[keep])
-        extra = {"selection": sel, "kept": keep}
+        ens = make([members_list[i] for i in keep], "weighted", classes=classes, weights=sel.weights[keep],
+                   temperature=sel.temperature)
+        extra = {"selection": sel, "kept": keep, "check": checked}
     elif method == "stacking":
         oof = getattr(members, "oof", None)
         if oof is None:

@@ -10,10 +10,13 @@ measured, saved, exported, quantized and distilled like any model. Combiners:
 - ``stacking``: a meta-learner (a ``Linear`` or small MLP, stored as tensors) on the
   concatenated member probabilities.
 
-Members of one architecture run as one batched call (``torch.func.stack_module_state`` +
-``vmap``) when gradients are off and the module is not being traced; otherwise, and for
-heterogeneous members, they run one by one. The batched path is checked against the loop
-the first time it is built for a set of weights, and abandoned if the two ever disagree.
+Members of one architecture made of Linear / ReLU / Flatten / Dropout layers (the zoo's MLPs) are
+*fused* at inference: one wider network whose first layer is one matmul over the members' weights
+side by side and whose later layers are one batched matmul each over the stacked weights (block
+diagonal in effect), in torch and in the exported ONNX graph (:class:`FusedMLP`). Other members of
+one architecture can run as one ``vmap`` call (``torch.func.stack_module_state``) when asked; the
+rest, and anything that trains, run one by one. A batched path is checked against the loop the
+first time it is built for a set of weights, and abandoned if the two disagree.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
 class Ensemble(nn.Module):
     """``members`` combined by ``method``; ``forward`` returns log-probabilities (B, C)."""
 
-    def __init__(self, members, method: str = "mean", *, classes: int, weights=None, meta: nn.Module | None = None):
+    def __init__(self, members, method: str = "mean", *, classes: int, weights=None, meta: nn.Module | None = None,
+                 temperature: float = 1.0):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -50,12 +54,18 @@ class Ensemble(nn.Module):
         if w.shape != (k,) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ConfigError(f"weights must be {k} non-negative numbers with a positive sum, got {w.tolist()}")
         self.register_buffer("weights", w / w.sum())
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)  # mean / weighted: softmax(log p / temperature)
         if method == "stacking" and meta is None:
             raise ConfigError("method 'stacking' needs a meta-learner")
         self.meta = meta
         # None (auto): vmap for same-architecture members on an accelerator; on CPU the plain loop,
         # which measured faster there (BENCHMARKS.md). True / False force vmap / the loop.
         self.vectorize: bool | None = None
+        # fuse same-architecture MLP members into one wider network when gradients are off (default)
+        self.fuse: bool = True
+        self._fused = None  # (signature, FusedMLP or None when the members cannot be fused)
         self._stacked = None  # (signature, (batched fn, params, buffers) or None when only the loop is valid)
         self._tree = None  # (members, all their submodules): what _signature watches
         self.last_path = None  # "vmap" or "loop": how the last forward ran the members
@@ -70,6 +80,11 @@ class Ensemble(nn.Module):
     # ---- members -------------------------------------------------------------------------------
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits, stacked: (K, B, C)."""
+        if self._use_fused():
+            fused = self._fused_net(x)
+            if fused is not None:
+                self.last_path = "fused"
+                return fused(x)
         if self._use_vmap():
             stacked = self._stacked_state(x)
             if stacked is not None:
@@ -101,6 +116,32 @@ class Ensemble(nn.Module):
             and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None  # FLOP counters and tracers see the plain loop
         )
+
+    def _use_fused(self) -> bool:
+        return (
+            self.fuse
+            and self.vectorize is None
+            and len(self.members) > 1
+            and not self.training
+            and (not torch.is_grad_enabled() or torch.onnx.is_in_onnx_export())
+            and _get_current_dispatch_mode() is None  # FLOP counters see the members' own work
+        )
+
+    def _fused_net(self, x):
+        sig = self._signature()
+        if self._fused is not None and self._fused[0] == sig:
+            return self._fused[1]
+        self._tree = None
+        sig = self._signature()
+        net = None
+        if FusedMLP.supports(list(self.members)):
+            net = FusedMLP(list(self.members))
+            tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            # trust the fused network only once it reproduces the loop on real inputs
+            if not tracing and not torch.allclose(net(x), self._loop(x), rtol=1e-4, atol=1e-5):
+                net = None
+        self._fused = (sig, net)
+        return net
 
     def _signature(self):
         """Changes whenever a member's tensors or submodules change (in-place updates included)."""
@@ -151,7 +192,8 @@ class Ensemble(nn.Module):
             return F.log_softmax(logits.mean(0), dim=-1)
         logp = F.log_softmax(logits, dim=-1)
         if self.method in ("mean", "weighted"):
-            return torch.logsumexp(logp + self.weights.log()[:, None, None], dim=0)
+            out = torch.logsumexp(logp + self.weights.log()[:, None, None], dim=0)
+            return out if self.temperature == 1.0 else F.log_softmax(out / self.temperature, dim=-1)
         if self.method == "vote":
             votes = F.one_hot(logits.argmax(-1), self.classes).to(logp.dtype).sum(0)
             k = logits.shape[0]
@@ -163,12 +205,81 @@ class Ensemble(nn.Module):
 
     def __getstate__(self):  # deepcopy / pickle: drop the cache of stacked weights
         state = dict(self.__dict__)
-        state["_stacked"] = state["_tree"] = None
+        state["_stacked"] = state["_tree"] = state["_fused"] = None
         return state
 
+    def __setstate__(self, state):
+        state.setdefault("fuse", True)
+        state.setdefault("temperature", 1.0)
+        state.setdefault("_fused", None)
+        self.__dict__.update(state)
+
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: rebuild the stacked weights
-        self._stacked = self._tree = None
+        self._stacked = self._tree = self._fused = None
         return super()._apply(fn, *args, **kwargs)
+
+
+class FusedMLP(nn.Module):
+    """K members of one MLP architecture as one network: (B, ...) -> member logits (K, B, C).
+
+    The first Linear is one matmul with the members' weights side by side (F, K*H), every later
+    Linear one batched matmul over the stacked weights (K, H_in, H_out), so each layer is one
+    kernel call whatever K is. Inference only: the weights are detached copies (Dropout is the
+    identity, as in eval mode)."""
+
+    ALLOWED = (nn.Linear, nn.ReLU, nn.Flatten, nn.Dropout, nn.Identity)
+
+    @classmethod
+    def supports(cls, members: list[nn.Module]) -> bool:
+        if not same_architecture(members):
+            return False
+        first = members[0]
+        if not isinstance(first, nn.Sequential) or not all(type(c) in cls.ALLOWED for c in first):
+            return False
+        kinds = [type(c) for c in first]
+        linears = [i for i, t in enumerate(kinds) if t is nn.Linear]
+        # flattening only before the first Linear (later the activations are (K, B, H))
+        return bool(linears) and all(t is not nn.Flatten for t in kinds[linears[0]:])
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.k = len(members)
+        self.ops: list[tuple[str, int]] = []
+        self.flatten = None
+        n = 0
+        with torch.no_grad():
+            for j, child in enumerate(members[0]):
+                if isinstance(child, nn.Flatten):
+                    self.flatten = (child.start_dim, child.end_dim)
+                elif isinstance(child, nn.ReLU):
+                    self.ops.append(("relu", -1))
+                elif isinstance(child, nn.Linear):
+                    ws = [m[j].weight.detach() for m in members]
+                    bs = [m[j].bias.detach() if m[j].bias is not None else torch.zeros(m[j].out_features)
+                          for m in members]
+                    if n == 0:  # (F, K*H): one plain matmul on the shared input
+                        self.register_buffer(f"w{n}", torch.cat([w.t() for w in ws], 1).contiguous())
+                        self.register_buffer(f"b{n}", torch.cat(bs).contiguous())
+                    else:  # (K, H_in, H_out) and (K, 1, H_out): one batched matmul
+                        self.register_buffer(f"w{n}", torch.stack([w.t() for w in ws]).contiguous())
+                        self.register_buffer(f"b{n}", torch.stack(bs)[:, None, :].contiguous())
+                    self.ops.append(("linear", n))
+                    n += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten is not None:
+            x = torch.flatten(x, *self.flatten)
+        h = x
+        for op, n in self.ops:
+            if op == "relu":
+                h = torch.relu(h)
+            elif n == 0:
+                w0, b0 = self.w0, self.b0
+                h = torch.addmm(b0, h, w0) if h.dim() == 2 else h @ w0 + b0
+                h = h.reshape(h.shape[0], self.k, -1).transpose(0, 1)  # (K, B, H)
+            else:
+                h = torch.baddbmm(getattr(self, f"b{n}"), h, getattr(self, f"w{n}"))
+        return h
 
 
 def stack_features(logits: torch.Tensor) -> torch.Tensor:
@@ -215,7 +326,8 @@ def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None
 
 
 @zoo.register("ensemble")
-def build_ensemble(members: list, method: str, classes: int, meta: dict | None = None) -> Ensemble:
+def build_ensemble(members: list, method: str, classes: int, meta: dict | None = None,
+                   temperature: float = 1.0) -> Ensemble:
     """Rebuild an ensemble from its spec: member specs, combiner, meta-learner architecture."""
     if not isinstance(members, list) or not members:
         raise ArtifactError("ensemble spec: 'members' must be a non-empty list of member specs")
@@ -224,12 +336,12 @@ def build_ensemble(members: list, method: str, classes: int, meta: dict | None =
         meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
     except (KeyError, TypeError, ConfigError) as e:
         raise ArtifactError(f"ensemble spec: bad meta-learner description {meta!r} ({e})") from None
-    return make(built, method, classes=classes, meta=meta_net, meta_spec=meta)
+    return make(built, method, classes=classes, meta=meta_net, meta_spec=meta, temperature=temperature)
 
 
-def make(members, method, *, classes, weights=None, meta=None, meta_spec=None) -> Ensemble:
+def make(members, method, *, classes, weights=None, meta=None, meta_spec=None, temperature: float = 1.0) -> Ensemble:
     """An :class:`Ensemble` with its spec attached (needs every member to have a spec)."""
-    ens = Ensemble(members, method, classes=classes, weights=weights, meta=meta)
+    ens = Ensemble(members, method, classes=classes, weights=weights, meta=meta, temperature=temperature)
     specs = [spec_of(m) for m in members]
     if any(s is None for s in specs):
         raise ConfigError(
@@ -237,4 +349,6 @@ def make(members, method, *, classes, weights=None, meta=None, meta_spec=None) -
             "build members with slimfuse.zoo or slimfuse.zoo.user_model"
         )
     args = {"members": specs, "method": method, "classes": int(classes), "meta": meta_spec}
+    if ens.temperature != 1.0:  # absent from older cards: they reload with 1.0
+        args["temperature"] = ens.temperature
     return attach(ens, {"arch": "ensemble", "args": args})

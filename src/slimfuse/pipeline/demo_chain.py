@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import stats
 from ..compress.distill import distill, transfer_set
 from ..data import Splits
 from ..fuse import ensemble, soup
 from ..measure import Report, counts
 from ..models import load, save, zoo
 from ..models.spec import lineage_of
-from ..train import evaluate, fit
+from ..train import evaluate, fit, predict
 
 AIM = {"smaller": 10.0, "faster": 3.0}
 
@@ -61,20 +62,36 @@ def chain_step(members: list[nn.Module], splits: Splits, out: Path, *, seed: int
     return {name: load(out / folder) for name, (folder, _) in stages.items()}
 
 
+def vs(a: nn.Module, b: nn.Module, split, metric: str = "accuracy", *, seed: int = 0) -> tuple[str, stats.Interval]:
+    """Does ``a`` beat ``b`` on ``split``? ``("met" | "tie" | "missed", paired 95% interval of a - b)``."""
+    pa, pb = (stats.per_sample(predict(m, split).numpy(), split.y.numpy()) for m in (a, b))
+    key = "correct" if metric == "accuracy" else "nll"
+    interval = stats.paired_bootstrap(pa[key], pb[key], seed=seed)
+    return stats.claim(interval, higher_is_better=metric != "nll"), interval
+
+
+def _claim_of(report: Report, a: str, b: str, metric: str = "accuracy") -> tuple[str, stats.Interval]:
+    c = report.compare(a, b, metric)
+    return stats.CLAIM[c.verdict], c.interval
+
+
 def chain_verdict(report: Report, teacher: str, final: str) -> tuple[str, str]:
     t, f = report.row(teacher), report.row(final)
     smaller = t["bytes"] / f["bytes"]
     b1 = t["latency_b1_p50_ms"] / f["latency_b1_p50_ms"]
     b256 = f["throughput_b256"] / t["throughput_b256"]
+    acc_claim, acc_iv = _claim_of(report, final, teacher)
     checks = [
-        (f["accuracy"] > t["accuracy"], f"test accuracy {f['accuracy']:.4f} vs the teacher's {t['accuracy']:.4f}"),
+        (acc_claim, f"test accuracy {f['accuracy']:.4f} vs the teacher's {t['accuracy']:.4f} "
+                    f"(paired difference {100 * acc_iv.diff:+.1f} pt, 95% interval "
+                    f"[{100 * acc_iv.lo:+.1f}, {100 * acc_iv.hi:+.1f}])"),
         (smaller >= AIM["smaller"], f"{smaller:.1f}x smaller on disk ({f['bytes']:,} vs {t['bytes']:,} bytes; "
                                     f"aim {AIM['smaller']:.0f}x)"),
         (b1 >= AIM["faster"], f"{b1:.1f}x faster at batch 1 (p50 {f['latency_b1_p50_ms']:.3f} vs "
                               f"{t['latency_b1_p50_ms']:.3f} ms; aim {AIM['faster']:.0f}x)"),
         (b256 >= AIM["faster"], f"{b256:.1f}x the teacher's batch-256 throughput (aim {AIM['faster']:.0f}x)"),
     ]
-    lines = [f"- {'met' if ok else 'MISSED'}: {text}" for ok, text in checks]
+    lines = [f"- {ok if isinstance(ok, str) else 'met' if ok else 'missed'}: {text}" for ok, text in checks]
     body = (f"Aim: one model more accurate than the single teacher, >= {AIM['smaller']:.0f}x smaller and >= "
             f"{AIM['faster']:.0f}x faster. Final model: '{final}' (ONNX Runtime) vs '{teacher}' (torch eager, "
             f"how it was trained).\n" + "\n".join(lines))
@@ -110,7 +127,7 @@ def staged_compression(teacher: nn.Module, pruned: nn.Module, splits: Splits, ou
     loss = 100 * (acc[stages[-1][0]] - acc["dense fp32"])
     body = (_table(["stage", "test accuracy", "non-zeros", "bytes on disk", "smaller than dense"], rows) +
             f"\n\nDeep Compression reports 40x for LeNet-300-100 (92% pruned, 6-bit, Huffman) at no accuracy "
-            f"loss; here {final:.1f}x ({'met' if final >= 40 else 'MISSED'}) at {loss:+.1f} pt test accuracy. "
+            f"loss; here {final:.1f}x ({'met' if final >= 40 else 'missed'}) at {loss:+.1f} pt test accuracy. "
             f"Every size is a measured file, the artifact's card and headers included; the packed stage is "
             f"the artifact with its payload written without zstd.")
     return {"pruned 90% + codebook:5": load(out / "pruned-90-codebook5")}, ("Staged compression (prune -> quantize -> entropy)", body)
@@ -130,8 +147,9 @@ def sparse_vs_dense(pruned: nn.Module, splits: Splits, *, seed: int,
     name = f"small dense 784-{h}-{max(1, h // 3)}-10"
     rows = [["large-sparse: LeNet-300-100, 90% pruned", f"{target:,}", f"{a_sparse:.4f}"],
             [f"small-dense: {name[12:]}", f"{counts(small)['params']:,}", f"{a_dense:.4f}"]]
-    verdict = ("large-sparse wins, as Zhu & Gupta (2017) found" if a_sparse > a_dense else
-               "small-dense is as good or better here: pruning did not pay over training a small model")
+    c, iv = vs(pruned, small, splits.test, seed=seed)
+    verdict = (f"large-sparse beats small-dense (as Zhu & Gupta (2017) found): {c} (paired accuracy difference "
+               f"{100 * iv.diff:+.1f} pt, 95% interval [{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}])")
     body = (_table(["model", "non-zero parameters", "test accuracy"], rows) +
             f"\n\nSame training budget (20 + 4 fine-tuning epochs vs 24 epochs): {verdict}.")
     return {name: small}, ("Large-sparse vs small-dense at equal non-zeros", body)
@@ -151,13 +169,27 @@ def ensemble_evidence(members: list[nn.Module], splits: Splits, *, seed: int) ->
         "ensemble stacking (linear meta-learner)": ensemble(members, "stacking", splits, seed=seed),
     }
     scores = {n: (evaluate(m, splits.val), evaluate(m, splits.test)) for n, m in variants.items()}
-    rows = [[n, f"{v['accuracy']:.4f}", f"{t['accuracy']:.4f}", f"{t['nll']:.4f}"] for n, (v, t) in scores.items()]
-    best, weighted = scores["best member (by val accuracy)"][1], scores["ensemble weighted (Caruana)"][1]
-    verdict = (f"ensemble selection beats the best member by {100 * (weighted['accuracy'] - best['accuracy']):+.1f} "
-               f"pt accuracy and {best['nll'] - weighted['nll']:+.4f} NLL" if weighted["accuracy"] > best["accuracy"]
-               else "ensemble selection did NOT beat the best member's test accuracy here")
+    best_name = "best member (by val accuracy)"
+    claims = {}
+    for n in variants:
+        if n != best_name:
+            claims[n] = {k: vs(variants[n], variants[best_name], splits.test, k, seed=seed) for k in ("accuracy", "nll")}
+
+    def cell(n, k):
+        if n not in claims:
+            return "—"
+        c, iv = claims[n][k]
+        scale = 100 if k == "accuracy" else 1
+        return f"{c}: {scale * iv.diff:+.{1 if k == 'accuracy' else 4}f} [{scale * iv.lo:+.{1 if k == 'accuracy' else 4}f}, {scale * iv.hi:+.{1 if k == 'accuracy' else 4}f}]"
+
+    rows = [[n, f"{v['accuracy']:.4f}", f"{t['accuracy']:.4f}", f"{t['nll']:.4f}", cell(n, "accuracy"), cell(n, "nll")]
+            for n, (v, t) in scores.items()]
+    acc_c, nll_c = claims["ensemble weighted (Caruana)"]["accuracy"][0], claims["ensemble weighted (Caruana)"]["nll"][0]
+    verdict = (f"ensemble selection vs the best member on the test split: accuracy {acc_c}, NLL {nll_c} "
+               f"(\"met\" only when the paired 95% interval lies wholly on the side of a gain, \"tie\" when it contains 0)")
     weights = ", ".join(f"{w:.2f}" for w in variants["ensemble weighted (Caruana)"].selection.weights)
-    body = (_table(["model", "val accuracy", "test accuracy", "test NLL"], rows) +
+    body = (_table(["model", "val accuracy", "test accuracy", "test NLL", "accuracy vs best member (pt)",
+                    "NLL vs best member (lower is better)"], rows) +
             f"\n\nMembers: the teacher and four LeNet-300-100s trained from other seeds on jittered data; "
             f"Caruana weights {weights} (chosen on the validation split). {verdict}. Stacking's validation "
             f"accuracy is in-sample: its meta-learner is fit on the validation split (the members never saw it).")
@@ -180,10 +212,10 @@ def soup_evidence(teacher: nn.Module, splits: Splits, *, seed: int,
     }
     scores = {n: (evaluate(m, splits.val), evaluate(m, splits.test)) for n, m in variants.items()}
     rows = [[n, f"{v['accuracy']:.4f}", f"{t['accuracy']:.4f}"] for n, (v, t) in scores.items()]
-    g, u = scores["greedy soup"][1]["accuracy"], scores["uniform soup (4 fine-tunes)"][1]["accuracy"]
     kept = lineage_of(variants["greedy soup"])[-1]["params"]["kept"]
-    verdict = ("the greedy soup beats the uniform one" if g > u else
-               "the greedy soup does NOT beat the uniform one here" if g < u else "greedy and uniform tie")
+    c, iv = vs(variants["greedy soup"], variants["uniform soup (4 fine-tunes)"], splits.test, seed=seed)
+    verdict = (f"greedy beats uniform: {c} (paired accuracy difference {100 * iv.diff:+.1f} pt, 95% interval "
+               f"[{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}])")
     body = (_table(["model", "val accuracy", "test accuracy"], rows) +
             f"\n\nAll four start from the teacher's weights (1 epoch each, learning rates 3e-4 to 2e-3, "
             f"jittered data). Greedy kept ingredients {kept}: {verdict} on the test split.")
