@@ -125,9 +125,7 @@ def test_csv_reader_on_fuzzed_tables(tmp_path, table):
 
 
 def test_data_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch):
-    import slimfuse.data.readers as readers
-
     np.savez(tmp_path / "d.npz", X=np.ones((100, 4)), y=np.arange(100) % 2)
-    monkeypatch.setattr(readers, "available_memory", lambda: 1000)
-    with pytest.raises(DataError, match="GiB of memory"):
+    monkeypatch.setenv("SLIMFUSE_MAX_BYTES", "1000")
+    with pytest.raises(DataError, match="over the limit of 1,000 bytes"):
         sf.datasets.load(tmp_path / "d.npz")

@@ -6,6 +6,7 @@ nothing is half-written because the library writes atomically.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 from pathlib import Path
@@ -23,8 +24,16 @@ app = typer.Typer(
 )
 
 
+# OS failures a user (or their machine) causes: one line naming the path, exit 2
+_USER_OS_ERRORS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG,
+    errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV,
+})
+
+
 def user_errors(fn):
-    """Turn a SlimfuseError into one line on stderr and exit code 2."""
+    """Turn a SlimfuseError, or an OS error the user's files or disk caused, into one line on
+    stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,6 +41,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SlimfuseError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in _USER_OS_ERRORS:
+                raise
+            where = e.filename if e.filename is not None else "(unknown path)"
+            typer.echo(f"error: {where}: {e.strerror or e}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -120,6 +135,8 @@ def eval_(
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split must be train, val or test, got {split!r}")
+    if json_out is not None and json_out.is_dir():
+        raise ConfigError(f"--json {json_out}: is a folder; give the path of the JSON file to write")
     model = load(artifact, trust_factory=trust_factory)
     splits = datasets.load(data, seed=seed, label=label)
     report = measure({artifact.name: model}, getattr(splits, split), threads=threads)

@@ -11,12 +11,16 @@ store sparse or low-bit tensors and restore the exact state on load.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,9 +33,12 @@ from torch import nn
 
 from .._version import __version__
 from ..distributed import is_main
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError, SlimfuseError
+from .. import limits
+from ..limits import check_bytes
+from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
-from .zoo import build
+from .zoo import build, check_params
 
 FORMAT = "slimfuse-artifact"
 FORMAT_VERSION = 1
@@ -81,19 +88,47 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     }
     path = Path(path)
     with atomic_folder(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        except SafetensorError as e:  # its I/O errors (disk full ...) as the OSError they are
+            raise _as_os_error(e, tmp / WEIGHTS) from None
         card["weights_sha256"] = _sha256(tmp / WEIGHTS)
         (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    return path
+
+
+def _as_os_error(e: Exception, path: Path) -> Exception:
+    import re
+
+    code = re.search(r"code: (\d+)", str(e))
+    if code is None:
+        return ArtifactError(f"{path}: cannot write safetensors file ({str(e)[:200]})")
+    n = int(code.group(1))
+    return OSError(n, os.strerror(n), str(path))
+
+
+def output_path(path: str | Path) -> Path:
+    """Where a write to ``path`` really goes: a symlink is followed to its target (so the link
+    stays and the target is replaced); a dangling symlink is refused rather than guessed at."""
+    path = Path(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists() and not target.parent.is_dir():
+            raise ConfigError(f"{path}: is a symlink to {target}, whose folder does not exist")
+        return target
     return path
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write one file atomically: a temp file next to ``path``, fsynced, then renamed into place.
 
-    In a data-parallel run only rank 0 writes."""
+    A symlink is followed (its target is replaced); on any failure (a full disk included) the temp
+    file is removed, so nothing partial is left. In a data-parallel run only rank 0 writes."""
     if not is_main():
         return
-    path = Path(path)
+    path = output_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the path of a file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -103,7 +138,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -131,12 +167,14 @@ class atomic_folder:
         if self.discard:
             self.tmp = Path(tempfile.mkdtemp(prefix="slimfuse-rank-"))
             return self.tmp
+        self.path = output_path(self.path)
         if self.path.exists() and not _replaceable(self.path, self.marker):
             raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # left by a killed process
-            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 
@@ -144,17 +182,45 @@ class atomic_folder:
         if exc_type is not None or self.discard:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            # Concurrent saves to one path (other processes, other threads) swap one at a time: an
+            # exclusive lock on the parent folder, which leaves no lock file behind.
+            with _folder_lock(self.path.parent):
+                if self.path.exists() and not _replaceable(self.path, self.marker):
+                    raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
+                if self.path.exists():
+                    old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(self.path, old)
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None and not self.path.exists():
+                os.replace(old, self.path)  # put the previous artifact back
+                old = None
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder`` itself (plus a lock for this process's threads)."""
+    with _THREAD_LOCK:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 def _replaceable(path: Path, marker: str) -> bool:
@@ -179,6 +245,8 @@ def read_card(path: str | Path) -> dict:
         card = json.loads(card_path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{card_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{card_path}: JSON nested too deeply to be a card") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise ArtifactError(f"{card_path}: not a slimfuse card (format field is not {FORMAT!r})")
     version = card.get("format_version")
@@ -189,13 +257,7 @@ def read_card(path: str | Path) -> dict:
             f"{card_path}: written by a newer slimfuse (format {version}, this one reads up to "
             f"{FORMAT_VERSION}); upgrade slimfuse"
         )
-    for key, kind in (("spec", dict), ("lineage", list), ("metrics", dict), ("storage", dict)):
-        if not isinstance(card.get(key), kind):
-            raise ArtifactError(f"{card_path}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
-    if not isinstance(card.get("weights_sha256"), str):
-        raise ArtifactError(f"{card_path}: field 'weights_sha256' must be a string")
-    if card.get("task") is not None and not isinstance(card["task"], dict):
-        raise ArtifactError(f"{card_path}: field 'task' must be an object or null")
+    validate_card(card, card_path)
     return card
 
 
@@ -206,6 +268,9 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    planned = _planned_bytes(card["spec"], trust_factory, path)
+    check_bytes(weights.stat().st_size + planned, f"{path} (weights file plus the model its card describes)",
+                ArtifactError)
     if card.get("weights_sha256") != _sha256(weights):  # truncation, bit flips, a swapped file
         raise ArtifactError(f"{weights}: checksum does not match {CARD}; the file is corrupt or was replaced")
     try:
@@ -215,13 +280,21 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     codec = card["storage"].get("codec", "dense")
     if codec not in CODECS:
         raise ArtifactError(f"{path}: unknown storage codec {codec!r}")
+    # a codec may decode no more than the model the card describes can hold (8 bytes per element
+    # at most), whatever sizes its own meta claims: a small file cannot decompress to gigabytes
+    bound = limits.cap(8 * planned + (16 << 20)) if planned else contextlib.nullcontext()
     try:
-        state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))
+        with bound:
+            state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))
     except ArtifactError:
         raise
     except Exception as e:  # a codec reading damaged data
         raise ArtifactError(f"{weights}: cannot decode {codec!r} storage ({e})") from None
-    model = build(card["spec"], trust_factory=trust_factory)
+    # Building initializes weights that load_state_dict then overwrites; doing that on a forked RNG
+    # keeps loading from changing the caller's random stream, so a recipe step whose input comes
+    # from the cache draws the same numbers as one whose input is still in memory.
+    with torch.random.fork_rng(devices=[]):
+        model = build(card["spec"], trust_factory=trust_factory)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -231,6 +304,26 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     if codec != "dense":
         object.__setattr__(model, "slimfuse_codec", codec)
     return model
+
+
+def _planned_bytes(spec: dict, trust_factory: bool, path: Path) -> int:
+    """Bytes of the tensors the card's spec implies, found by building it on the meta device
+    (no memory is allocated), so a card asking for a huge model is refused before it is built."""
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            model = build(spec, trust_factory=trust_factory)
+    except SlimfuseError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except Exception as e:  # a builder that cannot run on the meta device is built for real later
+        if isinstance(e, (MemoryError, RecursionError)):
+            raise ArtifactError(f"{path}: the card's spec is implausible ({type(e).__name__})") from None
+        return 0
+    tensors = [*model.parameters(), *model.buffers()]
+    try:
+        check_params(f"{path}: the model in {CARD}", sum(t.numel() for t in tensors))
+    except SlimfuseError as e:
+        raise ArtifactError(str(e)) from None
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def folder_bytes(path: str | Path) -> int:
