@@ -203,7 +203,7 @@ def test_sigkill_during_save_never_leaves_half_an_artifact(tmp_path):
 def _nest(depth):
     spec = {"arch": "mlp", "args": {"in_features": 64, "hidden": [8], "classes": 10}}
     for _ in range(depth):
-        spec = {"arch": "ensemble", "args": {"members": [spec, spec], "method": "mean", "classes": 10}}
+        spec = {"arch": "ensemble", "args": {"members": [spec], "method": "mean", "classes": 10}}
     return spec
 
 

@@ -46,7 +46,10 @@ def user_errors(fn):
             if e.errno not in _USER_OS_ERRORS:
                 raise
             where = e.filename if e.filename is not None else "(unknown path)"
-            typer.echo(f"error: {where}: {e.strerror or e}", err=True)
+            why = e.strerror or str(e)
+            if e.errno == errno.EEXIST and Path(str(where)).is_file():  # mkdir under a file
+                why = "is a file, not a folder (Not a directory)"
+            typer.echo(f"error: {where}: {why}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

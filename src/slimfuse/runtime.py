@@ -81,7 +81,8 @@ def parse_onnx(data: bytes, *, where: str = "ONNX model", allow_custom_ops: bool
 
 
 def _node_name(node) -> str:
-    return f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    article = "an" if node.op_type[:1] in "AEIOU" else "a"
+    return f"{node.op_type} node {node.name!r}" if node.name else f"{article} {node.op_type} node"
 
 
 def _check_graph_intake(proto: onnx.ModelProto, where: str, allow_custom_ops: bool) -> None:
@@ -157,7 +158,8 @@ def _ort_error(e: Exception, doing: str) -> ArtifactError:
 
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
-    node = re.search(r"[Nn]ode \(([^)]*)\)", text) or re.search(r"node[: ]+'?([\w/.:-]+)", text)
+    node = (re.search(r"Name:'([^']*)'", text) or re.search(r"[Nn]ode \(([^)]*)\)", text)
+            or re.search(r"node[: ]+'([\w/.:-]+)'", text))
     at = f" at node {node.group(1)!r}" if node else ""
     return ArtifactError(f"ONNX Runtime failed {doing}{at}: {first[:500]}")
 

@@ -31,10 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import limits
 from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError, ConfigError, SlimfuseError
-from .. import limits
 from ..limits import check_bytes
 from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MAX_CARD_BYTES = 16 * 2**20
+PRECHECK_BYTES = 64 << 20
 STALE_SECONDS = 3600  # a temp folder this old belongs to a save that was killed
 
 Encoder = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
@@ -87,20 +88,36 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     path = Path(path)
-    with atomic_folder(path) as tmp:
-        try:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        except SafetensorError as e:  # its I/O errors (disk full ...) as the OSError they are
-            raise _as_os_error(e, tmp / WEIGHTS) from None
-        card["weights_sha256"] = _sha256(tmp / WEIGHTS)
-        (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    try:
+        with atomic_folder(path) as tmp:
+            save_safetensors(tensors, tmp / WEIGHTS, path, metadata={"format": FORMAT})
+            card["weights_sha256"] = _sha256(tmp / WEIGHTS)
+            (tmp / CARD).write_text(json.dumps(card, indent=2, sort_keys=True))
+    except OSError as e:
+        raise _naming(e, path) from None
     return path
+
+
+def _naming(e: BaseException, path: Path) -> BaseException:
+    """An OSError without a file name (a failed write() or fsync()) gets the output's path."""
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
+def save_safetensors(tensors: dict, file: Path, output: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, its I/O errors (a full disk ...) raised as the OSError they
+    are, naming ``output`` (what the user asked to write)."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        raise _as_os_error(e, output) from None
 
 
 def _as_os_error(e: Exception, path: Path) -> Exception:
     import re
 
-    code = re.search(r"code: (\d+)", str(e))
+    code = re.search(r"(?:code: |os error )(\d+)", str(e))
     if code is None:
         return ArtifactError(f"{path}: cannot write safetensors file ({str(e)[:200]})")
     n = int(code.group(1))
@@ -137,10 +154,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        raise _naming(e, path) from None
 
 
 def _sha256(path: Path) -> str:
@@ -268,7 +285,7 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
-    planned = _planned_bytes(card["spec"], trust_factory, path)
+    planned, shapes = _planned(card["spec"], trust_factory, path)
     check_bytes(weights.stat().st_size + planned, f"{path} (weights file plus the model its card describes)",
                 ArtifactError)
     if card.get("weights_sha256") != _sha256(weights):  # truncation, bit flips, a swapped file
@@ -290,6 +307,13 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
         raise
     except Exception as e:  # a codec reading damaged data
         raise ArtifactError(f"{weights}: cannot decode {codec!r} storage ({e})") from None
+    # a large model is only allocated once the tensors are known to fit it (small ones are simply
+    # built, so a builder whose meta-device state differs from its real one still loads)
+    if shapes is not None and planned > PRECHECK_BYTES:
+        wrong = sorted(set(shapes) ^ set(state)) or sorted(k for k in state if tuple(state[k].shape) != shapes[k])
+        if wrong:
+            raise ArtifactError(f"{weights}: tensors do not fit the architecture in {CARD}: "
+                                f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} missing, extra or misshapen")
     # Building initializes weights that load_state_dict then overwrites; doing that on a forked RNG
     # keeps loading from changing the caller's random stream, so a recipe step whose input comes
     # from the cache draws the same numbers as one whose input is still in memory.
@@ -306,9 +330,10 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     return model
 
 
-def _planned_bytes(spec: dict, trust_factory: bool, path: Path) -> int:
-    """Bytes of the tensors the card's spec implies, found by building it on the meta device
-    (no memory is allocated), so a card asking for a huge model is refused before it is built."""
+def _planned(spec: dict, trust_factory: bool, path: Path) -> tuple[int, dict | None]:
+    """Bytes and state-dict shapes of the model the card's spec implies, found by building it on
+    the meta device (no memory is allocated), so a card asking for a huge model is refused
+    before it is built. ``(0, None)`` for a builder that cannot run on the meta device."""
     try:
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = build(spec, trust_factory=trust_factory)
@@ -317,13 +342,14 @@ def _planned_bytes(spec: dict, trust_factory: bool, path: Path) -> int:
     except Exception as e:  # a builder that cannot run on the meta device is built for real later
         if isinstance(e, (MemoryError, RecursionError)):
             raise ArtifactError(f"{path}: the card's spec is implausible ({type(e).__name__})") from None
-        return 0
+        return 0, None
     tensors = [*model.parameters(), *model.buffers()]
     try:
         check_params(f"{path}: the model in {CARD}", sum(t.numel() for t in tensors))
     except SlimfuseError as e:
         raise ArtifactError(str(e)) from None
-    return sum(t.numel() * t.element_size() for t in tensors)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return sum(t.numel() * t.element_size() for t in tensors), shapes
 
 
 def folder_bytes(path: str | Path) -> int:
