@@ -38,6 +38,7 @@ from ..errors import ArtifactError, ConfigError, SlimfuseError
 from ..limits import check_bytes
 from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
+from . import zoo
 from .zoo import build, check_params
 
 FORMAT = "slimfuse-artifact"
@@ -335,7 +336,7 @@ def _planned(spec: dict, trust_factory: bool, path: Path) -> tuple[int, dict | N
     the meta device (no memory is allocated), so a card asking for a huge model is refused
     before it is built. ``(0, None)`` for a builder that cannot run on the meta device."""
     try:
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        with torch.device("meta"), torch.random.fork_rng(devices=[]), zoo.probing():
             model = build(spec, trust_factory=trust_factory)
     except SlimfuseError as e:
         raise ArtifactError(f"{path}: {e}") from None

@@ -7,6 +7,7 @@ ensembles) register their own architectures with :func:`register`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import math
@@ -25,6 +26,18 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {}
 # Trust given to the outermost build() holds for the specs an architecture builds inside it
 # (e.g. a pruned or ensembled user model whose args hold the base spec).
 _TRUST_FACTORY = contextvars.ContextVar("slimfuse_trust_factory", default=False)
+# Set while a spec is built on the meta device to size it: a builder's own exceptions then stay
+# what they are, so one that cannot run on meta tensors is told apart from a bad card.
+_PROBING = contextvars.ContextVar("slimfuse_probing", default=False)
+
+
+@contextlib.contextmanager
+def probing():
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
 
 
 def register(name: str):
@@ -242,6 +255,8 @@ def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
         # a spec read from a card is data: missing keys, wrong types or names of modules that do
         # not exist are the card's fault, not a bug
+        if _PROBING.get():
+            raise
         raise ArtifactError(f"cannot build {arch!r} from its spec: {type(e).__name__}: {e}") from None
 
 
