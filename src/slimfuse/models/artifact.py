@@ -36,9 +36,9 @@ from .._version import __version__
 from ..distributed import is_main
 from ..errors import ArtifactError, ConfigError, SlimfuseError
 from ..limits import check_bytes
+from . import zoo
 from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
-from . import zoo
 from .zoo import build, check_params
 
 FORMAT = "slimfuse-artifact"
