@@ -347,7 +347,7 @@ def read_metadata(proto: onnx.ModelProto) -> dict | None:
         if prop.key == META_KEY:
             try:
                 meta = json.loads(prop.value)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8 (protobuf decodes string fields lazily)
                 return None
             if isinstance(meta, dict) and isinstance(meta.get("lineage"), list):
                 return meta if meta.get("task") is None or isinstance(meta["task"], dict) else None
