@@ -72,7 +72,18 @@ BAD_CLI = [
     ("info on a pickle", lambda p: (p / "m.pkl").write_bytes(b"\x80\x04K\x01.") and ["info", p / "m.pkl"], "pickle"),
     ("unknown scenario", lambda p: ["demo", "--scenario", "speech", "-o", p / "out"], "unknown scenario"),
     ("eval zero threads", lambda p: ["eval", p / "none", "--data", "digits", "--threads", "0"], "--threads"),
+    ("hidden 1e9", lambda p: ["train", "--data", "digits", "--hidden", "1000000000", "-o", p / "out"], "--hidden"),
+    ("hidden 1e6 x 1e3", lambda p: ["train", "--data", "digits", "--hidden", "1000000,1000", "-o", p / "out"],
+     "parameters is over the limit"),
+    ("recipe billion laughs", lambda p: ["run", _laughs(p), "-o", p / "out"], "once YAML aliases are expanded"),
 ]
+
+
+def _laughs(tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 9)}]" for i in range(1, 10)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\ndata: digits\nsteps: *a9\n")
+    return tmp_path / "laughs.yaml"
 
 
 @pytest.mark.parametrize("case,args,message", BAD_CLI, ids=[c[0] for c in BAD_CLI])
@@ -110,3 +121,64 @@ def test_killed_train_command_resumes_to_the_same_weights(tmp_path):
                 "--epochs", "40", "-o", str(out)]
 
     assert_killed_command_resumes(command, tmp_path, epoch=2)
+
+
+def _os_case(tmp_path, kind, trained):
+    """(args, path the error line must name) for one kind of OS failure."""
+    import os
+
+    train = ["train", "--data", "digits", "--hidden", "8", "--epochs", "1"]
+    if kind == "read-only folder":
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o500)
+        return train + ["-o", tmp_path / "ro" / "out"], "Permission denied"
+    if kind == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        return train + ["-o", tmp_path / "file" / "out"], "Not a directory"
+    if kind == "name too long":
+        return train + ["-o", tmp_path / ("n" * 250)], "File name too long"
+    if kind == "export onto a folder":
+        (tmp_path / "folder.onnx").mkdir()
+        return ["export", trained, "--format", "onnx", "-o", tmp_path / "folder.onnx"], "is a folder"
+    if kind == "eval --json a folder":
+        (tmp_path / "jsondir").mkdir()
+        return ["eval", trained, "--data", "digits", "--json", tmp_path / "jsondir"], "is a folder"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["read-only folder", "parent is a file", "name too long", "export onto a folder",
+                                  "eval --json a folder"])
+def test_os_failures_exit_2_with_one_line_naming_the_path(tmp_path, trained, kind):
+    import os
+
+    if kind == "read-only folder" and os.geteuid() == 0:
+        pytest.skip("root ignores folder permissions")
+    args, message = _os_case(tmp_path, kind, trained)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert str(tmp_path) in lines[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no temp files
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, trained):
+    """`export` and `train` with writes capped (RLIMIT_FSIZE: EFBIG, like a full disk)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000)); "
+        "from slimfuse.cli import app; sys.argv = ['slimfuse'] + sys.argv[1:]; app()"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["export", str(trained), "--format", "onnx", "-o", str(out / "big.onnx")],
+                 ["train", "--data", "digits", "--hidden", "512", "--epochs", "1", "-o", str(out / "t")]):
+        proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], proc.stderr[-2000:]
+        assert str(out) in lines[0]
+        assert [p.name for p in out.iterdir() if not p.name.endswith(".checkpoint")] == []

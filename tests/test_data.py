@@ -84,7 +84,83 @@ BAD_DATA = [
     ("one class", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n" * 20), "at least 2 classes"),
     ("suffix", lambda p: _write(p / "d.txt", "1,2"), "unsupported file type"),
     ("unknown name", lambda p: p / "nope", "unknown data set"),
+    # crafted and corrupt bytes (mutation fuzzing found each of these kinds)
+    ("npz header bomb", lambda p: _npz_bomb(p / "d.npz"), "declares an array of shape (100000000000,)"),
+    ("encrypted member", lambda p: _npz_flag(p / "d.npz", 0x1), "is encrypted"),
+    ("unsupported zip version", lambda p: _npz_patch(p / "d.npz", "version"), "not a valid .npz"),
+    ("unsupported compression", lambda p: _npz_patch(p / "d.npz", "method"), "not a valid .npz"),
+    ("corrupt deflate stream", lambda p: _npz_patch(p / "d.npz", "deflate"), "not a valid .npz"),
+    ("bad npy header", lambda p: _npz_patch(p / "d.npz", "header"), "not a valid .npz"),
+    ("zero-size axis", lambda p: _npz(p / "d.npz", X=np.ones((20, 0)), y=np.arange(20) % 2), "zero-size feature axis"),
+    ("csv label 1e9", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,1000000000\n" * 5), "implies 1,000,000,001 classes"),
+    ("csv label 3e8", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,300000000\n" * 5), "implies 300,000,001 classes"),
+    ("csv label beyond int64", lambda p: _write(p / "d.csv", "a,label\n1,0\n2,99999999999999999999999\n"),
+     "does not fit a 64-bit integer"),
+    ("npz label 1e9", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(20) * 10**8), "classes for 20 samples"),
 ]
+
+
+def _npz_bomb(path):
+    """An .npz of 300 bytes whose X.npy header declares 10^11 float64 values."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**11,)})
+    buf.write(b"\0" * 8)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("X.npy", buf.getvalue())
+        z.writestr("y.npy", _npy(np.arange(10) % 2))
+    return path
+
+
+def _npy(a):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _npz_flag(path, flag):
+    import zipfile
+
+    np.savez_compressed(path, X=np.ones((20, 2)), y=np.arange(20) % 2)
+    blob = bytearray(path.read_bytes())
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # local header and central directory entries
+        at = blob.find(sig)
+        while at >= 0:
+            off = 6 if sig == b"PK\x03\x04" else 8
+            blob[at + off] |= flag
+            at = blob.find(sig, at + 4)
+    path.write_bytes(bytes(blob))
+    assert zipfile.is_zipfile(path)
+    return path
+
+
+def _npz_patch(path, what):
+    np.savez_compressed(path, X=np.arange(200.0).reshape(100, 2), y=np.arange(100) % 2)
+    blob = bytearray(path.read_bytes())
+    local = blob.find(b"PK\x03\x04")
+    central = blob.find(b"PK\x01\x02")
+    if what == "version":  # "needs zip version 9.9 to extract"
+        blob[central + 6] = 99
+        blob[local + 4] = 99
+    elif what == "method":  # compression method 99 (AES), unsupported
+        blob[central + 10] = 99
+        blob[local + 8] = 99
+    elif what == "deflate":  # damage the compressed stream of the first member
+        name_len = blob[local + 26] | blob[local + 27] << 8
+        start = local + 30 + name_len
+        for i in range(start, start + 40):
+            blob[i] ^= 0x5A
+    else:  # the .npy header of a stored member made into garbage
+        np.savez(path, X=np.arange(200.0).reshape(100, 2), y=np.arange(100) % 2)
+        blob = bytearray(path.read_bytes())
+        at = blob.find(b"{'descr'")
+        blob[at:at + 8] = b"{'\xff\xfe\x00\x00\x00"
+    path.write_bytes(bytes(blob))
+    return path
 
 
 @pytest.mark.parametrize("case,make,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
@@ -125,9 +201,7 @@ def test_csv_reader_on_fuzzed_tables(tmp_path, table):
 
 
 def test_data_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch):
-    import slimfuse.data.readers as readers
-
     np.savez(tmp_path / "d.npz", X=np.ones((100, 4)), y=np.arange(100) % 2)
-    monkeypatch.setattr(readers, "available_memory", lambda: 1000)
-    with pytest.raises(DataError, match="GiB of memory"):
+    monkeypatch.setenv("SLIMFUSE_MAX_BYTES", "1000")
+    with pytest.raises(DataError, match="over the limit of 1,000 bytes"):
         sf.datasets.load(tmp_path / "d.npz")

@@ -154,3 +154,83 @@ def test_keras_style_model_nhwc_input_and_softmax_output():
     expected = torch.log_softmax(x.permute(0, 2, 3, 1).reshape(20, 32) @ torch.from_numpy(w), dim=-1)
     torch.testing.assert_close(pred(x), expected, atol=1e-4, rtol=1e-4)
     assert pred.slimfuse_macs() == 320
+
+
+# -- hostile ONNX files: nothing reaches outside the file, run-time failures are one ArtifactError ----
+
+def _graph_model(nodes, inits=(), opset=17, functions=()):
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, None])
+    graph = h.make_graph(nodes, "g", [x], [y], initializer=list(inits))
+    imports = [h.make_opsetid("", opset)] + [h.make_opsetid(f.domain, 1) for f in functions]
+    return h.make_model(graph, opset_imports=imports, functions=list(functions))
+
+
+def _external(name):
+    t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [4], [0.0] * 4)
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="secret.bin")
+    return t
+
+
+def _hostile_onnx(kind):
+    h = onnx.helper
+    if kind == "external initializer":
+        return _graph_model([h.make_node("Add", ["x", "w"], ["y"])], [_external("w")])
+    if kind == "external Constant":
+        return _graph_model([h.make_node("Constant", [], ["w"], value=_external("c")), h.make_node("Add", ["x", "w"], ["y"])])
+    if kind == "external in If subgraph":
+        out = h.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)
+        branch = h.make_graph([h.make_node("Constant", [], ["w"], value=_external("c"))], "b", [], [out])
+        cond = h.make_tensor("cond", onnx.TensorProto.BOOL, [], [True])
+        return _graph_model([h.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch),
+                             h.make_node("Add", ["x", "w"], ["y"])], [cond])
+    if kind == "custom op":
+        node = h.make_node("Evil", ["x"], ["y"], domain="com.example")
+        model = _graph_model([node])
+        model.opset_import.append(h.make_opsetid("com.example", 1))
+        return model
+    if kind == "ConstantOfShape bomb":
+        shape = h.make_tensor("shape", onnx.TensorProto.INT64, [2], [10**5, 10**5])
+        return _graph_model([h.make_node("ConstantOfShape", ["shape"], ["big"], name="bomb"),
+                             h.make_node("Add", ["x", "big"], ["y"])], [shape])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("external initializer", "stores tensor 'w' in an external file"),
+    ("external Constant", "attribute 'value' of a Constant node in the graph stores tensor 'c' in an external"),
+    ("external in If subgraph", "'then_branch' subgraph of an If node stores tensor 'c' in an external"),
+    ("custom op", "custom op of domain 'com.example'"),
+    ("ConstantOfShape bomb", "ConstantOfShape node 'bomb' needs"),
+])
+def test_hostile_onnx_files_are_refused_before_onnx_runtime_sees_them(tmp_path, kind, message):
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 16)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_hostile_onnx(kind).SerializeToString())
+    with pytest.raises(sf.ArtifactError, match=message):
+        load_onnx(path)
+    result = CliRunner().invoke(app, ["quantize", str(path), "--scheme", "int8-dynamic", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_custom_ops_load_only_when_allowed(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_hostile_onnx("custom op").SerializeToString())
+    pred = load_onnx(path, allow_custom_ops=True)  # parsed and checked; ORT itself cannot run it
+    with pytest.raises(sf.ArtifactError, match="ONNX Runtime failed to create a session"):
+        pred(torch.zeros(2, 4))
+
+
+def test_a_graph_that_fails_at_run_time_is_one_artifact_error_naming_the_node(tmp_path):
+    h = onnx.helper
+    shape = h.make_tensor("shape", onnx.TensorProto.INT64, [2], [3, 5])
+    model = _graph_model([h.make_node("Reshape", ["x", "shape"], ["y"], name="bad_reshape")], [shape])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    pred = load_onnx(path)  # passes the checker: the batch size is only known at run time
+    with pytest.raises(sf.ArtifactError, match="ONNX Runtime failed running this model at node 'bad_reshape'"):
+        pred(torch.zeros(2, 4))

@@ -132,3 +132,52 @@ def test_a_failing_step_names_itself(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
     assert load_recipe(recipe).steps
+
+
+KILL_RECIPE = {
+    "data": "digits",
+    "seed": 0,
+    "steps": [
+        {"name": "t", "step": "train", "hidden": [48], "epochs": 6},
+        {"name": "p", "step": "prune", "input": "t", "sparsity": 0.5, "finetune_epochs": 3},
+        {"name": "d", "step": "distill", "teacher": "t", "student": "mlp:16", "epochs": 4},
+        {"name": "q", "step": "quantize", "input": "t", "scheme": "int8-static", "backend": "torch"},
+        {"name": "e", "step": "ensemble", "members": ["t", "p", "d"], "method": "weighted"},
+        {"name": "x", "step": "export", "input": "d"},
+    ],
+}
+
+
+def _step_hashes(out: Path) -> dict[str, str]:
+    import hashlib
+
+    files = {s["name"]: out / (f"{s['name']}.onnx" if s["step"] == "export" else f"{s['name']}/weights.safetensors")
+             for s in KILL_RECIPE["steps"]}
+    return {n: hashlib.sha256(f.read_bytes()).hexdigest() for n, f in files.items()}
+
+
+@pytest.mark.slow
+def test_a_recipe_killed_again_and_again_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL `slimfuse run` mid-training (from epoch checkpoints) and between steps, rerun it each
+    time: every step's weights (and the exported ONNX file) hash the same as an uninterrupted run's.
+    A step whose input comes from the cache must draw the same random numbers as one whose input
+    is still in memory (loading an artifact once consumed the global RNG and changed the student)."""
+    import subprocess
+    import sys
+
+    from killing import kill_after_epoch
+
+    recipe = write(tmp_path, KILL_RECIPE)
+
+    def command(out):
+        return [sys.executable, "-m", "slimfuse", "run", str(recipe), "-o", str(out)]
+
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    # mid-epoch kills inside three training steps, each followed by a rerun that resumes
+    for step, epoch in (("t", 2), ("p", 1), ("d", 2)):
+        kill_after_epoch(command(out), out / f".{step}.checkpoint" / "state.json", epoch)
+    subprocess.run(command(out), check=True, capture_output=True)
+    assert _step_hashes(out) == _step_hashes(tmp_path / "straight")
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".steps"]
+    assert leftovers == []

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .distributed import is_main
 from .errors import ArtifactError
-from .models.artifact import atomic_folder, write_bytes_atomic
+from .models.artifact import atomic_folder, save_safetensors, write_bytes_atomic
 
 TENSORS, META, JOB = "state.safetensors", "state.json", "job.json"
 
@@ -140,7 +140,7 @@ class Checkpoint:
         tensors["rng/gen"] = gen.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
         with atomic_folder(self.folder, marker=META) as tmp:
-            save_file(tensors, str(tmp / TENSORS))
+            save_safetensors(tensors, tmp / TENSORS, self.folder)
             (tmp / META).write_text(json.dumps(meta))
 
     def load(self, *, model, opt, sched, gen, extra=None) -> dict | None:

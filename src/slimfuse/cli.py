@@ -12,6 +12,7 @@ replaces an existing artifact at that path (never a folder that is not an artifa
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import types
@@ -173,8 +174,16 @@ app = Slimfuse(name="slimfuse", help="slimfuse: make trained neural networks sma
                no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 
 
+# OS failures a user (or their machine) causes: one line naming the path, exit 2
+_USER_OS_ERRORS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG,
+    errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV,
+})
+
+
 def user_errors(fn):
-    """A SlimfuseError or an OS failure becomes one line on stderr and exit code 2."""
+    """Turn a SlimfuseError, or an OS error the user's files or disk caused, into one line on
+    stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -182,6 +191,15 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except SlimfuseError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in _USER_OS_ERRORS:
+                raise
+            where = e.filename if e.filename is not None else "(unknown path)"
+            why = e.strerror or str(e)
+            if e.errno == errno.EEXIST and Path(str(where)).is_file():  # mkdir under a file
+                why = "is a file, not a folder (Not a directory)"
+            click.echo(f"error: {where}: {why}", err=True)
             sys.exit(2)
 
     return wrapper

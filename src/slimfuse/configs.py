@@ -16,12 +16,17 @@ answered without importing torch.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+# ``validate`` (every technique's validation gate) is the library's keyword, so it is the field's name too;
+# pydantic warns that it shadows BaseModel's deprecated ``validate`` classmethod, which slimfuse never uses.
+warnings.filterwarnings("ignore", message='Field name "validate" in ".*" shadows an attribute', category=UserWarning)
 
 # ---------------------------------------------------------------------------------------------
 # Field types: one constraint and one help text per idea, shared by every verb that has it.

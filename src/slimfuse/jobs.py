@@ -346,6 +346,8 @@ def evaluate(source: Source, cfg: configs.Measure, data: configs.DataRef | Split
     from .models.artifact import write_text_atomic
 
     cfg = configs.Measure.of(cfg)
+    if json_out is not None and Path(json_out).is_dir():
+        raise ConfigError(f"--json {json_out}: is a folder; give the path of the JSON file to write")
     m, ready = model(source, trust_factory=trust_factory), needed(data, "evaluate")
     name = name or (Path(source).name if not isinstance(source, nn.Module) else "model")
     report = measure({name: m}, getattr(ready, cfg.split), threads=cfg.threads, seconds=cfg.seconds)

@@ -48,17 +48,26 @@ _QPARAM_INPUTS = {
 _INPUT_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
 
 
-def parse_onnx(data: bytes, *, where: str = "ONNX model") -> onnx.ModelProto:
-    """Decode and check ONNX bytes; raise ArtifactError for anything that is not a usable model."""
+# op domains ONNX Runtime implements itself: the standard ones and its own contrib ops (which its
+# quantizer and transformer optimizer emit); anything else is a custom op library
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+
+def parse_onnx(data: bytes, *, where: str = "ONNX model", allow_custom_ops: bool = False) -> onnx.ModelProto:
+    """Decode and check ONNX bytes; raise ArtifactError for anything that is not a usable model.
+
+    Refused before the checker or ONNX Runtime see the model: tensors stored in external files
+    anywhere in the graph (initializers, Constant nodes, any tensor attribute, the subgraphs of
+    If/Loop/Scan, local functions), ops from a domain ONNX Runtime does not implement itself
+    unless ``allow_custom_ops``, and ConstantOfShape nodes whose constant shape is over the
+    memory budget."""
     try:
         proto = onnx.load_model_from_string(bytes(data))
     except Exception as e:  # protobuf DecodeError and friends
         raise ArtifactError(f"{where}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ArtifactError(f"{where}: not an ONNX model (no graph)")
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            raise ArtifactError(f"{where}: weights are stored in external files; slimfuse needs them embedded in one file")
+    _check_graph_intake(proto, where, allow_custom_ops)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:  # onnx.checker.ValidationError and protobuf errors
@@ -69,6 +78,90 @@ def parse_onnx(data: bytes, *, where: str = "ONNX model") -> onnx.ModelProto:
     if feeds[0].type.tensor_type.elem_type not in _INPUT_DTYPES:
         raise ArtifactError(f"{where}: the model input must be float32 (features) or int64 (token ids)")
     return proto
+
+
+def _node_name(node) -> str:
+    article = "an" if node.op_type[:1] in "AEIOU" else "a"
+    return f"{node.op_type} node {node.name!r}" if node.name else f"{article} {node.op_type} node"
+
+
+def _check_graph_intake(proto: onnx.ModelProto, where: str, allow_custom_ops: bool) -> None:
+    from .limits import check_bytes
+
+    external = onnx.TensorProto.EXTERNAL
+    A = onnx.AttributeProto
+
+    def tensors_of(attr):
+        if attr.type == A.TENSOR:
+            yield attr.t
+        elif attr.type == A.TENSORS:
+            yield from attr.tensors
+        elif attr.type == A.SPARSE_TENSOR:
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        elif attr.type == A.SPARSE_TENSORS:
+            for st in attr.sparse_tensors:
+                yield st.values
+                yield st.indices
+
+    def refuse_external(t, what):
+        if t.data_location == external or len(t.external_data):
+            raise ArtifactError(
+                f"{where}: {what} stores tensor {t.name!r} in an external file; slimfuse reads only "
+                "self-contained ONNX files (embed the weights, e.g. onnx.save(..., save_as_external_data=False))")
+
+    consts: dict[str, onnx.TensorProto] = {}
+    graphs = [(proto.graph, "the graph")]
+    nodes_lists = [(f.node, f"function {f.name!r}") for f in proto.functions]
+    local_domains = {f.domain for f in proto.functions}
+    while graphs:
+        g, gwhere = graphs.pop()
+        for t in g.initializer:
+            refuse_external(t, f"an initializer of {gwhere}")
+            consts[t.name] = t
+        for st in g.sparse_initializer:
+            refuse_external(st.values, f"a sparse initializer of {gwhere}")
+            refuse_external(st.indices, f"a sparse initializer of {gwhere}")
+        nodes_lists.append((g.node, gwhere))
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == A.GRAPH:
+                    graphs.append((attr.g, f"the {attr.name!r} subgraph of {_node_name(node)}"))
+                elif attr.type == A.GRAPHS:
+                    graphs.extend((sg, f"a {attr.name!r} subgraph of {_node_name(node)}") for sg in attr.graphs)
+    for nodes, nwhere in nodes_lists:
+        for node in nodes:
+            if node.domain not in STANDARD_DOMAINS and not allow_custom_ops:
+                kind = "a local function" if node.domain in local_domains else "a custom op"
+                raise ArtifactError(
+                    f"{where}: {_node_name(node)} in {nwhere} is {kind} of domain {node.domain!r}, which ONNX "
+                    "Runtime does not implement itself; pass allow_custom_ops=True if you trust it")
+            for attr in node.attribute:
+                for t in tensors_of(attr):
+                    refuse_external(t, f"attribute {attr.name!r} of {_node_name(node)} in {nwhere}")
+                    if node.op_type == "Constant" and node.output:
+                        consts[node.output[0]] = t
+    for node in proto.graph.node:  # shapes fixed in the file: refuse a constant tensor bomb statically
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in consts:
+            try:
+                shape = onnx.numpy_helper.to_array(consts[node.input[0]]).reshape(-1)
+            except Exception:
+                continue
+            if (shape < 0).any():
+                raise ArtifactError(f"{where}: {_node_name(node)} has a negative shape {shape.tolist()}")
+            check_bytes(math.prod(int(d) for d in shape) * 8, f"{where}: {_node_name(node)}", ArtifactError)
+
+
+def _ort_error(e: Exception, doing: str) -> ArtifactError:
+    """An ONNX Runtime failure as one line, naming the node when ORT says which."""
+    import re
+
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    node = (re.search(r"Name:'([^']*)'", text) or re.search(r"[Nn]ode \(([^)]*)\)", text)
+            or re.search(r"node[: ]+'([\w/.:-]+)'", text))
+    at = f" at node {node.group(1)!r}" if node else ""
+    return ArtifactError(f"ONNX Runtime failed {doing}{at}: {first[:500]}")
 
 
 def _graph_inputs(proto: onnx.ModelProto) -> list:
@@ -91,8 +184,9 @@ class OnnxPredictor(nn.Module):
     slimfuse_runtime = "onnxruntime"
 
     def __init__(self, nbytes: int, sha256: str = "", threads: int | None = None,
-                 input_layout: str = "nchw", output: str = "auto"):
+                 input_layout: str = "nchw", output: str = "auto", allow_custom_ops: bool = False):
         super().__init__()
+        self.allow_custom_ops = bool(allow_custom_ops)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
             raise ConfigError(f"nbytes must be a positive integer, got {nbytes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -109,15 +203,17 @@ class OnnxPredictor(nn.Module):
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_bytes(cls, data: bytes, *, threads: int | None = None, input_layout: str = "nchw",
-                   output: str = "auto", where: str = "ONNX model") -> OnnxPredictor:
+                   output: str = "auto", where: str = "ONNX model", allow_custom_ops: bool = False) -> OnnxPredictor:
         """A predictor for serialized ONNX ``data`` (checked first); the spec records how to rebuild it."""
-        proto = parse_onnx(data, where=where)
+        proto = parse_onnx(data, where=where, allow_custom_ops=allow_custom_ops)
         digest = hashlib.sha256(data).hexdigest()
-        pred = cls(len(data), digest, threads, input_layout, output)
+        pred = cls(len(data), digest, threads, input_layout, output, allow_custom_ops)
         pred.onnx_model.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         pred.__dict__["proto"] = proto
         args = {"nbytes": len(data), "sha256": digest, "threads": threads, "input_layout": input_layout,
                 "output": output}
+        if allow_custom_ops:
+            args["allow_custom_ops"] = True
         return attach(pred, {"arch": "onnx", "args": args})
 
     def _reset(self, *, check: bool) -> None:
@@ -128,14 +224,14 @@ class OnnxPredictor(nn.Module):
             data = self.model_bytes()
             if self.sha256 and hashlib.sha256(data).hexdigest() != self.sha256:
                 raise ArtifactError("the stored ONNX model does not match the SHA-256 in its card (corrupt artifact)")
-            self.__dict__["proto"] = parse_onnx(data, where="stored ONNX model")
+            self.__dict__["proto"] = parse_onnx(data, where="stored ONNX model", allow_custom_ops=self.allow_custom_ops)
 
     def model_bytes(self) -> bytes:
         return self.onnx_model.numpy().tobytes()
 
     @cached_property
     def proto(self) -> onnx.ModelProto:
-        return parse_onnx(self.model_bytes())
+        return parse_onnx(self.model_bytes(), allow_custom_ops=self.allow_custom_ops)
 
     # -- inference --------------------------------------------------------------------------------
     @cached_property
@@ -162,7 +258,7 @@ class OnnxPredictor(nn.Module):
             try:
                 self._sessions[n] = ort.InferenceSession(self.model_bytes(), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # ORT rejects a checked model: unsupported op or opset
-                raise ArtifactError(f"ONNX Runtime cannot run this model: {str(e).splitlines()[0]}") from None
+                raise _ort_error(e, "to create a session for this model") from None
         return self._sessions[n]
 
     def feed(self, x) -> np.ndarray:
@@ -179,7 +275,11 @@ class OnnxPredictor(nn.Module):
         return np.ascontiguousarray(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session().run([self._io["output"]], {self._io["input"]: self.feed(x)})[0]
+        session, feed = self.session(), self.feed(x)
+        try:
+            out = session.run([self._io["output"]], {self._io["input"]: feed})[0]
+        except Exception as e:  # a graph that passes the checker but fails at run time (bad Reshape ...)
+            raise _ort_error(e, "running this model") from None
         y = torch.from_numpy(np.asarray(out, dtype=np.float32))
         if self._io["proba"]:
             y = y.clamp_min(1e-12).log()
@@ -213,8 +313,10 @@ register("onnx")(OnnxPredictor)
 
 
 def load_onnx(path: str | Path, *, threads: int | None = None, input_layout: str = "nchw",
-              output: str = "auto") -> OnnxPredictor:
+              output: str = "auto", allow_custom_ops: bool = False) -> OnnxPredictor:
     """Load an ``.onnx`` file as an :class:`OnnxPredictor` (checked; ArtifactError if invalid or foreign).
+
+    ``allow_custom_ops``: accept ops from domains ONNX Runtime does not implement itself.
 
     A file written by ``slimfuse.export`` brings back the source model's lineage and task; any other
     ONNX file starts a lineage with an ``import_onnx`` step.
@@ -223,7 +325,8 @@ def load_onnx(path: str | Path, *, threads: int | None = None, input_layout: str
     if not path.is_file():
         raise ArtifactError(f"{path}: no such ONNX file")
     data = path.read_bytes()
-    pred = OnnxPredictor.from_bytes(data, threads=threads, input_layout=input_layout, output=output, where=str(path))
+    pred = OnnxPredictor.from_bytes(data, threads=threads, input_layout=input_layout, output=output, where=str(path),
+                                    allow_custom_ops=allow_custom_ops)
     meta = read_metadata(pred.proto)
     if meta is not None:
         return attach(pred, pred.slimfuse["spec"], lineage=meta.get("lineage"), task=meta.get("task"))
@@ -244,7 +347,7 @@ def read_metadata(proto: onnx.ModelProto) -> dict | None:
         if prop.key == META_KEY:
             try:
                 meta = json.loads(prop.value)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8 (protobuf decodes string fields lazily)
                 return None
             if isinstance(meta, dict) and isinstance(meta.get("lineage"), list):
                 return meta if meta.get("task") is None or isinstance(meta["task"], dict) else None

@@ -27,12 +27,13 @@ from torch import nn
 
 from ..checkpoint import Resume
 from ..data import Splits
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
+from ..limits import check_bytes
 from ..models.artifact import register_codec
 from ..models.spec import derive
 from ..train import fit
 from .schemes import register_scheme
-from .sparse import compress, decompress
+from .sparse import compress, declared_bytes, decompress
 
 CODEC = "codebook"
 BITS = range(2, 9)
@@ -208,8 +209,14 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
         pos += n
         return buf[pos - n:pos]
 
+    entries = meta.get("tensors")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("storage meta has no list of tensor entries")
+    # every entry is decoded into at most 8 bytes per element (uint32 words, then float32)
+    check_bytes(declared_bytes((e.get("shape"), 8) for e in entries), "decoding the codebook tensors",
+                ArtifactError)
     state = {}
-    for e in meta["tensors"]:
+    for e in entries:
         dtype, shape = np.dtype(e["dtype"]), tuple(e["shape"])
         n = math.prod(shape)
         if e["mode"] == "raw":

@@ -24,6 +24,7 @@ import torch
 import zstandard
 
 from ..errors import ArtifactError
+from ..limits import check_bytes
 from ..models.artifact import register_codec
 
 CODEC = "sparse-zstd"
@@ -37,11 +38,38 @@ def compress(data: bytes) -> bytes:
 
 
 def decompress(data: bytes, size: int) -> bytes:
-    """Inverse of :func:`compress`; refuses a payload that does not decode to exactly ``size`` bytes."""
-    raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-    if len(raw) != size:
-        raise ArtifactError(f"compressed payload decodes to {len(raw)} bytes, expected {size}")
-    return raw
+    """Inverse of :func:`compress`; refuses a payload that does not decode to exactly ``size`` bytes.
+
+    Streams with a hard cap: never more than ``size`` (checked against the memory budget) plus
+    one chunk is produced, whatever the frame header claims, so a zstd bomb costs nothing."""
+    if size < 0:
+        raise ArtifactError(f"compressed payload: negative size {size}")
+    check_bytes(size, "a compressed tensor", ArtifactError)
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+            while len(out) <= size:
+                chunk = reader.read(min(1 << 20, size + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as e:
+        raise ArtifactError(f"compressed payload is corrupt ({e})") from None
+    if len(out) != size:
+        got = f"more than {size}" if len(out) > size else str(len(out))
+        raise ArtifactError(f"compressed payload decodes to {got} bytes, expected {size}")
+    return bytes(out)
+
+
+def declared_bytes(shapes_dtypes) -> int:
+    """Bytes of tensors declared as ``(shape, itemsize)`` pairs; checked before any is decoded."""
+    total = 0
+    for shape, itemsize in shapes_dtypes:
+        if not isinstance(shape, (list, tuple)) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0
+                                                       for d in shape):
+            raise ArtifactError(f"storage meta declares an invalid tensor shape {shape!r}")
+        total += math.prod(shape) * itemsize
+    return total
 
 
 def _zstd(data: bytes) -> torch.Tensor:
@@ -103,6 +131,10 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
     layout = meta.get("tensors")
     if not isinstance(layout, dict):
         raise ArtifactError(f"{CODEC} storage meta has no tensor layout")
+    if not all(isinstance(info, dict) for info in layout.values()):
+        raise ArtifactError(f"{CODEC} storage meta: every tensor's layout must be an object")
+    check_bytes(declared_bytes((i.get("shape"), 8) for i in layout.values() if i.get("layout") != "dense"),
+                f"decoding the {CODEC} tensors", ArtifactError)
     state = {}
     for name, info in layout.items():
         if info.get("layout") == "dense":
@@ -117,6 +149,8 @@ def decode(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tens
         numel, itemsize = math.prod(shape), torch.empty(0, dtype=dtype).element_size()
         if not 0 <= nnz <= numel:
             raise ArtifactError(f"tensor {name!r}: {nnz} non-zeros cannot fit in {numel} elements")
+        if f"{PREFIX}{name}::mask" not in tensors or f"{PREFIX}{name}::values" not in tensors:
+            raise ArtifactError(f"tensor {name!r} is missing")
         nonzero = np.unpackbits(_unzstd(tensors[f"{PREFIX}{name}::mask"], -(-numel // 8)), count=numel).astype(bool)
         if int(nonzero.sum()) != nnz:
             raise ArtifactError(f"tensor {name!r}: its bitmask does not match its non-zero count")

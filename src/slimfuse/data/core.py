@@ -68,6 +68,9 @@ class Splits:
         return iter((self.train, self.val, self.test))
 
 
+MIN_CLASS_LIMIT = 1024  # an inferred class count may exceed the sample count up to this many
+
+
 def validate_arrays(x: np.ndarray, y: np.ndarray, *, where: str, num_classes: int | None = None):
     """Check one (x, y) pair and return it as (float32, int64); raise DataError otherwise."""
     x = np.asarray(x)
@@ -80,6 +83,8 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, *, where: str, num_classes: in
         raise DataError(f"{where}: no samples")
     if len(x) != len(y):
         raise DataError(f"{where}: X has {len(x)} samples but y has {len(y)}")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{where}: X has a zero-size feature axis (shape {x.shape})")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{where}: X must be numeric, got dtype {x.dtype}")
     x = x.astype(np.float32)
@@ -101,6 +106,13 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, *, where: str, num_classes: in
         raise DataError(
             f"{where}: label {int(y.max())} is outside the class range 0..{num_classes - 1}"
         )
+    if num_classes is None:  # the class count is inferred as max label + 1: it must be plausible
+        k = int(y.max()) + 1
+        if k > max(len(y), MIN_CLASS_LIMIT):
+            raise DataError(
+                f"{where}: label {k - 1} implies {k:,} classes for {len(y):,} samples; labels must be "
+                f"class indices 0..K-1 (at most max(samples, {MIN_CLASS_LIMIT}) classes)"
+            )
     return x, y
 
 

@@ -7,12 +7,14 @@ import functools
 import gzip
 import importlib
 import io
-import os
+import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .. import limits
 from ..errors import DataError
 from .core import Splits, Task, _to_split, split_arrays, validate_arrays
 
@@ -101,23 +103,48 @@ def load(
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .npz or .csv)")
 
 
-def available_memory() -> int:
-    """Bytes of physical memory not in use right now."""
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def _check_memory(path: Path, suffix: str) -> None:
-    """Refuse, before reading, a file whose arrays could not fit in memory."""
+    """Refuse, before reading, a file whose arrays could not fit in the memory budget
+    (``SLIMFUSE_MAX_BYTES``, default half the free memory)."""
     if suffix == ".npz" and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            need = sum(i.file_size for i in z.infolist()) * 2  # the arrays, then their float32 copies
+        need = 2 * sum(_npz_declared(path).values())  # the arrays, then their float32 copies
     else:
         need = path.stat().st_size * 4  # text numbers become 8-byte floats, then float32 copies
-    have = available_memory()
-    if need > have:
-        raise DataError(
-            f"{path}: needs about {need / 2**30:.1f} GiB of memory to load, only {have / 2**30:.1f} GiB is free"
-        )
+    limits.check_bytes(need, f"{path}: loading it", DataError)
+
+
+def _npz_declared(path: Path) -> dict[str, int]:
+    """Bytes each ``.npy`` member of an ``.npz`` declares in its header, read without reading the
+    data; a member whose header declares more than the member holds is refused (a crafted header
+    would otherwise make numpy allocate the declared size before reading a byte)."""
+    from numpy.lib import format as npy
+
+    sizes = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.flag_bits & 0x1:
+                    raise DataError(f"{path}: member {info.filename!r} is encrypted; slimfuse reads plain .npz files")
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version not in ((1, 0), (2, 0), (3, 0)):
+                        raise ValueError(f"unknown .npy format version {version}")
+                    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = read(f, max_header_size=10000)
+                    declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise DataError(
+                        f"{path}: member {info.filename!r} declares an array of shape {tuple(shape)} "
+                        f"({limits.gib(declared)}) but holds only {info.file_size:,} bytes")
+                sizes[info.filename] = declared
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError,
+            zlib.error, UnicodeDecodeError, RuntimeError, SyntaxError, TypeError, OverflowError) as e:
+        raise DataError(f"{path}: not a valid .npz file ({type(e).__name__}: {str(e)[:200]})") from None
+    return sizes
 
 
 _SPLIT_KEYS = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
@@ -129,10 +156,14 @@ def _load_npz(path: Path, *, seed, val, test, num_classes) -> Splits:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except ValueError as e:  # object arrays need pickle: refused
-        raise DataError(f"{path}: holds arrays that cannot be read without unpickling ({str(e).split('.')[0]})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not a valid .npz file ({e})") from None
+    except ValueError as e:
+        if "pickle" in str(e):  # object arrays need pickle: refused
+            raise DataError(f"{path}: holds arrays that cannot be read without unpickling ({str(e).split('.')[0]})") from None
+        raise DataError(f"{path}: not a valid .npz file ({str(e)[:200]})") from None
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error,
+            UnicodeDecodeError, RuntimeError, SyntaxError, TypeError, OverflowError, MemoryError) as e:
+        # corrupt members, unsupported zip features, encrypted members, bad compressed streams
+        raise DataError(f"{path}: not a valid .npz file ({type(e).__name__}: {str(e)[:200]})") from None
     names = arrays.pop("class_names", None)
     class_names = tuple(str(n) for n in names) if names is not None else ()
     if class_names and num_classes is None:
@@ -192,7 +223,11 @@ def _load_csv(path: Path, *, label, seed, val, test, num_classes) -> Splits:
         labels.append(row[li].strip())
     x = np.asarray(xs, dtype=np.float64)
     if all(_is_int(v) for v in labels):
-        y = np.asarray([int(v) for v in labels], dtype=np.int64)
+        try:
+            y = np.asarray([int(v) for v in labels], dtype=np.int64)
+        except OverflowError:
+            big = next(v for v in labels if not -2**63 <= int(v) < 2**63)
+            raise DataError(f"{path}: label {big[:40]!r} does not fit a 64-bit integer") from None
         class_names: tuple[str, ...] = ()
     else:
         class_names = tuple(sorted(set(labels)))

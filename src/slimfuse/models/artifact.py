@@ -11,6 +11,9 @@ store sparse or low-bit tensors and restore the exact state on load.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import importlib
@@ -18,6 +21,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,22 +29,27 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+from .. import limits
 from .._version import __version__
 from ..distributed import is_main
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError, SlimfuseError
 from ..hardware import summary as hardware_summary
+from ..limits import check_bytes
+from . import zoo
+from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
-from .zoo import build, factory_spec
+from .zoo import build, check_params, factory_spec
 
 FORMAT = "slimfuse-artifact"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 MAX_CARD_BYTES = 16 * 2**20
+PRECHECK_BYTES = 64 << 20
 STALE_SECONDS = 3600  # a temp folder this old belongs to a save that was killed
 
 Encoder = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict]]
@@ -103,9 +112,50 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
             if len(dense[0]) + len(dense[1]) <= len(weights) + len(card_text):
                 weights, card_text = dense
     path = Path(path)
-    with atomic_folder(path) as tmp:
-        _write_file(tmp / WEIGHTS, weights)
-        _write_file(tmp / CARD, card_text)
+    try:
+        with atomic_folder(path) as tmp:
+            _write_file(tmp / WEIGHTS, weights)
+            _write_file(tmp / CARD, card_text)
+    except OSError as e:
+        raise _naming(e, path) from None
+    return path
+
+
+def _naming(e: BaseException, path: Path) -> BaseException:
+    """An OSError without a file name (a failed write() or fsync()) gets the output's path."""
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
+def save_safetensors(tensors: dict, file: Path, output: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, its I/O errors (a full disk ...) raised as the OSError they
+    are, naming ``output`` (what the user asked to write)."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        raise _as_os_error(e, output) from None
+
+
+def _as_os_error(e: Exception, path: Path) -> Exception:
+    import re
+
+    code = re.search(r"(?:code: |os error )(\d+)", str(e))
+    if code is None:
+        return ArtifactError(f"{path}: cannot write safetensors file ({str(e)[:200]})")
+    n = int(code.group(1))
+    return OSError(n, os.strerror(n), str(path))
+
+
+def output_path(path: str | Path) -> Path:
+    """Where a write to ``path`` really goes: a symlink is followed to its target (so the link
+    stays and the target is replaced); a dangling symlink is refused rather than guessed at."""
+    path = Path(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists() and not target.parent.is_dir():
+            raise ConfigError(f"{path}: is a symlink to {target}, whose folder does not exist")
+        return target
     return path
 
 
@@ -150,10 +200,13 @@ def _encoded(state: dict[str, torch.Tensor], codec: str, card: dict) -> tuple[by
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write one file atomically: a temp file next to ``path``, fsynced, then renamed into place.
 
-    In a data-parallel run only rank 0 writes."""
+    A symlink is followed (its target is replaced); on any failure (a full disk included) the temp
+    file is removed, so nothing partial is left. In a data-parallel run only rank 0 writes."""
     if not is_main():
         return
-    path = Path(path)
+    path = output_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the path of a file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -162,9 +215,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise _naming(e, path) from None
 
 
 def write_text_atomic(path: str | Path, text: str | bytes) -> None:
@@ -196,12 +250,14 @@ class atomic_folder:
         if self.discard:
             self.tmp = Path(tempfile.mkdtemp(prefix="slimfuse-rank-"))
             return self.tmp
+        self.path = output_path(self.path)
         if self.path.exists() and not _replaceable(self.path, self.marker):
             raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # left by a killed process
-            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 
@@ -209,17 +265,45 @@ class atomic_folder:
         if exc_type is not None or self.discard:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
         old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            # Concurrent saves to one path (other processes, other threads) swap one at a time: an
+            # exclusive lock on the parent folder, which leaves no lock file behind.
+            with _folder_lock(self.path.parent):
+                if self.path.exists() and not _replaceable(self.path, self.marker):
+                    raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
+                if self.path.exists():
+                    old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(self.path, old)
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None and not self.path.exists():
+                os.replace(old, self.path)  # put the previous artifact back
+                old = None
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder`` itself (plus a lock for this process's threads)."""
+    with _THREAD_LOCK:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 def _replaceable(path: Path, marker: str) -> bool:
@@ -244,6 +328,8 @@ def read_card(path: str | Path) -> dict:
         card = json.loads(card_path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{card_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{card_path}: JSON nested too deeply to be a card") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise ArtifactError(f"{card_path}: not a slimfuse card (format field is not {FORMAT!r})")
     version = card.get("format_version")
@@ -254,13 +340,7 @@ def read_card(path: str | Path) -> dict:
             f"{card_path}: written by a newer slimfuse (format {version}, this one reads up to "
             f"{FORMAT_VERSION}); upgrade slimfuse"
         )
-    for key, kind in (("spec", dict), ("lineage", list), ("metrics", dict), ("storage", dict)):
-        if not isinstance(card.get(key), kind):
-            raise ArtifactError(f"{card_path}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
-    if not isinstance(card.get("weights_sha256"), str):
-        raise ArtifactError(f"{card_path}: field 'weights_sha256' must be a string")
-    if card.get("task") is not None and not isinstance(card["task"], dict):
-        raise ArtifactError(f"{card_path}: field 'task' must be an object or null")
+    validate_card(card, card_path)
     return card
 
 
@@ -271,6 +351,9 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ArtifactError(f"{path}: {WEIGHTS} is missing")
+    planned, shapes = _planned(card["spec"], trust_factory, path)
+    check_bytes(weights.stat().st_size + planned, f"{path} (weights file plus the model its card describes)",
+                ArtifactError)
     if card.get("weights_sha256") != _sha256(weights):  # truncation, bit flips, a swapped file
         raise ArtifactError(f"{weights}: checksum does not match {CARD}; the file is corrupt or was replaced")
     try:
@@ -280,8 +363,12 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     codec = card["storage"].get("codec", "dense")
     if _codec(codec) is None:
         raise ArtifactError(f"{path}: unknown storage codec {codec!r}")
+    # a codec may decode no more than the model the card describes can hold (8 bytes per element
+    # at most), whatever sizes its own meta claims: a small file cannot decompress to gigabytes
+    bound = limits.cap(8 * planned + (16 << 20)) if planned else contextlib.nullcontext()
     try:
-        state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))
+        with bound:
+            state = CODECS[codec][1](tensors, card["storage"].get("meta", {}))
     except ArtifactError:
         raise
     except Exception as e:  # a codec reading damaged data
@@ -291,7 +378,18 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
         raise ArtifactError(f"{path}: the card's tied tensors name tensors the weights file does not hold")
     for alias, source in tied.items():  # tied weights are stored once
         state[alias] = state[source]
-    model = build(card["spec"], trust_factory=trust_factory)
+    # a large model is only allocated once the tensors are known to fit it (small ones are simply
+    # built, so a builder whose meta-device state differs from its real one still loads)
+    if shapes is not None and planned > PRECHECK_BYTES:
+        wrong = sorted(set(shapes) ^ set(state)) or sorted(k for k in state if tuple(state[k].shape) != shapes[k])
+        if wrong:
+            raise ArtifactError(f"{weights}: tensors do not fit the architecture in {CARD}: "
+                                f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} missing, extra or misshapen")
+    # Building initializes weights that load_state_dict then overwrites; doing that on a forked RNG
+    # keeps loading from changing the caller's random stream, so a recipe step whose input comes
+    # from the cache draws the same numbers as one whose input is still in memory.
+    with torch.random.fork_rng(devices=[]):
+        model = build(card["spec"], trust_factory=trust_factory)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -302,6 +400,28 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     if codec != "dense":
         object.__setattr__(model, "slimfuse_codec", codec)
     return model
+
+
+def _planned(spec: dict, trust_factory: bool, path: Path) -> tuple[int, dict | None]:
+    """Bytes and state-dict shapes of the model the card's spec implies, found by building it on
+    the meta device (no memory is allocated), so a card asking for a huge model is refused
+    before it is built. ``(0, None)`` for a builder that cannot run on the meta device."""
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]), zoo.probing():
+            model = build(spec, trust_factory=trust_factory)
+    except SlimfuseError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    except Exception as e:  # a builder that cannot run on the meta device is built for real later
+        if isinstance(e, (MemoryError, RecursionError)):
+            raise ArtifactError(f"{path}: the card's spec is implausible ({type(e).__name__})") from None
+        return 0, None
+    tensors = [*model.parameters(), *model.buffers()]
+    try:
+        check_params(f"{path}: the model in {CARD}", sum(t.numel() for t in tensors))
+    except SlimfuseError as e:
+        raise ArtifactError(str(e)) from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return sum(t.numel() * t.element_size() for t in tensors), shapes
 
 
 def folder_bytes(path: str | Path) -> int:

@@ -21,9 +21,18 @@ ATTR = "slimfuse"
 def attach(model: nn.Module, spec: dict, *, lineage: list | None = None, task: dict | None = None) -> nn.Module:
     """Record ``spec`` (and optionally lineage and task) on ``model``; returns ``model``."""
     json.dumps(spec)  # fail early on anything that cannot go into card.json
-    meta = {"spec": copy.deepcopy(spec), "lineage": list(lineage or []), "task": task}
+    meta = {"spec": _canonical(spec), "lineage": _canonical(list(lineage or [])), "task": _canonical(task)}
     object.__setattr__(model, ATTR, meta)
     return model
+
+
+def _canonical(value):
+    """``value`` exactly as a reloaded card.json gives it back (sorted keys, lists for tuples), so a
+    module's lineage reads the same in memory and after save/load (recipes hash and print it)."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except (TypeError, ValueError):  # not JSON-able: kept as is (saving such a module fails anyway)
+        return copy.deepcopy(value)
 
 
 def _meta(model: nn.Module) -> dict:

@@ -7,6 +7,7 @@ ensembles) register their own architectures with :func:`register`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -19,8 +20,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, SlimfuseError
+from ..limits import check_bytes
 from .spec import attach, spec_of
+
+MAX_PARAMS = 10**9  # no zoo model, and no model read from a card, may have more parameters
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
 # Architectures registered by modules of higher layers, imported by name when a spec needs one: a plugin
@@ -35,6 +39,18 @@ PROVIDERS = {
 # Trust given to the outermost build() holds for the specs an architecture builds inside it
 # (e.g. a pruned or ensembled user model whose args hold the base spec).
 _TRUST_FACTORY = contextvars.ContextVar("slimfuse_trust_factory", default=False)
+# Set while a spec is built on the meta device to size it: a builder's own exceptions then stay
+# what they are, so one that cannot run on meta tensors is told apart from a bad card.
+_PROBING = contextvars.ContextVar("slimfuse_probing", default=False)
+
+
+@contextlib.contextmanager
+def probing():
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
 
 
 def register(name: str):
@@ -63,6 +79,14 @@ def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
     return out
 
 
+def check_params(name: str, count: int) -> None:
+    """Refuse, before anything is allocated, a model of ``count`` float32 parameters that is
+    implausibly large or would not fit the memory budget (``SLIMFUSE_MAX_BYTES``)."""
+    if count > MAX_PARAMS:
+        raise ConfigError(f"{name}: {count:,} parameters is over the limit of {MAX_PARAMS:,}")
+    check_bytes(4 * count, f"{name} with {count:,} parameters", ConfigError)
+
+
 @register("mlp")
 def mlp(in_features: int, hidden: Sequence[int], classes: int, dropout: float = 0.0) -> nn.Module:
     """Fully connected net; ``mlp(784, [300, 100], 10)`` is LeNet-300-100. Flattens its input."""
@@ -70,6 +94,8 @@ def mlp(in_features: int, hidden: Sequence[int], classes: int, dropout: float = 
     hidden = _check_widths("mlp", list(hidden))
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"mlp: dropout must be in [0, 1), got {dropout}")
+    dims = [in_features, *hidden, classes]
+    check_params("mlp", sum((a + 1) * b for a, b in zip(dims, dims[1:])))
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     width = in_features
     for i, h in enumerate(hidden, start=1):
@@ -98,6 +124,9 @@ def lenet5(
     side = (image_size // 2 - 4) // 2  # conv1 keeps size (padding 2), pool, conv2 (-4), pool
     if side < 1:
         raise ConfigError(f"lenet5 needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+    (classes, in_channels) = _check_widths("lenet5", [classes, in_channels])
+    check_params("lenet5", (in_channels * 25 + 1) * c1 + (c1 * 25 + 1) * c2 + (c2 * side * side + 1) * f1
+                 + (f1 + 1) * f2 + (f2 + 1) * classes)
     layers = OrderedDict(
         conv1=nn.Conv2d(in_channels, c1, 5, padding=2),
         relu1=nn.ReLU(),
@@ -127,6 +156,11 @@ def cnn(
     """Small CNN: per width a 3x3 conv, BatchNorm, ReLU and 2x2 max-pool; then two linear layers."""
     widths = _check_widths("cnn", list(widths))
     (hidden,) = _check_widths("cnn", [hidden])
+    (classes, in_channels, image_size) = _check_widths("cnn", [classes, in_channels, image_size])
+    chans = [in_channels, *widths]
+    out_side = image_size // 2 ** len(widths)
+    check_params("cnn", sum(9 * a * b + 2 * b for a, b in zip(chans, chans[1:]))
+                 + (chans[-1] * out_side * out_side + 1) * hidden + (hidden + 1) * classes)
     side = image_size
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     cin = in_channels
@@ -241,8 +275,14 @@ def _build(spec: dict, *, trust_factory: bool) -> nn.Module:
         raise ArtifactError(f"unknown architecture {arch!r} (known: {', '.join(sorted({*ARCHS, *PROVIDERS}))})")
     try:
         model = ARCHS[arch](**args)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"cannot build {arch!r} from its spec: {e}") from None
+    except SlimfuseError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+        # a spec read from a card is data: missing keys, wrong types or names of modules that do
+        # not exist are the card's fault, not a bug
+        if _PROBING.get():
+            raise
+        raise ArtifactError(f"cannot build {arch!r} from its spec: {type(e).__name__}: {e}") from None
     if spec_of(model) is None:  # every rebuilt module carries its spec, so it can be a member of an ensemble
         attach(model, spec)
     return model

@@ -126,13 +126,34 @@ class Recipe(configs.DataRef):
     steps: Annotated[list[Step], Field(min_length=1, max_length=1000)]
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a short hand-written file
+MAX_RECIPE_VALUES = 100_000  # values after expanding YAML aliases ("billion laughs" stop here)
+
+
+def _bounded_yaml(path: Path):
+    """``yaml.safe_load`` with limits: file size, nesting, and values counted with every alias
+    expanded, so a small file of nested anchors cannot make the validation expand gigabytes."""
+    from ..limits import json_shape_problem
+
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES:,})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply for a recipe") from None
+    problem = json_shape_problem(raw, max_depth=32, max_nodes=MAX_RECIPE_VALUES)
+    if problem:
+        raise ConfigError(f"{path}: implausible recipe ({problem} once YAML aliases are expanded)")
+    return raw
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; every problem is one ConfigError naming file, step and field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such recipe file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _bounded_yaml(path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
