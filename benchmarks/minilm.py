@@ -25,10 +25,10 @@ from pathlib import Path
 
 import onnx
 import torch
+from slimfuse.data.sentences import sentences
 
 import slimfuse as sf
 from slimfuse import nlp
-from slimfuse.data.sentences import sentences
 from slimfuse.export import to_onnx
 from slimfuse.runtime import OnnxPredictor
 

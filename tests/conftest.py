@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/factories.py: user factories by import path
 
-import slimfuse as sf  # noqa: E402
+import slimfuse as sf
 
 
 @pytest.fixture(scope="session")

@@ -285,7 +285,7 @@ def _make_bomb(kind, tmp_path):
         spec = {"arch": "pruned", "args": {"base": base, "shapes": {"fc1.weight": [10**6, 10**6]}, "attrs": {}}}
         return craft_artifact(tmp_path / kind, spec, dummy)
     if name == "sparse":
-        import slimfuse.compress.sparse  # noqa: F401  (registers the codec)
+        import slimfuse.compress.sparse
 
         state = sf.load(small_mlp_artifact(tmp_path / "src")).state_dict()
         shape = [8, 64] if arg == "payload" else [10**5, 10**5]

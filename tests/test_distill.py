@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from click.testing import CliRunner
+from torch import nn
 
 import slimfuse as sf
 from slimfuse.cli import app

@@ -9,11 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from click.testing import CliRunner
+from torch import nn
 
 import slimfuse as sf
 from slimfuse.cli import app

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 from click.testing import CliRunner
+from torch import nn
 
 import slimfuse as sf
 from slimfuse.cli import app

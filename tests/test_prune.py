@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app

@@ -4,9 +4,9 @@ import functools
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from torch import nn
-from click.testing import CliRunner
 
 import slimfuse as sf
 from slimfuse.cli import app

@@ -11,12 +11,11 @@ import sys
 
 import pytest
 import torch
+from killing import assert_killed_command_resumes
 
 import slimfuse as sf
 from slimfuse.checkpoint import Area, Checkpoint
 from slimfuse.errors import ArtifactError
-
-from killing import assert_killed_command_resumes
 
 
 class Crash(Exception):

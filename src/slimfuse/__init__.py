@@ -96,13 +96,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .compress.distill import distill
     from .compress.prune import prune
     from .compress.quantize import quantize
-    from .data import Split, Splits, Task
     from .compress.sparse_kernel import sparse_kernels
+    from .data import Split, Splits, Task
     from .export import export
-    from .hardware import hardware
     from .fuse import Ensemble, ensemble, train_members
     from .fuse.merge import merge
     from .fuse.soup import soup, swa
+    from .hardware import hardware
     from .measure import Report, measure
     from .models import load, read_card, save, zoo
     from .models.spec import lineage_of, spec_of

@@ -27,9 +27,8 @@ from .data import Split
 from .errors import ArtifactError, ConfigError
 from .models.artifact import write_bytes_atomic
 from .models.spec import derive, spec_of, task_of
-from .train import predict
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
-
+from .train import predict
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -305,9 +305,9 @@ def classification_moves(model: nn.Module, data: Splits, objective: str) -> list
     static), 5-bit codebooks (bytes)."""
     from .compress.distill import distill
     from .compress.prune import prune
-    from .models import zoo
     from .compress.quantize import quantize
     from .export import to_onnx
+    from .models import zoo
 
     images = len(data.task.input_shape) == 3
     speed = ("latency", "throughput")

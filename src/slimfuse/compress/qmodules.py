@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 QMAX_ACT = 127  # activations: uint8 grid with 7-bit scales (reduce_range)
 QMAX_W = 127  # weights: symmetric int8
 

@@ -378,7 +378,7 @@ def int8_dynamic(model: nn.Module, *, calib=None, exclude=None) -> nn.Module:
         raise ConfigError(f"int8-dynamic: exclude names no Linear layer of this model: {', '.join(map(str, unknown))}")
     groups = _groups(source, "int8-dynamic", "int8-dynamic")
     chosen = [g for g in groups if g.path not in keep]
-    plan = layer_plan(source, "int8-dynamic", chosen, {p: "fp32" for p in keep})
+    plan = layer_plan(source, "int8-dynamic", chosen, dict.fromkeys(keep, "fp32"))
     weights = {g.path: _folded(source, g) for g in chosen}
     return _finish(model, _convert(source, "int8-dynamic", plan, weights, None), "int8-dynamic", plan)
 
@@ -584,7 +584,7 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.5, high: str = "f
 
     def drop(keep: set[str]) -> tuple[float, float]:
         """(accuracy drop, NLL increase) on ``val`` with all but ``keep`` in int8."""
-        m = evaluate(_static(source, groups, ranges, {p: high for p in keep}), val)
+        m = evaluate(_static(source, groups, ranges, dict.fromkeys(keep, high)), val)
         return base["accuracy"] - m["accuracy"], m["nll"] - base["nll"]
 
     # a few hundred validation samples make accuracy drops coarse: the NLL increase breaks ties
@@ -595,7 +595,7 @@ def mixed(model: nn.Module, *, calib=None, max_drop: float = 0.5, high: str = "f
         achieved = drop(keep)[0] if k < len(order) else 0.0
         if 100 * achieved <= max_drop + 1e-9:
             break
-    q = _static(source, groups, ranges, {p: high for p in keep}, scheme="mixed")
+    q = _static(source, groups, ranges, dict.fromkeys(keep, high), scheme="mixed")
     if high != "fp32":
         _round_half(q.net, HALF[high], keep)
         object.__setattr__(q, "slimfuse_codec", "half")

@@ -26,6 +26,7 @@ def backend_for(scheme: str, backend: str = "auto") -> str:
     name = scheme.partition(":")[0]
     chosen = DEFAULT_BACKEND.get(name, backend) if backend == "auto" else backend
     if (name, chosen) not in SCHEMES:
+        have = sorted(b for s, b in SCHEMES if s == name)
         raise ConfigError(f"scheme {name!r} has no {chosen!r} backend (available: {', '.join(have)})")
     return chosen
 

@@ -15,8 +15,8 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import importlib
+import json
 import os
 import platform
 import shutil

@@ -385,7 +385,7 @@ def factory_spec(model: nn.Module) -> dict:
                                 f"self.{name} holding it); {fix}")
     try:
         rebuilt = cls(**args)
-    except Exception as e:  # noqa: BLE001  (user code: any failure means the guess was wrong)
+    except Exception as e:
         raise ArtifactError(f"cannot rebuild {ref} from its attributes ({type(e).__name__}: {e}); {fix}") from None
 
     def layout(m):

@@ -30,11 +30,11 @@ from ..compress.quantize import quantize
 from ..data import Split, Splits
 from ..errors import ConfigError
 from ..export import check_parity, to_onnx
-from .minilm import SentenceEncoder, drop_layers
 from ..models.spec import derive, lineage_of, spec_of
 from ..runtime import OnnxPredictor
 from ..train import Batch, fit
 from .fidelity import embed, fidelity
+from .minilm import SentenceEncoder, drop_layers
 
 BACKENDS = ("onnxruntime", "torch")
 MODES = ("dynamic", "static")

@@ -18,8 +18,8 @@ import random
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
 from ..data.core import Splits, Task, split_arrays
+from ..errors import ConfigError, DataError
 
 MAX_POSITIONS = 512  # BERT's position table: longer inputs have no position embedding
 

@@ -13,9 +13,9 @@ import torch
 from .. import data as datasets
 from ..measure import Report, measure
 from ..models import load, save, zoo
+from ..report import write_report
 from ..train import evaluate, fit
 from . import demo_chain as chain
-from ..report import write_report
 
 TEACHER = "teacher (LeNet-300-100)"
 

@@ -193,7 +193,7 @@ def quantize_tables(model: nn.Module, bits: int = 8, *, tables: list[str] | None
     for name in names:
         _replace(net, name, QEmbedding.from_float(net.get_submodule(name).weight, bits))
     net.eval()
-    plan = {n: bits for n in names}
+    plan = dict.fromkeys(names, bits)
     base = spec_of(model)
     result = QTables(net, plan)
     if base is not None:

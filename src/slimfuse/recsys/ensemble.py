@@ -17,7 +17,7 @@ from ..models import zoo
 from ..models.spec import attach, lineage_of, lineage_str, spec_of
 from ..validate import check
 from .data import Interactions
-from .metrics import _check_k, ranks, ndcg_at, scores
+from .metrics import _check_k, ndcg_at, ranks, scores
 
 METHODS = ("score", "rank")
 
