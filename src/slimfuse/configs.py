@@ -202,7 +202,7 @@ class Prune(Config):
     max_layer_sparsity: Annotated[float, Field(gt=0, lt=1, description="unstructured: most of a layer's weights "
                                                                         "set to zero (every layer keeps some)")] = 0.98
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
-                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -251,7 +251,7 @@ class Quantize(Config):
     batch_size: Annotated[BatchSize, Field(description="qat: samples per optimizer step")] = 64
     iters: Annotated[int, Field(ge=1, le=10_000, description="codebook: k-means iterations")] = 30
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
-                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
     exclude: Annotated[Names | None, Field(description="layers kept in float: module paths (torch) or ONNX node "
                                                        "names (onnxruntime)")] = None
     op_types: Annotated[Names | None, Field(description="onnxruntime int8-static: quantize only these ONNX op "
@@ -303,7 +303,7 @@ class Distill(Config):
     optimizer: Annotated[Optimizer, Field(description="adam or sgd (momentum 0.9)")] = "adam"
     schedule: Annotated[Schedule, Field(description="learning-rate schedule: none or cosine")] = "none"
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
-                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
 
     @field_validator("transfer")
     @classmethod
@@ -336,7 +336,7 @@ class Ensemble(Config):
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "
                                                           "split the meta-learner trains on")] = 1.0
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
-                                                "collapsed, agrees with its input, reloads bit-exactly")] = True
+                                                "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
 
 
 class Merge(Config):
