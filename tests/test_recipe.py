@@ -139,7 +139,7 @@ KILL_RECIPE = {
     "seed": 0,
     "steps": [
         {"name": "t", "step": "train", "hidden": [48], "epochs": 6},
-        {"name": "p", "step": "prune", "input": "t", "sparsity": 0.5, "finetune_epochs": 3},
+        {"name": "p", "step": "prune", "input": "t", "sparsity": 0.5, "epochs": 3},
         {"name": "d", "step": "distill", "teacher": "t", "student": "mlp:16", "epochs": 4},
         {"name": "q", "step": "quantize", "input": "t", "scheme": "int8-static", "backend": "torch"},
         {"name": "e", "step": "ensemble", "members": ["t", "p", "d"], "method": "weighted"},

@@ -300,7 +300,7 @@ def test_optimize_searches_recommenders_on_ndcg(data, mf):
 
 def test_demo_states_what_it_measures_for_int4_tables():
     """The demo's note reports table bytes and whole-artifact bytes apart, beside the documented target."""
-    from slimfuse.pipeline.demo_recsys import int4_note
+    from slimfuse.recsys.demo import int4_note
 
     from slimfuse.measure import Report
     from slimfuse.recsys import table_bytes

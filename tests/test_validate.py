@@ -120,7 +120,7 @@ def test_global_pruning_never_empties_a_layer_of_small_weights():
 
 
 def test_ensemble_of_onnx_torch_int8_and_zoo_members_reloads_bit_exactly(digits, digits_mlp, tmp_path):
-    onnx_member = sf.quantize(digits_mlp, "int8-static", calib=digits)
+    onnx_member = sf.quantize(digits_mlp, "int8-static", calib=digits, backend="onnxruntime")
     torch_member = sf.quantize(digits_mlp, "int8-static", calib=digits, backend="torch")
     ens = sf.ensemble([onnx_member, torch_member, digits_mlp], "weighted", digits)
     assert validation_of(ens)["reload"] == "bit-exact"

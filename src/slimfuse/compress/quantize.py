@@ -68,7 +68,7 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     if backend == "auto" and len(have) > 1 and calib is not None:
         result = _measured(model, name, arg or None, calib, have, auto_batch, auto_max_drop / 100,
                            {**options, **runtime})
-        chosen = lineage_of(result)[-1]["params"].get("backend", "auto")
+        chosen = str(lineage_of(result)[-1]["params"].get("backend", "auto")).split()[0]  # "onnxruntime qdq"
     else:
         chosen = backend_for(scheme, backend)
         result = SCHEMES[(name, chosen)](model, arg=arg or None, calib=calib, **options, **runtime)
