@@ -126,8 +126,8 @@ def main(sweep: bool = False) -> dict:
         if tname == "regularized":
             row(tname, "alone", alone, t_acc)
             row(tname, "alone, same budget", same, t_acc)
-        row(tname, "distilled (defaults)", run(lambda net, s, t=teacher: sf.distill(t, net, data, seed=s, progress=False)),
-            t_acc)
+        row(tname, "distilled (defaults)",
+            run(lambda net, s, t=teacher: sf.distill(t, net, data, seed=s, progress=False)), t_acc)
         row(tname, "distilled (old defaults: transfer=train)",
             run(lambda net, s, t=teacher: sf.distill(t, net, data, transfer="train", seed=s, progress=False)), t_acc)
         if sweep and tname == "regularized":

@@ -35,7 +35,8 @@ def main() -> None:
             ("1 process, 1 thread", [sys.executable, "-m", "slimfuse"], 1),
             ("1 process, 2 threads", [sys.executable, "-m", "slimfuse"], 2),
             ("2 processes x 1 thread (torchrun, gloo)",
-             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slimfuse"], 1),
+             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "slimfuse"], 1),
         ]
         for i, (name, prefix, threads) in enumerate(configs):
             seconds = min(timed(prefix + JOB + ["-o", f"{tmp}/m{i}-{r}"], threads) for r in range(2))

@@ -233,7 +233,8 @@ def to_markdown(result: dict) -> str:
             md.append(f"| {r['name']} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['train_s']:.1f} | "
                       f"{r['b1_p50_ms']:.3f} | {r['b256_ms']:.2f} | {r['note']} |")
         v = ds["vectorized"]
-        md += ["", f"Vectorized inference (mean of 5 x MLP{ds['hidden']}): batch 1 p50 one member {v['one_b1_ms']:.3f} ms, "
+        md += ["", f"Vectorized inference (mean of 5 x MLP{ds['hidden']}): "
+               f"batch 1 p50 one member {v['one_b1_ms']:.3f} ms, "
                f"vmap {v['vmap_b1_ms']:.3f} ms, loop {v['loop_b1_ms']:.3f} ms (vmap/one = "
                f"{v['vmap_over_one_b1']:.2f}x); batch 256 one {v['one_b256_ms']:.2f} ms, vmap "
                f"{v['vmap_b256_ms']:.2f} ms, loop {v['loop_b256_ms']:.2f} ms.", ""]
@@ -330,12 +331,14 @@ def fused_latency() -> list[dict]:
         for variant, (b1, b256) in times.items():
             row[f"{variant}_b1_ms"], row[f"{variant}_b256_ms"] = float(np.median(b1)), float(np.median(b256))
             row[f"{variant}_b1_iqr"] = float(np.subtract(*np.percentile(b1, [75, 25])))
-            row[f"{variant}_b1_min"], row[f"{variant}_b256_min"] = float(np.percentile(b1, 10)), float(np.percentile(b256, 10))
+            row[f"{variant}_b1_min"], row[f"{variant}_b256_min"] = (float(np.percentile(b1, 10)),
+                                                                    float(np.percentile(b256, 10)))
         for b in ("b1", "b256"):
             row[f"fused_over_one_{b}_min"] = row[f"fused_{b}_min"] / row[f"one_{b}_min"]
             row[f"fused_over_one_{b}"] = row[f"fused_{b}_ms"] / row[f"one_{b}_ms"]
             row[f"loop_over_one_{b}"] = row[f"loop_{b}_ms"] / row[f"one_{b}_ms"]
-        print(f"  fused {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("model", "calls")), flush=True)
+        print(f"  fused {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("model", "calls")),
+              flush=True)
         print(f"    medians of {row['calls']} interleaved calls; 10th percentiles fused/one b1 "
               f"{row['fused_over_one_b1_min']:.2f}x b256 {row['fused_over_one_b256_min']:.2f}x", flush=True)
         rows.append(row)
@@ -453,7 +456,8 @@ def main_seeds(seeds=SEEDS) -> int:
             rows[label] = row
         datasets.append({"dataset": name, "widths": widths, "epochs": epochs, "rows": rows,
                          "n_test": len(runs[0]["samples"][label]["nll"]),
-                         "notes": [r["notes"]["weighted (default: bagged + prior + temperature, checked)"] for r in runs]})
+                         "notes": [r["notes"]["weighted (default: bagged + prior + temperature, checked)"]
+                                   for r in runs]})
     result = {"datasets": datasets, "fused": fused_latency(), "torch": torch.__version__, "cpu": cpu_features()}
     result["targets"] = seeds_targets(result)
     result["seconds"] = time.perf_counter() - start

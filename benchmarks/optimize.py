@@ -4,8 +4,8 @@ The input is the demo's teacher (LeNet-300-100, 20 epochs, torch fp32). For each
 (batch-1 latency, bytes on disk) the search runs with ``max_drop=0.5`` points of validation
 accuracy and a 150-second budget; then once allowing no loss at all (``max_drop=0``) within a
 10-second budget, to show what the budget cuts. (The "nothing met" path is tested in
-``tests/test_search.py``: here channel pruning raises validation accuracy, so even 0 is met.) Reported per run: the chosen candidate, its test
-accuracy, its gain over the input on the objective, the Pareto set and the candidates tried.
+``tests/test_search.py``: here channel pruning raises validation accuracy, so even 0 is met.) Reported per run: the
+chosen candidate, its test accuracy, its gain over the input on the objective, the Pareto set and the candidates tried.
 
 Writes ``benchmarks/out/optimize.{json,md}``. Run: ``.venv/bin/python benchmarks/optimize.py``.
 """

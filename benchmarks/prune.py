@@ -95,10 +95,10 @@ def structured(data, rows, seconds):
     e = FINETUNE["lenet5"]
     for r in RATIOS:
         runs = {
-            "slimfuse (defaults: l1, 1 step, lr 3e-3)": lambda: sf.prune(teacher, channels=r, data=data,
-                                                                         epochs=e, progress=False),
-            "Torch-Pruning BasePruner, lr 1e-3": lambda: torch_pruning_plain(teacher, data, r, e, 1e-3),
-            "Torch-Pruning BasePruner, lr 3e-3": lambda: torch_pruning_plain(teacher, data, r, e, 3e-3),
+            "slimfuse (defaults: l1, 1 step, lr 3e-3)": lambda r=r: sf.prune(teacher, channels=r, data=data,
+                                                                             epochs=e, progress=False),
+            "Torch-Pruning BasePruner, lr 1e-3": lambda r=r: torch_pruning_plain(teacher, data, r, e, 1e-3),
+            "Torch-Pruning BasePruner, lr 3e-3": lambda r=r: torch_pruning_plain(teacher, data, r, e, 3e-3),
         }
         for method, run in runs.items():
             rows.append({"section": "structured", "method": method, "channels": r,

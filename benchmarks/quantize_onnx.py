@@ -102,7 +102,8 @@ def bench(arch: str, data, *, epochs: int, sparsity: float, quick: bool) -> tupl
         for n in timed:
             rounds[n].append(latency(models[n], data.test.x, seconds=0.2)["latency_b256_ms"])
     speed = [{"arch": arch, "name": n, "b256_ms": float(np.median(v)),
-              "speedup_vs_torch_fp32": float(np.median(rounds["torch fp32"]) / np.median(v))} for n, v in rounds.items()]
+              "speedup_vs_torch_fp32": float(np.median(rounds["torch fp32"]) / np.median(v))}
+             for n, v in rounds.items()]
     return rows, speed
 
 
@@ -113,7 +114,8 @@ def to_markdown(rows: list[dict], speed: list[dict]) -> str:
         f"| {r['name']} | {r['arch']} | {r['runtime']} | {r['accuracy']:.4f} | {r['acc_delta_pt']:+.2f} | "
         f"{r['bytes']:,} | {r['smaller_x']:.1f}x | {r['latency_b1_p50_ms']:.3f} | {r['latency_b256_ms']:.3f} | "
         f"{r['b256_speedup_x']:.2f}x |\n" for r in rows)
-    rr = ("\nRound-robin batch-256 latency (median over rounds):\n\n| model | arch | b256 ms | speed-up vs torch fp32 |\n"
+    rr = ("\nRound-robin batch-256 latency (median over rounds):\n\n"
+          "| model | arch | b256 ms | speed-up vs torch fp32 |\n"
           "|---|---|---|---|\n")
     rr += "".join(f"| {s['name']} | {s['arch']} | {s['b256_ms']:.3f} | {s['speedup_vs_torch_fp32']:.2f}x |\n"
                   for s in speed)

@@ -77,7 +77,8 @@ def main() -> None:
     models["two-tower"] = tower
     for method in ("score", "rank"):
         models[f"ensemble {method}-avg"] = timed(f"ensemble {method}-avg",
-                                                 lambda: recsys.ensemble([mf, bpr, tower], data, method=method))
+                                                 lambda method=method: recsys.ensemble([mf, bpr, tower], data,
+                                                                                       method=method))
     report = sf.measure(models, data.test, score=recsys.score(K, reference=mf), metric=f"ndcg@{K}", seconds=0.5)
     popularity = recsys.evaluate(Popularity(data), data.test)
     rows = []

@@ -81,9 +81,9 @@ def main() -> dict:
         for name, (run, epochs) in steps.items():
             plain, checked = [], []
             for _ in range(REPEATS):
-                t, reference = timed(lambda: run(None))
+                t, reference = timed(lambda run=run: run(None))
                 plain.append(t)
-                checked.append(timed(lambda: run(tmp / "ck"))[0])
+                checked.append(timed(lambda run=run: run(tmp / "ck"))[0])
             undo = crash_after(epochs // 2)
             try:
                 run(tmp / "ck")
@@ -91,7 +91,7 @@ def main() -> dict:
                 pass
             finally:
                 undo()
-            rerun, resumed = timed(lambda: run(tmp / "ck"))
+            rerun, resumed = timed(lambda run=run: run(tmp / "ck"))
             rows.append({"step": name, "epochs": epochs, "seconds": min(plain), "seconds_checkpointed": min(checked),
                          "overhead": min(checked) / min(plain),
                          "ms_per_checkpoint": 1000 * (min(checked) - min(plain)) / epochs,
@@ -106,10 +106,12 @@ def main() -> dict:
     OUT.mkdir(exist_ok=True)
     (OUT / "resume.json").write_text(json.dumps(result, indent=2))
     lines = ["| step | epochs | s | s, checkpointed | overhead | ms per epoch checkpoint "
-             "| rerun after a crash at half, s | rerun / full | bit-identical |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rerun after a crash at half, s | rerun / full | bit-identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['step']} | {r['epochs']} | {r['seconds']:.2f} | {r['seconds_checkpointed']:.2f} | "
-                     f"{r['overhead']:.2f}x | {r['ms_per_checkpoint']:.0f} | {r['rerun_seconds']:.2f} | {r['rerun_ratio']:.2f} | "
+                     f"{r['overhead']:.2f}x | {r['ms_per_checkpoint']:.0f} | {r['rerun_seconds']:.2f} | "
+                     f"{r['rerun_ratio']:.2f} | "
                      f"{'yes' if r['bit_identical'] else 'NO'} |")
     (OUT / "resume.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

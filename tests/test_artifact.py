@@ -229,7 +229,8 @@ def _nest(depth):
     (lambda c: c["spec"]["args"].update(hidden="8"), r"widths must be positive"),
     (lambda c: c.update(spec={"arch": "pruned", "args": {"base": c["spec"], "shapes": {}, "attrs": {"nope.fc": {}}}}),
      r"cannot build 'pruned'"),
-    (lambda c: c.update(spec={"arch": "quantized", "args": {"base": c["spec"], "scheme": "int8", "layers": {"fc1": {}}}}),
+    (lambda c: c.update(spec={"arch": "quantized",
+                              "args": {"base": c["spec"], "scheme": "int8", "layers": {"fc1": {}}}}),
      r"cannot build 'quantized'|quantized"),
 ])
 def test_crafted_cards_are_refused_naming_the_field(digits_mlp, tmp_path, edit, message):
@@ -296,7 +297,8 @@ def _make_bomb(kind, tmp_path):
         layout = {k: {"shape": list(v.shape), "dtype": "float32", "layout": "dense"} for k, v in tensors.items()
                   if not k.startswith("sparse::")}
         layout["fc1.weight"] = {"shape": shape, "dtype": "float32", "layout": "bitmask+values", "nonzeros": 1}
-        return craft_artifact(tmp_path / kind, base, tensors, storage={"codec": "sparse-zstd", "meta": {"tensors": layout}})
+        return craft_artifact(tmp_path / kind, base, tensors,
+                              storage={"codec": "sparse-zstd", "meta": {"tensors": layout}})
     import slimfuse.compress.codebook  # noqa: F401
 
     entries = [{"name": "fc1.weight", "dtype": "float32", "shape": [10**6, 10**6], "mode": "raw", "len": 4}]

@@ -62,7 +62,8 @@ def test_codec_is_lossless_on_bit_patterns():
     tensors, meta = encode(state)
     back = decode(tensors, meta)
     for name, t in state.items():
-        assert t.dtype == back[name].dtype and torch.equal(t.view(-1).view(torch.uint8), back[name].view(-1).view(torch.uint8)), name
+        assert t.dtype == back[name].dtype and torch.equal(t.view(-1).view(torch.uint8),
+                                                           back[name].view(-1).view(torch.uint8)), name
 
 
 def test_corrupt_payload_is_an_artifact_error(digits_mlp, tmp_path):

@@ -65,7 +65,8 @@ def _write(path, content):
 BAD_DATA = [
     ("nan", lambda p: _npz(p / "d.npz", X=np.array([[np.nan, 1.0]] * 20), y=np.arange(20) % 2), "NaN"),
     ("inf", lambda p: _npz(p / "d.npz", X=np.array([[np.inf, 1.0]] * 20), y=np.arange(20) % 2), "NaN/inf"),
-    ("label range", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(20) % 4, class_names=np.array(["a", "b"])),
+    ("label range", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(20) % 4,
+                                   class_names=np.array(["a", "b"])),
      "outside the class range"),
     ("negative label", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=-(np.arange(20) % 2)), ">= 0"),
     ("length mismatch", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(19) % 2), "19"),
@@ -92,11 +93,14 @@ BAD_DATA = [
     ("corrupt deflate stream", lambda p: _npz_patch(p / "d.npz", "deflate"), "not a valid .npz"),
     ("bad npy header", lambda p: _npz_patch(p / "d.npz", "header"), "not a valid .npz"),
     ("zero-size axis", lambda p: _npz(p / "d.npz", X=np.ones((20, 0)), y=np.arange(20) % 2), "zero-size feature axis"),
-    ("csv label 1e9", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,1000000000\n" * 5), "implies 1,000,000,001 classes"),
-    ("csv label 3e8", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,300000000\n" * 5), "implies 300,000,001 classes"),
+    ("csv label 1e9", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,1000000000\n" * 5),
+     "implies 1,000,000,001 classes"),
+    ("csv label 3e8", lambda p: _write(p / "d.csv", "a,label\n" + "1,0\n2,300000000\n" * 5),
+     "implies 300,000,001 classes"),
     ("csv label beyond int64", lambda p: _write(p / "d.csv", "a,label\n1,0\n2,99999999999999999999999\n"),
      "does not fit a 64-bit integer"),
-    ("npz label 1e9", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(20) * 10**8), "classes for 20 samples"),
+    ("npz label 1e9", lambda p: _npz(p / "d.npz", X=np.ones((20, 2)), y=np.arange(20) * 10**8),
+     "classes for 20 samples"),
 ]
 
 

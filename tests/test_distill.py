@@ -178,7 +178,8 @@ def test_zoo_student_shrinks_the_teachers_spec():
     task = sf.Task("t", "classification", 10, (1, 28, 28))
     assert sf.spec_of(build_student("mlp:256,128", None, task))["args"]["hidden"] == [256, 128]
     assert sf.spec_of(build_student("cnn:8,16:32", None, task))["args"]["hidden"] == 32
-    assert sf.spec_of(build_student("width=0.5,depth=1", sf.zoo.mlp(784, [300, 100], 10), task))["args"]["hidden"] == [150]
+    student = build_student("width=0.5,depth=1", sf.zoo.mlp(784, [300, 100], 10), task)
+    assert sf.spec_of(student)["args"]["hidden"] == [150]
     with pytest.raises(sf.ConfigError, match="student 'mlp:a'"):
         build_student("mlp:a", None, task)
 

@@ -139,7 +139,8 @@ def test_import_slimfuse_and_the_cli_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     for args in (["--help"], ["prune", "--help"], ["train", "-d", "digits", "--epoch", "3", "-o", "x"],
-                 ["train", "-d", "digits", "--epochs", "0", "-o", "x"], ["quantize", "m", "--scheme", "int3", "-o", "x"]):
+                 ["train", "-d", "digits", "--epochs", "0", "-o", "x"],
+                 ["quantize", "m", "--scheme", "int3", "-o", "x"]):
         code = (f"import sys, slimfuse.cli as c\ntry:\n    c.app({args!r}, prog_name='slimfuse')\n"
                 "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

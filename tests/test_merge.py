@@ -148,8 +148,8 @@ def two_mlps(digits):
     out = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        out.append(sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64, 64]), digits, epochs=12, seed=seed, batch_size=128,
-                          progress=False))
+        out.append(sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64, 64]), digits, epochs=12, seed=seed,
+                          batch_size=128, progress=False))
     return out
 
 

@@ -180,7 +180,8 @@ def _hostile_onnx(kind):
     if kind == "external initializer":
         return _graph_model([h.make_node("Add", ["x", "w"], ["y"])], [_external("w")])
     if kind == "external Constant":
-        return _graph_model([h.make_node("Constant", [], ["w"], value=_external("c")), h.make_node("Add", ["x", "w"], ["y"])])
+        return _graph_model([h.make_node("Constant", [], ["w"], value=_external("c")),
+                             h.make_node("Add", ["x", "w"], ["y"])])
     if kind == "external in If subgraph":
         out = h.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)
         branch = h.make_graph([h.make_node("Constant", [], ["w"], value=_external("c"))], "b", [], [out])
@@ -212,7 +213,8 @@ def test_hostile_onnx_files_are_refused_before_onnx_runtime_sees_them(tmp_path, 
     path.write_bytes(_hostile_onnx(kind).SerializeToString())
     with pytest.raises(sf.ArtifactError, match=message):
         load_onnx(path)
-    result = CliRunner().invoke(app, ["quantize", str(path), "--scheme", "int8-dynamic", "-o", str(tmp_path / "q.onnx")])
+    result = CliRunner().invoke(app, ["quantize", str(path), "--scheme", "int8-dynamic",
+                                      "-o", str(tmp_path / "q.onnx")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "q.onnx").exists()
 

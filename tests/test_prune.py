@@ -156,7 +156,8 @@ def test_structured_user_model_reloads_without_pickle(residual, digits, tmp_path
     pruned = sf.prune(residual, channels=0.5, data=digits, epochs=1)
     sf.save(pruned, tmp_path / "p")
     card = sf.read_card(tmp_path / "p")
-    assert card["spec"]["arch"] == "pruned" and card["spec"]["args"]["base"]["factory"] == "prune_models:residual_concat"
+    assert (card["spec"]["arch"] == "pruned"
+            and card["spec"]["args"]["base"]["factory"] == "prune_models:residual_concat")
     with pytest.raises(sf.ArtifactError, match="trust_factory"):
         sf.load(tmp_path / "p")  # the base is a user factory: importing it needs trust
     back = sf.load(tmp_path / "p", trust_factory=True)

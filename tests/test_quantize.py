@@ -62,7 +62,7 @@ def test_int8_weights_are_really_int8_on_disk(mlp, digits, tmp_path):
     q = quantize(mlp, "int8-static", calib=digits)
     path = sf.save(q, tmp_path / "q")
     with safe_open(str(path / "weights.safetensors"), "pt") as f:
-        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert {dtypes[f"net.{n}.weight"] for n in ("fc1", "fc2", "out")} == {torch.int8}
     assert dtypes["net.fc1.weight_scale"] == torch.float32 and dtypes["net.fc1.weight_zero_point"] == torch.int32
     assert dtypes["net.fc1.output_zero_point"] == torch.int32

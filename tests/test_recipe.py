@@ -52,7 +52,8 @@ BAD = [
     ("missing kind", with_step(1, step=None), "step 2: missing field 'step'"),
     ("unknown kind", with_step(1, step="prun"), "step 2: unknown step 'prun'"),
     ("bad type", with_step(0, epochs="many"), "step 1 'mlp' (train): field 'epochs'"),
-    ("negative epochs", with_step(0, epochs=-1), "step 1 'mlp' (train): field 'epochs': Input should be greater than or equal to 1"),
+    ("negative epochs", with_step(0, epochs=-1),
+     "step 1 'mlp' (train): field 'epochs': Input should be greater than or equal to 1"),
     ("sparsity 1.5", with_step(1, sparsity=1.5), "step 2 'pruned' (prune): field 'sparsity'"),
     ("unknown field", with_step(2, bits=4), "step 3 'int8' (quantize): field 'bits': unknown field"),
     ("unknown scheme", with_step(2, scheme="int3"), "step 3 'int8' (quantize): field 'scheme': unknown quantization"),
@@ -119,7 +120,8 @@ def test_an_interrupted_run_resumes_after_its_last_finished_step(tmp_path, monke
     assert {n: r["status"] for n, r in resumed.items()} == {
         "mlp": "cached", "pruned": "cached", "int8": "ran", "onnx": "ran", "report": "ran"}
     for name in ("mlp", "pruned", "int8"):
-        assert (out / name / "weights.safetensors").read_bytes() == (tmp_path / "ref" / name / "weights.safetensors").read_bytes()
+        reference_bytes = (tmp_path / "ref" / name / "weights.safetensors").read_bytes()
+        assert (out / name / "weights.safetensors").read_bytes() == reference_bytes
     assert resumed["int8"]["key"] == reference["int8"]["key"]
 
 

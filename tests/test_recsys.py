@@ -308,8 +308,8 @@ def test_demo_states_what_it_measures_for_int4_tables():
     mf = recsys.mf(50, 40, 64)
     q4 = recsys.quantize_tables(mf, 4)
     assert table_bytes(mf) == 90 * 64 * 4 and table_bytes(q4) == 90 * (32 + 2 + 2)  # codes + fp16 scale/offset
-    report = Report([{"name": "fp32", "ndcg@10": 0.20, "bytes": 30_000}, {"name": "int4", "ndcg@10": 0.19, "bytes": 5_000}],
-                    metric="ndcg@10")
+    report = Report([{"name": "fp32", "ndcg@10": 0.20, "bytes": 30_000},
+                     {"name": "int4", "ndcg@10": 0.19, "bytes": 5_000}], metric="ndcg@10")
     note = int4_note(report, mf, q4, ("fp32", "int4"))
     assert "tables 7.11x smaller (23,040 -> 3,240 bytes), whole artifact 6.00x" in note
     assert "at 95.0% of the fp32 NDCG@10" in note and "not met on this small data set" in note

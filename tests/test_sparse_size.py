@@ -47,7 +47,8 @@ def _check(model: torch.nn.Module) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=SUPPRESS)
 @given(inputs=st.integers(1, 40), hidden=st.lists(st.integers(1, 48), min_size=0, max_size=3),
-       classes=st.integers(2, 10), sparsity=st.floats(0, 1), pattern=st.sampled_from(["random", "rows", "negative-zero"]),
+       classes=st.integers(2, 10), sparsity=st.floats(0, 1),
+       pattern=st.sampled_from(["random", "rows", "negative-zero"]),
        seed=st.integers(0, 2**16))
 def test_tiny_models_never_grow(inputs, hidden, classes, sparsity, pattern, seed):
     _check(_sparsified(sf.zoo.mlp(inputs, hidden, classes), sparsity, pattern, seed))

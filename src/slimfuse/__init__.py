@@ -57,7 +57,8 @@ _LAZY = {
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
-    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit", "hardware",
+    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
+    "hardware",
     "lineage_of", "load", "measure", "merge", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
     "runtime", "save", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
 ]

@@ -34,7 +34,7 @@ def is_main() -> bool:
 
 def setup() -> bool:
     """Join the process group when launched by torchrun; True when training is data-parallel."""
-    rank, size = world()
+    _, size = world()
     if size <= 1:
         return False
     if not dist.is_initialized():

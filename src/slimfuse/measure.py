@@ -277,7 +277,8 @@ class Report:
         va, vb = self.samples[a][key], self.samples[b][key]
         interval = stats.paired_bootstrap(va, vb, n_boot=n_boot, level=level, seed=seed)
         p = stats.mcnemar(va, vb)["p_value"] if metric == "accuracy" else None
-        return Comparison(a, b, metric, interval, stats.verdict(interval, higher_is_better=metric not in _LOWER_IS_BETTER), p)
+        return Comparison(a, b, metric, interval,
+                          stats.verdict(interval, higher_is_better=metric not in _LOWER_IS_BETTER), p)
 
     def row(self, name: str) -> dict:
         for r in self.rows:

@@ -64,7 +64,8 @@ def parse_onnx(data: bytes, *, where: str = "ONNX model", allow_custom_ops: bool
     try:
         proto = onnx.load_model_from_string(bytes(data))
     except Exception as e:  # protobuf DecodeError and friends
-        raise ArtifactError(f"{where}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ArtifactError(f"{where}: not an ONNX model "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ArtifactError(f"{where}: not an ONNX model (no graph)")
     _check_graph_intake(proto, where, allow_custom_ops)

@@ -118,11 +118,12 @@ class SearchResult:
         out = Path(out)
         chosen = self.best or self.closest
         if chosen.model is not None and chosen is not self.baseline:
-            save(chosen.model, out / ("best" if self.met else "closest"), metrics={"test": {k: v for k, v in chosen.row.items()
-                                                               if isinstance(v, (int, float))}})
+            save(chosen.model, out / ("best" if self.met else "closest"),
+                 metrics={"test": {k: v for k, v in chosen.row.items() if isinstance(v, (int, float))}})
         pareto = "\n".join(f"- {c.name}" for c in self.pareto)
         failed = "\n".join(f"- {c.name}: {c.error}" for c in self.candidates if c.error) or "none"
-        write_report(self.report, out, title=f"slimfuse optimize: {self.objective} within {self.max_drop:g} pt", sections=[
+        title = f"slimfuse optimize: {self.objective} within {self.max_drop:g} pt"
+        write_report(self.report, out, title=title, sections=[
             ("Result", self.message),
             ("Pareto set (validation metric vs objective)", pareto),
             ("Not tried (time budget)", "\n".join(self.skipped) or "none"),

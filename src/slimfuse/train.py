@@ -76,8 +76,8 @@ def fit(
 
     ``optimizer``: ``adam`` or ``sgd`` (with ``momentum``); ``schedule``: ``none`` (or ``None``) or
     ``cosine``; with ``cycles=k`` the cosine restarts k times (warm restarts, one cycle per
-    ``epochs / k`` epochs), as snapshot ensembles need. With ``patience``, training stops after that many epochs without a better
-    validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
+    ``epochs / k`` epochs), as snapshot ensembles need. With ``patience``, training stops after that many epochs
+    without a better validation accuracy and the best epoch's weights are kept. Deterministic on CPU for a
     given ``seed``. ``history``, if given, receives one dict per epoch. With ``checkpoint``
     (a folder), the state is saved there after every epoch and a rerun with the same
     parameters resumes from it, reaching the same weights as an uninterrupted run; the
@@ -158,7 +158,8 @@ def fit(
                     batch = Batch(x, train.y[idx], idx)
                     value = loss(net(x), batch)
                     if not torch.isfinite(value):
-                        raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; lower the learning rate")
+                        raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; "
+                                          "lower the learning rate")
                     opt.zero_grad(set_to_none=True)
                     value.backward()
                     opt.step()

@@ -162,5 +162,6 @@ def _inputs(data) -> torch.Tensor:
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(np.ascontiguousarray(data))
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
-        raise ConfigError(f"choose: the sample must be a non-empty tensor, array, Split or Splits, got {type(data).__name__}")
+        raise ConfigError("choose: the sample must be a non-empty tensor, array, Split or Splits, "
+                          f"got {type(data).__name__}")
     return data.float() if data.is_floating_point() else data

@@ -208,7 +208,8 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
             teacher.train(was_training)
     z = torch.cat(logits)
     if (z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(-1), torch.ones(len(z)), atol=1e-4):
-        z = z.clamp_min(torch.finfo(torch.float32).tiny).log()  # probabilities -> log-probabilities (same softened targets)
+        # probabilities -> log-probabilities (same softened targets)
+        z = z.clamp_min(torch.finfo(torch.float32).tiny).log()
     return z, [torch.cat(f) for f in feats]
 
 
@@ -217,7 +218,8 @@ def _call(teacher, x: torch.Tensor):
         return teacher(x)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ConfigError(
-            f"the teacher cannot predict inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0] if str(e) else e!r}"
+            f"the teacher cannot predict inputs of shape {tuple(x.shape[1:])}: "
+            f"{str(e).splitlines()[0] if str(e) else e!r}"
         ) from None
 
 
@@ -395,7 +397,8 @@ def distill(
     if alpha == 0 and not labeled.any():
         raise ConfigError("alpha=0 trains on labels only, but the transfer set has no labeled samples")
     if labeled.any() and int(transfer_split.y[labeled].max()) >= num_classes:
-        raise DataError(f"transfer labels go up to {int(transfer_split.y.max())} but the task has {num_classes} classes")
+        raise DataError(f"transfer labels go up to {int(transfer_split.y.max())} "
+                        f"but the task has {num_classes} classes")
     _check_student(student, transfer_split.x[:2], num_classes)
     teacher_logits, teacher_feats = teacher_outputs(teacher, transfer_split.x, num_classes, layers=list(hints.values()))
     t = float(temperature)

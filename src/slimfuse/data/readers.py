@@ -158,7 +158,8 @@ def _load_npz(path: Path, *, seed, val, test, num_classes) -> Splits:
             arrays = {k: f[k] for k in f.files}
     except ValueError as e:
         if "pickle" in str(e):  # object arrays need pickle: refused
-            raise DataError(f"{path}: holds arrays that cannot be read without unpickling ({str(e).split('.')[0]})") from None
+            raise DataError(f"{path}: holds arrays that cannot be read without unpickling "
+                            f"({str(e).split('.')[0]})") from None
         raise DataError(f"{path}: not a valid .npz file ({str(e)[:200]})") from None
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error,
             UnicodeDecodeError, RuntimeError, SyntaxError, TypeError, OverflowError, MemoryError) as e:

@@ -107,7 +107,8 @@ def train_members(
             raise ConfigError(f"folds must be an integer >= 2, got {folds!r}")
         y = data.train.y.numpy()
         counts = np.bincount(y)
-        splitter = (StratifiedKFold if counts[counts > 0].min() >= folds else KFold)(folds, shuffle=True, random_state=seed)
+        splitter = (StratifiedKFold if counts[counts > 0].min() >= folds else KFold)(folds, shuffle=True,
+                                                                                     random_state=seed)
         c = data.task.num_classes
         features = np.zeros((n, k, c), dtype=np.float64)
         fold_of = np.zeros(n, dtype=np.int64)

@@ -303,7 +303,8 @@ def permutation_groups(model: nn.Module) -> list[_Group]:
     for name, m in model.named_children():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or flattened):
-                raise ConfigError(f"rebasin: layer {name!r} ({m}) cannot be aligned (grouped conv or conv after Flatten)")
+                raise ConfigError(f"rebasin: layer {name!r} ({m}) cannot be aligned "
+                                  "(grouped conv or conv after Flatten)")
             if current is not None:
                 fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
                 if fan_in % current.size:
@@ -570,5 +571,5 @@ def _distill_fallback(merged: nn.Module, models, data: Splits, ver: dict, *, epo
     return student.eval()
 
 
-__all__ = ["METHODS", "activation_matching", "align", "apply_repair", "dare_vector", "disjoint_mean", "merge", "permutation_groups",
-           "permute_state", "slerp_tensor", "ties_vector", "trim", "weight_matching"]
+__all__ = ["METHODS", "activation_matching", "align", "apply_repair", "dare_vector", "disjoint_mean", "merge",
+           "permutation_groups", "permute_state", "slerp_tensor", "ties_vector", "trim", "weight_matching"]

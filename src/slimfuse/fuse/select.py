@@ -218,7 +218,8 @@ def check(probas, y, fit, *, metric: str = "nll", folds: int = 5, seed: int = 0,
     for tr, te in cv.split(np.zeros(len(y)), y):
         sel = fit(probas[:, tr], y[tr])
         oof[te] = combined(probas[:, te], sel.weights, sel.temperature)
-    ens, one = stats.per_sample(np.log(np.clip(oof, EPS, None)), y), stats.per_sample(np.log(np.clip(probas[best], EPS, None)), y)
+    ens, one = (stats.per_sample(np.log(np.clip(oof, EPS, None)), y),
+                stats.per_sample(np.log(np.clip(probas[best], EPS, None)), y))
     d_nll = stats.paired_bootstrap(ens["nll"], one["nll"], level=level, seed=seed)
     d_acc = stats.paired_bootstrap(ens["correct"], one["correct"], level=level, seed=seed)
     gain = d_nll.hi < 0 if metric == "nll" else d_acc.lo > 0

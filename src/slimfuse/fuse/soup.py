@@ -74,7 +74,8 @@ def check_same_shapes(models: list[nn.Module], who: str = "soup") -> None:
         for k, v in state.items():
             if v.shape != first[k].shape:
                 raise ConfigError(f"{who}: tensor {k!r} is {tuple(v.shape)} in model {i} but "
-                                  f"{tuple(first[k].shape)} in model 0; weights can only be averaged across one architecture")
+                                  f"{tuple(first[k].shape)} in model 0; "
+                                  "weights can only be averaged across one architecture")
     if spec_of(models[0]) is not None and any(spec_of(m) != spec_of(models[0]) for m in models):
         raise ConfigError(f"{who}: the models have different architecture specs")
 
@@ -127,7 +128,7 @@ def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5,
     """
     if not 0 <= start < 1:
         raise ConfigError(f"swa: start must be a fraction in [0, 1), got {start}")
-    first = int(round(epochs * start))
+    first = round(epochs * start)
     if epochs - first < 1:
         raise ConfigError(f"swa: no epoch left to average (epochs={epochs}, start={start})")
     fit_options.setdefault("progress", False)

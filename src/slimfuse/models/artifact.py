@@ -318,7 +318,8 @@ def read_card(path: str | Path) -> dict:
         hint = f" (a save was interrupted; the previous version is in {backups[0]})" if backups else ""
         raise ArtifactError(f"{path}: no such artifact{hint}")
     if path.is_file():
-        raise ArtifactError(f"{path}: {_describe_file(path)}; a slimfuse artifact is a folder with {CARD} and {WEIGHTS}")
+        raise ArtifactError(f"{path}: {_describe_file(path)}; "
+                            f"a slimfuse artifact is a folder with {CARD} and {WEIGHTS}")
     card_path = path / CARD
     if not card_path.is_file():
         raise ArtifactError(f"{path}: not a slimfuse artifact (no {CARD})")

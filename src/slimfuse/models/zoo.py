@@ -177,7 +177,8 @@ def cnn(
     layers["fc"] = nn.Linear(cin * side * side, hidden)
     layers["relu_fc"] = nn.ReLU()
     layers["out"] = nn.Linear(hidden, classes)
-    args = {"classes": classes, "in_channels": in_channels, "image_size": image_size, "widths": widths, "hidden": hidden}
+    args = {"classes": classes, "in_channels": in_channels, "image_size": image_size, "widths": widths,
+            "hidden": hidden}
     return attach(nn.Sequential(layers), {"arch": "cnn", "args": args})
 
 

@@ -25,5 +25,6 @@ def search_space(model, data, objective: str):
     moves, the 3-layer distilled student as the structural move (the search finishes it itself)."""
     space = dict(optimize_space(model, data))
     moves = [Move(name, fn, finishing=True) for name, fn in space.items() if not name.startswith("distill")]
-    moves.append(Move("distill 3 layers", lambda m, seed: dict(optimize_space(m, data, seed=seed))["distill 3 layers"](m)))
+    moves.append(Move("distill 3 layers",
+                      lambda m, seed: dict(optimize_space(m, data, seed=seed))["distill 3 layers"](m)))
     return moves, fidelity_score(model), "mean_cosine"

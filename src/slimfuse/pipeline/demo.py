@@ -25,7 +25,8 @@ def run(out: str | Path = "runs/demo", *, seed: int = 0, progress: bool | None =
     splits = datasets.load("mnist5k", seed=seed)
     torch.manual_seed(seed)
     teacher = fit(zoo.for_task("mlp", splits.task, hidden=[300, 100]), splits, epochs=20, seed=seed, progress=progress)
-    save(teacher, out / "teacher", metrics={"val": evaluate(teacher, splits.val), "test": evaluate(teacher, splits.test)})
+    save(teacher, out / "teacher",
+         metrics={"val": evaluate(teacher, splits.val), "test": evaluate(teacher, splits.test)})
     models = {TEACHER: load(out / "teacher")}
     sections = []
 

@@ -130,7 +130,8 @@ def staged_compression(teacher: nn.Module, pruned: nn.Module, splits: Splits, ou
             f"loss; here {final:.1f}x ({'met' if final >= 40 else 'missed'}) at {loss:+.1f} pt test accuracy. "
             f"Every size is a measured file, the artifact's card and headers included; the packed stage is "
             f"the artifact with its payload written without zstd.")
-    return {"pruned 90% + codebook:5": load(out / "pruned-90-codebook5")}, ("Staged compression (prune -> quantize -> entropy)", body)
+    return ({"pruned 90% + codebook:5": load(out / "pruned-90-codebook5")},
+            ("Staged compression (prune -> quantize -> entropy)", body))
 
 
 def sparse_vs_dense(pruned: nn.Module, splits: Splits, *, seed: int,
@@ -173,28 +174,32 @@ def ensemble_evidence(members: list[nn.Module], splits: Splits, *, seed: int) ->
     claims = {}
     for n in variants:
         if n != best_name:
-            claims[n] = {k: vs(variants[n], variants[best_name], splits.test, k, seed=seed) for k in ("accuracy", "nll")}
+            claims[n] = {k: vs(variants[n], variants[best_name], splits.test, k, seed=seed)
+                         for k in ("accuracy", "nll")}
 
     def cell(n, k):
         if n not in claims:
             return "—"
         c, iv = claims[n][k]
         scale = 100 if k == "accuracy" else 1
-        return f"{c}: {scale * iv.diff:+.{1 if k == 'accuracy' else 4}f} [{scale * iv.lo:+.{1 if k == 'accuracy' else 4}f}, {scale * iv.hi:+.{1 if k == 'accuracy' else 4}f}]"
+        return (f"{c}: {scale * iv.diff:+.{1 if k == 'accuracy' else 4}f} "
+                f"[{scale * iv.lo:+.{1 if k == 'accuracy' else 4}f}, {scale * iv.hi:+.{1 if k == 'accuracy' else 4}f}]")
 
     rows = [[n, f"{v['accuracy']:.4f}", f"{t['accuracy']:.4f}", f"{t['nll']:.4f}", cell(n, "accuracy"), cell(n, "nll")]
             for n, (v, t) in scores.items()]
     acc_c, nll_c = claims["ensemble weighted (Caruana)"]["accuracy"][0], claims["ensemble weighted (Caruana)"]["nll"][0]
     verdict = (f"ensemble selection vs the best member on the test split: accuracy {acc_c}, NLL {nll_c} "
-               f"(\"met\" only when the paired 95% interval lies wholly on the side of a gain, \"tie\" when it contains 0)")
+               "(\"met\" only when the paired 95% interval lies wholly on the side of a gain, "
+               "\"tie\" when it contains 0)")
     weights = ", ".join(f"{w:.2f}" for w in variants["ensemble weighted (Caruana)"].selection.weights)
     body = (_table(["model", "val accuracy", "test accuracy", "test NLL", "accuracy vs best member (pt)",
                     "NLL vs best member (lower is better)"], rows) +
             f"\n\nMembers: the teacher and four LeNet-300-100s trained from other seeds on jittered data; "
             f"Caruana weights {weights} (chosen on the validation split). {verdict}. Stacking's validation "
             f"accuracy is in-sample: its meta-learner is fit on the validation split (the members never saw it).")
-    return {n: variants[n] for n in ("best member (by val accuracy)", "ensemble weighted (Caruana)",
-                                     "ensemble stacking (linear meta-learner)")}, ("Ensemble selection vs best member", body)
+    return ({n: variants[n] for n in ("best member (by val accuracy)", "ensemble weighted (Caruana)",
+                                      "ensemble stacking (linear meta-learner)")},
+            ("Ensemble selection vs best member", body))
 
 
 def soup_evidence(teacher: nn.Module, splits: Splits, *, seed: int,

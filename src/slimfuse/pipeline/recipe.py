@@ -136,7 +136,8 @@ def _bounded_yaml(path: Path):
     from ..limits import json_shape_problem
 
     if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe (limit {MAX_RECIPE_BYTES:,})")
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is too large for a recipe "
+                          f"(limit {MAX_RECIPE_BYTES:,})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except RecursionError:

@@ -199,7 +199,8 @@ def quantize_tables(model: nn.Module, bits: int = 8, *, tables: list[str] | None
     if base is not None:
         attach(result, {"arch": "qtables", "args": {"base": base, "bits": plan}})
     result = derive(model, result, "quantize_tables", spec=spec_of(result), bits=bits)
-    return check(result, f"quantize_tables(bits={bits})", data=_users(model), fix="bits=8, or tables= without the failing one")
+    return check(result, f"quantize_tables(bits={bits})", data=_users(model),
+                 fix="bits=8, or tables= without the failing one")
 
 
 def _users(model: nn.Module) -> torch.Tensor | None:

@@ -231,7 +231,7 @@ def read_interactions(path: str | Path, *, min_rating: float | None = None, drop
     rows_kept = np.sort(order[first])
     users, items, times = users[rows_kept], items[rows_kept], times[rows_kept]
     if drop_short_users:
-        uniq, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
         long_enough = counts[inverse] >= 3
         users, items, times = users[long_enough], items[long_enough], times[long_enough]
     if len(users) == 0:
