@@ -13,7 +13,7 @@ export XDG_CACHE_HOME          := $(CURDIR)/.cache/xdg
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast install clean bench-deps
+.PHONY: demo test test-fast lint install clean bench-deps
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (the rule set in pyproject.toml) and mypy on the public API; CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -300,10 +300,9 @@ def test_optimize_searches_recommenders_on_ndcg(data, mf):
 
 def test_demo_states_what_it_measures_for_int4_tables():
     """The demo's note reports table bytes and whole-artifact bytes apart, beside the documented target."""
-    from slimfuse.recsys.demo import int4_note
-
     from slimfuse.measure import Report
     from slimfuse.recsys import table_bytes
+    from slimfuse.recsys.demo import int4_note
 
     mf = recsys.mf(50, 40, 64)
     q4 = recsys.quantize_tables(mf, 4)
