@@ -18,7 +18,6 @@ no latency is timed (a merge has its members' architecture, an ensemble of k cos
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch
 
 import slimfuse as sf
 from slimfuse.data import Split, Splits
+from slimfuse.hardware import describe
 
 OUT = Path(__file__).parent / "out"
 SEEDS = (0, 1, 2)
@@ -55,19 +55,8 @@ FINETUNED = {
 
 
 def hardware() -> str:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [n for f, n in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("amx_int8", "AMX-INT8"),
-                          ("amx_bf16", "AMX-BF16"), ("avx512_fp16", "AVX512-FP16")) if f in flags]
-    return (f"{platform.processor() or platform.machine()}, torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, ISA: {', '.join(isa) or 'no AVX-512'}; "
-            f"{torch.get_num_threads()} threads")
+    """The machine, in words (slimfuse.hardware: CPU, cores, ISA features, torch's kernels)."""
+    return describe() + f"; {torch.get_num_threads()} threads"
 
 
 def train(arch: str, data: Splits, seed: int, train_split: Split | None = None, base=None, epochs=None):

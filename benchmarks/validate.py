@@ -11,7 +11,6 @@ Run: ``.venv/bin/python benchmarks/validate.py``.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 import slimfuse as sf
+from slimfuse.hardware import describe
 from slimfuse.validate import check
 
 OUT = Path(__file__).parent / "out"
@@ -26,18 +26,8 @@ REPEATS = 5
 
 
 def isa() -> str:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    have = [n for f, n in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("amx_int8", "AMX-INT8"),
-                           ("amx_bf16", "AMX-BF16"), ("avx512_fp16", "AVX512-FP16")) if f in flags]
-    return f"{platform.processor() or platform.machine()}; {', '.join(have) or 'no AVX-512'}; " \
-           f"torch capability {torch.backends.cpu.get_cpu_capability()}"
+    """The machine, in words (slimfuse.hardware: CPU, cores, ISA features, torch's kernels)."""
+    return describe()
 
 
 def timed(fn):
