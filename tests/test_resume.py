@@ -211,3 +211,11 @@ def test_commands_resume_where_they_crashed(tmp_path, dense, saves, command, epo
     assert (tmp_path / "resumed" / "weights.safetensors").read_bytes() == \
         (tmp_path / "straight" / "weights.safetensors").read_bytes()
     assert not (tmp_path / ".resumed.checkpoint").exists()
+
+
+def test_a_finished_job_removes_what_a_killed_checkpoint_save_left(tmp_path, digits):
+    """A SIGKILL during a checkpoint write leaves `.NAME.tmp-*` beside it; the finished job removes it."""
+    (tmp_path / "..ck.tmp-killed").mkdir()
+    (tmp_path / "..ck.tmp-killed" / "state.json").write_text("{partial")
+    sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[8]), digits, epochs=1, checkpoint=tmp_path / ".ck")
+    assert list(tmp_path.iterdir()) == []

@@ -176,7 +176,16 @@ class Checkpoint:
         }
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove(self.folder)
+
+
+def remove(folder: Path) -> None:
+    """Remove a finished job's checkpoint folder and the temp siblings a killed save of it left
+    (``.NAME.tmp-*``, ``.NAME.old-*``): the job is done, nothing of it is needed any more."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.is_dir():
+        for sibling in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 class Area:
@@ -222,4 +231,4 @@ class Area:
 
     def clear(self) -> None:
         if is_main():
-            shutil.rmtree(self.folder, ignore_errors=True)
+            remove(self.folder)

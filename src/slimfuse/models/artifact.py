@@ -251,8 +251,10 @@ class atomic_folder:
             self.tmp = Path(tempfile.mkdtemp(prefix="slimfuse-rank-"))
             return self.tmp
         self.path = output_path(self.path)
-        if self.path.exists() and not _replaceable(self.path, self.marker):
-            raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
+        if self.path.parent.is_dir():  # under the lock: another process may be swapping its save in right now
+            with _folder_lock(self.path.parent):
+                if self.path.exists() and not _replaceable(self.path, self.marker):
+                    raise ArtifactError(f"{self.path} exists and is not a slimfuse artifact; refusing to overwrite it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # left by a killed process
             with contextlib.suppress(OSError):
