@@ -21,6 +21,7 @@ from .data import Splits
 from .errors import ConfigError
 
 Source = nn.Module | str | Path
+STACKING_FOLDS = 5  # members trained for stacking get k-fold out-of-fold predictions
 
 
 @dataclass
@@ -156,8 +157,6 @@ def train_ensemble(cfg: configs.Train, data: Splits, *, seed: int = 0, checkpoin
                             checkpoint=checkpoint, **cfg.fit_options())
     return combine(members, method, data, seed=seed)
 
-
-STACKING_FOLDS = 5
 
 
 def prune(source: Source, cfg: configs.Prune, data: configs.DataRef | Splits | None, out: str | Path, *,
