@@ -1,31 +1,24 @@
-"""SIGKILL a real ``slimfuse`` command once its checkpoint has recorded an epoch, then rerun it."""
+"""SIGKILL a real ``slimfuse`` command mid-epoch, after a checkpoint, then rerun it."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+SELFKILL = Path(__file__).with_name("selfkill.py")
 
-def kill_after_epoch(command: list[str], state: Path, epoch: int, timeout: float = 300) -> None:
-    """Run ``command``; SIGKILL it as soon as the checkpoint ``state`` (a state.json) records ``epoch``."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def saved_epoch():
-        try:
-            return json.loads(state.read_text())["epoch"]
-        except (OSError, ValueError):  # not written yet, or being replaced right now
-            return 0
-
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and saved_epoch() < epoch:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the command finished before it could be killed; the test proved nothing"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def kill_after_epoch(command: list[str], state: Path, epoch: int, steps: int = 2, timeout: float = 300) -> None:
+    """Run ``command`` (``[python, "-m", "slimfuse", ...]``) and SIGKILL it ``steps`` optimizer steps
+    after its checkpoint ``state`` (a state.json) records ``epoch`` (see selfkill.py)."""
+    python, m, package, *args = command
+    assert (m, package) == ("-m", "slimfuse"), command
+    proc = subprocess.run([python, str(SELFKILL), str(state), str(epoch), str(steps), *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the command was not killed (exit {proc.returncode}); the test proved nothing:\n{proc.stderr[-2000:]}")
 
 
 def assert_killed_command_resumes(command: Callable[[Path], list[str]], folder: Path, epoch: int) -> None:

@@ -118,6 +118,13 @@ def _join_state(meta: object, tensors: dict) -> object:
     return meta
 
 
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies in memory the allocator owns and aligns: the optimizer and a technique's masks keep
+    these tensors, and a tensor read from a file sits at the file's offsets (8-byte aligned), where
+    MKL's kernels may take another code path than for the aligned tensors of an uninterrupted run."""
+    return {k: v.clone() for k, v in tensors.items()}
+
+
 class Checkpoint:
     def __init__(self, folder: str | Path, key: str):
         self.folder, self.key = Path(folder), key
@@ -152,7 +159,7 @@ class Checkpoint:
             return None
         try:
             meta = json.loads((self.folder / META).read_text())
-            tensors = load_file(str(self.folder / TENSORS))
+            tensors = _owned(load_file(str(self.folder / TENSORS)))
         except Exception as e:  # damaged: start over rather than resume from garbage
             warnings.warn(f"ignoring unreadable checkpoint {self.folder}: {e}", stacklevel=3)
             return None
@@ -224,7 +231,7 @@ class Area:
         if not path.is_file():
             return None
         try:
-            return load_file(str(path))
+            return _owned(load_file(str(path)))
         except Exception as e:  # damaged: redo that stage
             warnings.warn(f"ignoring unreadable checkpoint {path}: {e}", stacklevel=3)
             return None
