@@ -98,8 +98,8 @@ def summarise(runs: list[dict]) -> list[dict]:
                "acc_max": float(acc.max()), "nll_median": float(np.median(nll)),
                "drop_vs_best_points": float(np.median((best - acc) * 100))}
         if "vs_best" in runs[0][name]:
-            row["vs_best_low"] = float(np.median([r[name]["vs_best"]["low"] for r in runs]))
-            row["vs_best_high"] = float(np.median([r[name]["vs_best"]["high"] for r in runs]))
+            row["vs_best_low"] = float(np.median([r[name]["vs_best"]["lo"] for r in runs]))
+            row["vs_best_high"] = float(np.median([r[name]["vs_best"]["hi"] for r in runs]))
             row["verdicts"] = [r[name]["verdict"] for r in runs]
         table.append(row)
     return table

@@ -20,10 +20,12 @@ An ensemble of k models costs k forward passes; a merge costs one. Two families:
 Scaling coefficients (``scale``, SLERP's ``t``) left at ``None`` are chosen on ``data.val``.
 With ``data``, every merge is verified on ``data.test`` against the best member (chosen on
 validation) and the mean ensemble of the same members: accuracy and NLL, with paired bootstrap
-intervals of the difference to the best member. The verdict is in the lineage step (so in the
-card) and on ``merged.verification``; a merge worse than the best member beyond noise warns, and
-with ``fallback="distill"`` the ensemble is distilled into one model of the members' architecture
-(initialised from the best member) instead.
+intervals of the difference to the best member (:func:`slimfuse.stats.paired_bootstrap`; the verdict
+``better``/``worse``/``tie`` of :func:`slimfuse.stats.verdict`), bytes, parameters, and batch-1
+latency of the merged model beside the ensemble's, on the machine named with it. The verdict is in
+the lineage step (so in the card) and on ``merged.verification``; a merge worse than the best
+member beyond noise warns, and with ``fallback="distill"`` the ensemble is distilled into one model
+of the members' architecture (initialised from the best member) instead.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import configs
+from .. import configs, stats
 from ..compress.distill import distill
 from ..data import Split, Splits
 from ..errors import ConfigError
-from ..measure import artifact_bytes, counts
+from ..hardware import summary as hardware_summary
+from ..measure import artifact_bytes, counts, median_seconds
 from ..models.spec import derive, lineage_of
 from ..train import evaluate, predict
+from .combine import Ensemble
 from .soup import check_same_shapes, refresh_bn, soup
 
 METHODS = ("rebasin", "uniform", "greedy", "task-arithmetic", "ties", "dare", "dare-ties", "slerp")
@@ -53,7 +57,6 @@ MEAN_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 SLERP_TS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Dropout, nn.Identity,
                nn.MaxPool2d, nn.AvgPool2d)
-BOOTSTRAP = 1000
 EPS = 1e-8
 
 
@@ -115,7 +118,7 @@ def merge(
         warnings.warn(
             f"merge ({method}): test accuracy {ver['merged']['accuracy']:.4f} is below the best member's "
             f"{ver['best_member']['accuracy']:.4f} beyond noise (95% interval of the difference "
-            f"[{ver['vs_best']['accuracy']['low']:+.4f}, {ver['vs_best']['accuracy']['high']:+.4f}]); "
+            f"[{ver['vs_best']['accuracy']['lo']:+.4f}, {ver['vs_best']['accuracy']['hi']:+.4f}]); "
             + ("distilling the ensemble instead (fallback='distill')" if fallback == "distill" else
                "the ensemble of the members or fallback='distill' keeps their accuracy"),
             UserWarning, stacklevel=2,
@@ -503,22 +506,33 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
 # ----------------------------------------------------------------------------- verification
 
 
-def _paired_interval(a: np.ndarray, b: np.ndarray, *, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of ``a - b`` over paired samples and its percentile bootstrap interval."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(1)
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": round(float(d.mean()), 6), "low": round(float(lo), 6), "high": round(float(hi), 6)}
+def _interval(a: np.ndarray, b: np.ndarray) -> dict:
+    iv = stats.paired_bootstrap(a, b)
+    return {"diff": round(iv.diff, 6), "lo": round(iv.lo, 6), "hi": round(iv.hi, 6), "level": iv.level}
 
 
 def _per_sample(proba: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    p = proba.double().clamp_min(1e-12)
-    return (p.argmax(1) == y).double().numpy(), (-p[torch.arange(len(y)), y].log()).numpy()
+    s = stats.per_sample(proba.double().clamp_min(1e-12).log(), y)
+    return s["correct"].astype(np.float64), s["nll"]
 
 
 def _summary(correct: np.ndarray, nll: np.ndarray) -> dict:
     return {"accuracy": round(float(correct.mean()), 6), "nll": round(float(nll.mean()), 6)}
+
+
+def _latency(merged: nn.Module, models: list[nn.Module], x: torch.Tensor, classes: int) -> dict:
+    """Batch-1 median latency (ms) of the merged model and of the mean ensemble of the members,
+    interleaved in three rounds so load drift hits both alike; the machine is named in ``hardware``."""
+    ens = Ensemble(list(models), "mean", classes=classes).eval()
+    one = x[:1].contiguous()
+    rounds: dict[str, list[float]] = {"merged": [], "ensemble": []}
+    with torch.inference_mode():
+        for _ in range(3):
+            for name, m in (("merged", merged), ("ensemble", ens)):
+                rounds[name].append(median_seconds(m, one, runs=30) * 1e3)
+    ms = {k: round(float(np.median(v)), 4) for k, v in rounds.items()}
+    return {"batch": 1, "merged_ms": ms["merged"], "ensemble_ms": ms["ensemble"],
+            "speedup": round(ms["ensemble"] / max(ms["merged"], 1e-9), 2), "hardware": hardware_summary()}
 
 
 def _verify(merged: nn.Module, models: list[nn.Module], data: Splits) -> dict:
@@ -530,8 +544,8 @@ def _verify(merged: nn.Module, models: list[nn.Module], data: Splits) -> dict:
     rows = [_per_sample(p, test.y) for p in member_p]
     ens = _per_sample(torch.stack(member_p).mean(0), test.y)
     got = _per_sample(predict(merged, test, output="proba"), test.y)
-    vs = {"accuracy": _paired_interval(got[0], rows[best][0]), "nll": _paired_interval(got[1], rows[best][1])}
-    verdict = "worse" if vs["accuracy"]["high"] < 0 else "better" if vs["accuracy"]["low"] > 0 else "on par"
+    vs = {"accuracy": _interval(got[0], rows[best][0]), "nll": _interval(got[1], rows[best][1])}
+    verdict = stats.verdict(stats.Interval(vs["accuracy"]["diff"], vs["accuracy"]["lo"], vs["accuracy"]["hi"]))
     one = artifact_bytes(merged)
     return {
         "split": "test", "samples": len(test),
@@ -543,6 +557,7 @@ def _verify(merged: nn.Module, models: list[nn.Module], data: Splits) -> dict:
         "verdict": verdict,
         "params": {"merged": counts(merged)["params"], "ensemble": sum(counts(m)["params"] for m in models)},
         "bytes": {"merged": one, "ensemble": sum(artifact_bytes(m) for m in models)},
+        "latency": _latency(merged, models, test.x, data.task.num_classes),
     }
 
 
