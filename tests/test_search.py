@@ -41,6 +41,11 @@ def test_the_best_meets_the_constraint_on_validation_and_wins_the_objective(sear
     # level 3: three compressed members from three seeds, averaged
     ens = [c for c in r.candidates if c.name.startswith("ensemble of 3 x (prune channels 0.25 > ")]
     assert len(ens) == 1 and ens[0].model is not None and len(ens[0].model.members) == 3
+    # ... and the same three merged in weight space: one network, a third of the ensemble's bytes
+    merged = [c for c in r.candidates if c.name.startswith("merge of 3 x (prune channels 0.25) > ")]
+    assert len(merged) == 1 and merged[0].model is not None, [c.error for c in merged]
+    assert not hasattr(merged[0].model, "members")
+    assert merged[0].row["bytes"] < ens[0].row["bytes"] / 2
     # the Pareto set: nothing in it is beaten on both bytes and validation accuracy
     done = [c for c in r.candidates if c.model is not None]
     for p in r.pareto:

@@ -8,7 +8,8 @@ runtime (ONNX Runtime for ONNX models, torch otherwise), with real bytes on disk
 2. every *structural* move on the input model: magnitude pruning at several sparsities (bytes),
    channel pruning at several fractions (latency), distillation into narrower students;
 3. every finishing move on each structural candidate that kept the metric within ``max_drop``;
-4. an ensemble of compressed members (the best finished student, trained again from other seeds).
+4. an ensemble of compressed members (the best finished student, trained again from other seeds),
+   and the same members merged in weight space into one network (``merge(..., "rebasin")``).
 
 Selection uses the validation split only: the constraint is "validation metric at most
 ``max_drop`` points below the input model's". The reported metric columns are measured on the test
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,21 +256,37 @@ class _Search:
         return self.result()
 
     def ensemble_of_compressed(self, made: dict, finished: dict) -> None:
-        """Three copies of the best finished structural candidate, from three seeds, averaged."""
+        """Three copies of the best finished structural candidate, from three seeds: averaged as an
+        ensemble (three forward passes), and merged in weight space (``rebasin``: one network of the
+        same size, so the ensemble's gain at no inference cost where the merge keeps it), then finished."""
         pool = [(p, mv, c) for p, mv, c in finished.values() if p is not self.baseline and c.meets] or \
                [(p, mv, c) for p, mv, c in finished.values() if p is not self.baseline]
         if not pool:
             return
         parent, finish, first = min(pool, key=lambda t: t[2].row[self.key])
         move = made[parent.name][0]
+        trained: list[nn.Module] = []  # the two other seeds' structural candidates, trained once for both
+
+        def others() -> list[nn.Module]:
+            if not trained:
+                trained.extend(move.apply(self.baseline.model, self.seed + i) for i in (1, 2))
+            return trained
 
         def build():
             from .fuse import ensemble
 
-            others = [finish.apply(move.apply(self.baseline.model, self.seed + i)) for i in (1, 2)]
-            return ensemble([first.model, *others], "mean", self.data)
+            return ensemble([first.model, *[finish.apply(m) for m in others()]], "mean", self.data)
+
+        def merged():
+            from .fuse import merge
+
+            with warnings.catch_warnings():  # a merge worse than its members is measured, not warned about
+                warnings.simplefilter("ignore", UserWarning)
+                one = merge([parent.model, *others()], "rebasin", self.data, seed=self.seed)
+            return finish.apply(one)
 
         self.evaluate(f"ensemble of 3 x ({first.name})", build)
+        self.evaluate(f"merge of 3 x ({parent.name}) > {finish.name}", merged)
 
     def result(self) -> SearchResult:
         from .report import pareto_front
