@@ -195,6 +195,21 @@ def test_transformers_model_teaches_a_student(tmp_path):
     assert [s["op"] for s in sf.lineage_of(again)] == ["distill"]
 
 
+def test_a_transformers_teacher_gets_a_narrower_student_of_its_own_class(tmp_path):
+    data = _token_splits()
+    teacher = bert(num_attention_heads=4, intermediate_size=32)
+    student = sf.zoo.student(teacher, width=0.5, example_inputs=data.train.x[:2])
+    assert type(student) is type(teacher)
+    assert [layer.attention.self.num_attention_heads for layer in student.bert.encoder.layer] == [2, 2]
+    assert student.bert.encoder.layer[0].intermediate.dense.out_features == 16
+    out = sf.distill(teacher, student, data, epochs=1, transfer="train", validate=False)
+    sf.save(out, tmp_path / "s")
+    again = sf.load(tmp_path / "s")
+    assert [layer.attention.self.num_attention_heads for layer in again.bert.encoder.layer] == [2, 2]
+    with torch.no_grad():
+        assert torch.equal(again(data.test.x).logits, out(data.test.x).logits)
+
+
 def test_no_pickle_anywhere_in_the_artifact(tmp_path):
     sf.save(bert(), tmp_path / "a")
     for f in (tmp_path / "a").iterdir():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from .hf import output_logits
+from .hf import after_pruning, is_hf, output_logits, pruning_setup, unknown_attention
 from .spec import attach, spec_of, task_of
 from .zoo import build, factory_spec, register
 
@@ -87,13 +87,27 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
     if width < 1:
         modules = dict(work.named_modules())
         ignored = [modules[n] for n in output_layers(work, example_inputs)]
+        extra = {}
+        if is_hf(work):  # whole attention heads; embeddings, LayerNorms and the pooler keep hidden_size
+            odd = unknown_attention(work)
+            if odd:
+                raise ConfigError(f"zoo.student: cannot narrow {odd[0]}: its attention heads are laid out in a "
+                                  "way slimfuse does not prune as units")
+            setup = pruning_setup(work)
+            ignored += setup["ignored"]
+            if setup["num_heads"]:
+                extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
+                         "head_pruning_ratio": 1 - width}
         pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                      pruning_ratio=1 - width, ignored_layers=ignored)
+                                      pruning_ratio=1 - width, ignored_layers=ignored,
+                                      output_transform=output_logits, **extra)
         groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types)
         if not any(True for _ in groups):
             raise ConfigError("zoo.student: this model has no neurons or channels to remove outside its output layer")
         pruner.step()
+        if extra:
+            after_pruning(work, pruner.num_heads)
         del pruner
         work.zero_grad(set_to_none=True)
         check_still_runs(work, example_inputs, expected)
