@@ -155,6 +155,14 @@ def test_a_user_subclass_of_a_transformers_model_is_not_rebuilt_as_hf():
     assert not is_hf(model) and sf.spec_of(model) is None
 
 
+def test_a_transformers_model_changed_beyond_its_config_says_why_it_cannot_be_saved(tmp_path):
+    model = bert()
+    model.extra = torch.nn.Linear(2, 2)  # a tensor no build of its config has
+    assert sf.spec_of(model) is None  # still trains and predicts: only saving needs a spec
+    with pytest.raises(ArtifactError, match="extra.weight"):
+        sf.save(model, tmp_path / "a")
+
+
 def test_ensemble_of_transformers_members_round_trips(tmp_path):
     from slimfuse.fuse.combine import make
 

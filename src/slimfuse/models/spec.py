@@ -41,10 +41,14 @@ def _meta(model: nn.Module) -> dict:
         return meta
     # a transformers model carries its own description: its class and config (models/hf.py)
     if type(model).__module__.startswith("transformers."):
+        from ..errors import ArtifactError
         from .hf import is_hf, spec_for
 
         if is_hf(model):
-            return {"spec": spec_for(model), "lineage": [], "task": None}
+            try:
+                return {"spec": spec_for(model), "lineage": [], "task": None}
+            except ArtifactError:  # changed beyond what a spec records: save() says why
+                pass
     return {"spec": None, "lineage": [], "task": None}
 
 
