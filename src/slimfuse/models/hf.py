@@ -15,8 +15,8 @@ The spec of a ``transformers`` model that carries none is computed from the mode
 (:func:`spec_for`, used by :func:`slimfuse.models.spec.spec_of`), so such a model saves, reloads,
 joins an ensemble and serves as a teacher with no glue code.
 
-:func:`output_logits` turns what a model returns (a tensor, a ``ModelOutput`` with ``logits``, a
-tuple) into the logits tensor slimfuse works with (a minimal form of the call convention).
+:func:`output_logits` takes the ``logits`` of a ``ModelOutput`` (or dict) a model returns, so slimfuse
+works with the logits tensor (a minimal form of the call convention).
 
 ``transformers`` is imported only when a ``transformers`` model is met.
 """
@@ -58,18 +58,12 @@ STRUCT_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "n
 
 
 def output_logits(out):
-    """The logits in what a model returned: a tensor as is, a ``ModelOutput``'s (or dict's) ``logits``,
-    a tuple's first tensor. Anything else raises ConfigError naming what came back."""
+    """The logits in what a model returned: a ``ModelOutput``'s (or a dict's) ``logits`` tensor;
+    anything else (a tensor, a tuple ...) as it is, for the caller's own checks."""
     if isinstance(out, torch.Tensor):
         return out
     value = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    keys = f" (keys: {', '.join(map(str, out.keys()))})" if isinstance(out, dict) else ""
-    raise ConfigError(f"the model returned a {type(out).__name__}{keys} with no logits tensor; "
-                      "give slimfuse a model that returns logits")
+    return value if isinstance(value, torch.Tensor) else out
 
 
 # --------------------------------------------------------------------------- recognising and describing
