@@ -171,6 +171,8 @@ def test_head_pruned_bert_keeps_its_accuracy_on_the_sentence_topics(tmp_path):
     tuned = sf.prune(model, channels=0.25, data=data, epochs=2, lr=1e-3)
     after_tuning = sf.evaluate(tuned, data.test)["accuracy"]
     assert after_tuning >= base - 0.01, (base, after_tuning)
+    print(f"sentence topics, tiny BERT: {base:.4f} unpruned, {right_after:.4f} right after pruning, "
+          f"{after_tuning:.4f} after fine-tuning")
     sf.save(tuned, tmp_path / "bert")
     again = sf.load(tmp_path / "bert")
     with torch.no_grad():
