@@ -124,3 +124,24 @@ class TiedLM(nn.Module):
 
 def tied_lm(vocab: int = 50, dim: int = 16, tie: bool = True) -> nn.Module:
     return TiedLM(vocab, dim, tie)
+
+
+class MHAClassifier(nn.Module):
+    """Token ids -> embedding -> Linear -> ``nn.MultiheadAttention`` -> mean over tokens -> MLP."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, classes: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.hidden = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        h = self.proj(self.emb(ids))
+        z, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(torch.relu(self.hidden(z.mean(1))))
+
+
+def mha_classifier(vocab: int = 50, dim: int = 32, heads: int = 4, classes: int = 4) -> nn.Module:
+    return MHAClassifier(vocab, dim, heads, classes)

@@ -30,6 +30,7 @@ from . import configs, distributed
 from .checkpoint import Checkpoint, Resume, fingerprint, run_key
 from .data import Split, Splits
 from .errors import ConfigError, DataError
+from .models.hf import output_logits
 from .models.spec import derive, set_task, task_of
 
 
@@ -156,7 +157,7 @@ def fit(
                     if transform is not None:
                         x = transform(x, gen)
                     batch = Batch(x, train.y[idx], idx)
-                    value = loss(net(x), batch)
+                    value = loss(output_logits(net(x)), batch)
                     if not torch.isfinite(value):
                         raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; "
                                           "lower the learning rate")
@@ -217,7 +218,7 @@ def probe(model: nn.Module, x: torch.Tensor, *, who: str = "the model") -> torch
     model.eval()
     try:
         with torch.no_grad():
-            return model(x[:2])
+            return output_logits(model(x[:2]))
     except RuntimeError as e:
         raise DataError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
     finally:
@@ -252,7 +253,7 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
     was_training = model.training
     model.eval()
     try:
-        outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        outs = [output_logits(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     logits = torch.cat(outs).float() if outs else torch.empty(0)

@@ -37,6 +37,7 @@ from torch import nn
 from .data import Split, Splits
 from .distributed import is_main
 from .errors import SlimfuseError
+from .models.hf import output_logits
 from .models.spec import ATTR, spec_of, task_of
 
 SAMPLES = 256  # inputs the gate runs (a few hundred at most keeps it cheap)
@@ -132,7 +133,7 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
+        return torch.cat([output_logits(model(x[i:i + 128])) for i in range(0, len(x), 128)])
     finally:
         model.train(was)
 

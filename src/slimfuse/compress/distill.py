@@ -39,6 +39,7 @@ from .. import configs
 from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..errors import ConfigError, DataError
+from ..models.hf import output_logits
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
 from ..validate import check
@@ -215,7 +216,7 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
 
 def _call(teacher, x: torch.Tensor):
     try:
-        return teacher(x)
+        return output_logits(teacher(x))
     except (RuntimeError, TypeError, ValueError) as e:
         raise ConfigError(
             f"the teacher cannot predict inputs of shape {tuple(x.shape[1:])}: "

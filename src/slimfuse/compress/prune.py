@@ -36,6 +36,8 @@ from .. import configs
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
 from ..errors import ConfigError
+from ..models import hf
+from ..models.hf import output_logits
 from ..models.shrunk import PRUNABLE, check_still_runs, output_layers, shrunk_spec
 from ..models.spec import derive, task_of
 from ..train import fit
@@ -326,7 +328,41 @@ def _taylor_gradients(model: nn.Module, data: Splits, batch_size: int = 256, bat
     for i in range(batches):
         x, y = data.train.x[i * batch_size : (i + 1) * batch_size], data.train.y[i * batch_size : (i + 1) * batch_size]
         if len(x):
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(output_logits(model(x)), y).backward()
+
+
+def _untraceable(model: nn.Module, error: Exception, when: str = "tracing") -> str:
+    """A one-line reason Torch-Pruning failed on ``model``: the operation it failed at, the nearest named
+    layer feeding it, and the layers holding weights of types it has no pruner for."""
+    node, tb = None, error.__traceback__
+    while tb is not None:  # the innermost graph node Torch-Pruning was working on
+        found = tb.tb_frame.f_locals.get("node")
+        if found is not None and hasattr(found, "inputs"):
+            node = found
+        tb = tb.tb_next
+    names = {id(m): n for n, m in model.named_modules()}
+    where = ""
+    if node is not None:
+        layer, queue, seen = None, [node], set()
+        while queue and layer is None:  # breadth-first towards the inputs: the first named layer
+            n = queue.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(getattr(n, "module", None), nn.Module) and id(n.module) in names and names[id(n.module)]:
+                layer = f"{names[id(n.module)]} ({type(n.module).__name__})"
+            queue.extend(getattr(n, "inputs", []))
+        op = str(getattr(node, "name", node)).split("(")[0]
+        where = f" at {op}" + (f", fed by {layer}" if layer else "")
+    unknown = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+               if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, PRUNABLE + (
+                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Embedding, nn.GroupNorm,
+                   nn.MultiheadAttention, nn.PReLU, nn.LSTM, nn.ConvTranspose2d, nn.InstanceNorm2d))]
+    why = f"; layers of types it has no pruner for: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}" \
+        if unknown else ""
+    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"structured pruning cannot trace this model: Torch-Pruning failed while {when}{where} "
+            f"({type(error).__name__}: {msg}){why}; exclude= the layers around it, or prune with sparsity=")
 
 
 def _epochs_per_step(epochs: int, steps: int) -> list[int]:
@@ -350,11 +386,29 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     modules = dict(work.named_modules())
     ignored = [modules[e] for e in excluded]
     with torch.no_grad():
-        expected = work(sample).shape
-    pruner = tp.pruner.BasePruner(
-        work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
-        ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
-    )
+        expected = output_logits(work(sample)).shape
+    extra = {}
+    if hf.is_hf(work):  # attention heads go as units; the residual stream (embeddings, LayerNorms) stays whole
+        skipped = {id(m) for e in excluded for m in modules[e].modules()}
+        odd = [n for n in hf.unknown_attention(work) if id(modules[n.split(" ")[0]]) not in skipped]
+        if odd:
+            raise ConfigError(f"structured pruning does not know how {odd[0]} splits its features into attention "
+                              "heads, so it cannot remove whole heads; exclude= those layers "
+                              f"({', '.join(o.split(' ')[0] for o in odd[:3])}{' ...' if len(odd) > 3 else ''}) "
+                              "or prune with sparsity=")
+        setup = hf.pruning_setup(work)
+        ignored += setup["ignored"]
+        if setup["num_heads"]:
+            extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
+                     "head_pruning_ratio": ratio}
+    try:
+        pruner = tp.pruner.BasePruner(
+            work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
+            ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
+            output_transform=output_logits, **extra,
+        )
+    except (TypeError, IndexError, AttributeError, KeyError, ValueError, RuntimeError) as e:
+        raise ConfigError(_untraceable(work, e)) from None
     if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                                      root_module_types=pruner.root_module_types)):
         raise ConfigError("nothing to prune: the model has no channels outside exclude= that can be removed "
@@ -371,7 +425,12 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     for step, step_epochs in enumerate(_epochs_per_step(epochs, steps), start=1):
         if importance == "taylor":
             _taylor_gradients(work, data)
-        pruner.step()
+        try:
+            pruner.step()
+        except (TypeError, IndexError, AttributeError, KeyError, ValueError) as e:
+            raise ConfigError(_untraceable(work, e, when="pruning")) from None
+        if extra:
+            hf.after_pruning(work, pruner.num_heads)
         work.zero_grad(set_to_none=True)
         check_still_runs(work, sample, expected)
         if step_epochs:

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import ArtifactError, ConfigError
 from ..models import zoo
+from ..models.hf import output_logits
 from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
@@ -94,7 +95,7 @@ class Ensemble(nn.Module):
         return self._loop(x)
 
     def _loop(self, x):
-        return torch.stack([m(x) for m in self.members])
+        return torch.stack([output_logits(m(x)) for m in self.members])
 
     @staticmethod
     def _vmap(stacked, x):
@@ -170,7 +171,7 @@ class Ensemble(nn.Module):
                 base = copy.deepcopy(self.members[0]).to("meta")
 
                 def one(p, b, inp):
-                    return functional_call(base, (p, b), (inp,), tie_weights=False)
+                    return output_logits(functional_call(base, (p, b), (inp,), tie_weights=False))
 
                 candidate = (vmap(one, in_dims=(0, 0, None)), params, buffers)
             # trust the batched path only once it reproduces the loop on real inputs

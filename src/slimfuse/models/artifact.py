@@ -84,6 +84,11 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     take more bytes than the dense form, the dense form is written and the card says ``dense``.
     """
     spec = spec_of(model)
+    if spec is None and type(model).__module__.startswith("transformers."):
+        from .hf import is_hf, spec_for
+
+        if is_hf(model):
+            spec = spec_for(model)  # raises ArtifactError saying what its spec cannot record
     if spec is None:  # a user's own module: its importable class and constructor arguments
         spec = factory_spec(model)
     codec = codec or getattr(model, "slimfuse_codec", "dense")

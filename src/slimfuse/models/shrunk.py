@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
+from .hf import after_pruning, is_hf, output_logits, pruning_setup, unknown_attention
 from .spec import attach, spec_of, task_of
 from .zoo import build, factory_spec, register
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
 WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
-               "normalized_shape", "num_embeddings", "embedding_dim")
+               "normalized_shape", "num_embeddings", "embedding_dim",
+               "embed_dim", "kdim", "vdim", "head_dim", "num_heads")  # the last: nn.MultiheadAttention
 
 
 def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
@@ -47,7 +49,7 @@ def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Siz
     """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
     try:
         with torch.no_grad():
-            shape = model.eval()(sample).shape
+            shape = output_logits(model.eval()(sample)).shape
     except RuntimeError as e:
         shape = str(e).splitlines()[0]
     if shape != expected:
@@ -79,19 +81,33 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
             if callable(getattr(m, "reset_parameters", None)):
                 m.reset_parameters()
         try:
-            expected = work(example_inputs).shape
+            expected = output_logits(work(example_inputs)).shape
         except (RuntimeError, TypeError, ValueError) as e:
             raise ConfigError(f"zoo.student: the model does not run on example_inputs: {e}") from None
     if width < 1:
         modules = dict(work.named_modules())
         ignored = [modules[n] for n in output_layers(work, example_inputs)]
+        extra = {}
+        if is_hf(work):  # whole attention heads; embeddings, LayerNorms and the pooler keep hidden_size
+            odd = unknown_attention(work)
+            if odd:
+                raise ConfigError(f"zoo.student: cannot narrow {odd[0]}: its attention heads are laid out in a "
+                                  "way slimfuse does not prune as units")
+            setup = pruning_setup(work)
+            ignored += setup["ignored"]
+            if setup["num_heads"]:
+                extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
+                         "head_pruning_ratio": 1 - width}
         pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                      pruning_ratio=1 - width, ignored_layers=ignored)
+                                      pruning_ratio=1 - width, ignored_layers=ignored,
+                                      output_transform=output_logits, **extra)
         groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types)
         if not any(True for _ in groups):
             raise ConfigError("zoo.student: this model has no neurons or channels to remove outside its output layer")
         pruner.step()
+        if extra:
+            after_pruning(work, pruner.num_heads)
         del pruner
         work.zero_grad(set_to_none=True)
         check_still_runs(work, example_inputs, expected)
@@ -134,6 +150,10 @@ def shrunk_spec(source: nn.Module, pruned: nn.Module, *, spec: dict | None = Non
     spec = spec or spec_of(source)
     if spec is None:
         return None
+    if spec.get("arch") == "hf":  # a transformers model records its own structure (heads, widths)
+        from .hf import spec_for
+
+        return spec_for(pruned)
     new_shapes = _shapes(pruned)
     try:
         widths = _zoo_widths(spec.get("arch"), dict(pruned.named_modules()))

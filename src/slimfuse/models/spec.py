@@ -36,7 +36,20 @@ def _canonical(value):
 
 
 def _meta(model: nn.Module) -> dict:
-    return getattr(model, ATTR, None) or {"spec": None, "lineage": [], "task": None}
+    meta = getattr(model, ATTR, None)
+    if meta:
+        return meta
+    # a transformers model carries its own description: its class and config (models/hf.py)
+    if type(model).__module__.startswith("transformers."):
+        from ..errors import ArtifactError
+        from .hf import is_hf, spec_for
+
+        if is_hf(model):
+            try:
+                return {"spec": spec_for(model), "lineage": [], "task": None}
+            except ArtifactError:  # changed beyond what a spec records: save() says why
+                pass
+    return {"spec": None, "lineage": [], "task": None}
 
 
 def spec_of(model: nn.Module) -> dict | None:
