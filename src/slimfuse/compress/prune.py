@@ -36,9 +36,9 @@ from .. import configs
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
 from ..errors import ConfigError
-from ..models.shrunk import PRUNABLE, check_still_runs, output_layers, shrunk_spec
+from ..models.shrunk import PRUNABLE, TP_ERRORS, check_still_runs, output_layers, shrunk_spec, tp_failure
 from ..models.spec import derive, task_of
-from ..train import fit
+from ..train import fit, probe
 from ..validate import check
 from .sparse import CODEC
 
@@ -123,6 +123,9 @@ def prune(
                           "or epochs=0 to prune without fine-tuning")
     if data is not None and not isinstance(data, Splits):
         raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
+    sample = _sample(model, data)
+    if sample is not None:
+        probe(model, sample)  # a model that cannot take the data's inputs: one clear error before any tracing
     if lr is None:
         lr = DEFAULT_LR[kind]
     fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
@@ -170,6 +173,13 @@ def _scope(model: nn.Module, exclude: list[str] | None, sample) -> tuple[dict[st
     skipped = {id(m) for e in exclude for m in modules[e].modules()}
     layers = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and id(m) not in skipped}
     return layers, list(exclude)
+
+
+def _unpruned(model: nn.Module) -> str:
+    """``; its RNN/Embedding layers (lstm: LSTM) are not pruned`` for the weighted layers pruning leaves alone."""
+    kinds = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
+    others = [f"{n}: {type(m).__name__}" for n, m in model.named_modules() if isinstance(m, kinds)]
+    return f"; its {', '.join(others[:5])} layers are not pruned" if others else ""
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -286,7 +296,8 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     work = copy.deepcopy(model)
     layers, excluded = _scope(work, exclude, _sample(work, data))
     if not layers:
-        raise ConfigError("nothing to prune: the model has no Linear/Conv layers outside exclude=")
+        raise ConfigError(f"nothing to prune: the model has no Linear/Conv layers outside exclude={excluded}"
+                          f"{_unpruned(work)}")
     n_weights = sum(m.weight.numel() for m in layers.values())
     initial = sum(int((m.weight == 0).sum()) for m in layers.values()) / n_weights
     if initial > sparsity:
@@ -351,14 +362,19 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     ignored = [modules[e] for e in excluded]
     with torch.no_grad():
         expected = work(sample).shape
-    pruner = tp.pruner.BasePruner(
-        work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
-        ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
-    )
+    try:
+        pruner = tp.pruner.BasePruner(
+            work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
+            ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
+        )
+    except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"Torch-Pruning cannot trace this model ({type(e).__name__}: {first}); exclude= the "
+                          "layers involved, or use sparsity= (unstructured) instead") from None
     if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                                      root_module_types=pruner.root_module_types)):
-        raise ConfigError("nothing to prune: the model has no channels outside exclude= that can be removed "
-                          "(e.g. its only Linear/Conv layer is the output layer)")
+        raise ConfigError(f"nothing to prune: the model has no channels outside exclude={excluded} that can be "
+                          f"removed (e.g. its only Linear/Conv layer is the output layer){_unpruned(work)}")
     # A rerun replays the pruning steps; each finished step's fine-tuning is kept in the area,
     # so it returns at once with the weights the next step prunes.
     area = None
@@ -371,7 +387,10 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     for step, step_epochs in enumerate(_epochs_per_step(epochs, steps), start=1):
         if importance == "taylor":
             _taylor_gradients(work, data)
-        pruner.step()
+        try:
+            pruner.step()
+        except TP_ERRORS as e:  # a graph Torch-Pruning misreads: name the layers, never a raw traceback
+            raise tp_failure(e, pruner, work) from None
         work.zero_grad(set_to_none=True)
         check_still_runs(work, sample, expected)
         if step_epochs:
