@@ -11,6 +11,7 @@ Files are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -28,7 +29,7 @@ from .errors import ArtifactError, ConfigError
 from .models.artifact import write_bytes_atomic
 from .models.spec import derive, spec_of, task_of
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
-from .train import predict
+from .train import predict, probe
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def to_onnx(model, *, sample=None, opset: int = 17, atol: float = 1e-4, rtol: fl
     if not isinstance(model, nn.Module):
         raise ConfigError(f"cannot export a {type(model).__name__}; give a torch module or an ONNX model")
     x = sample_inputs(model, sample)
+    probe(model, x)  # a model that cannot take these inputs, or returns no single tensor: one clear error
     proto = torch_to_proto(model, x[:2], opset=opset)
     pred = from_proto(proto, model)
     parity = check_parity(model, pred, x, atol=atol, rtol=rtol)
@@ -92,7 +94,7 @@ def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) 
     if not example.is_floating_point() and example.ndim == 2:  # token ids: any sequence length
         axes[1] = "sequence"
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _mha_fastpath_off():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 net, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
@@ -103,6 +105,22 @@ def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot export this model to ONNX: {first}") from None
     return parse_onnx(buf.getvalue(), where="exported model")
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off():
+    """``nn.MultiheadAttention`` in eval mode without grad takes a fused fast path
+    (``aten::_native_multi_head_attention``) that has no ONNX symbolic; export the plain path instead."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 def sample_inputs(model: nn.Module, sample=None, *, n: int = 64) -> torch.Tensor:

@@ -218,11 +218,35 @@ def probe(model: nn.Module, x: torch.Tensor, *, who: str = "the model") -> torch
     model.eval()
     try:
         with torch.no_grad():
-            return output_logits(model(x[:2]))
+            out = output_logits(model(x[:2]))
     except RuntimeError as e:
         raise DataError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
+    except TypeError as e:  # e.g. a forward that takes several inputs, called with one tensor
+        raise DataError(f"{who} cannot be called with one input tensor{inputs_hint(model)}: "
+                        f"{str(e).splitlines()[0]}") from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        kind = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list, dict)) else type(out).__name__
+        raise DataError(f"{who} returns {kind} outputs; slimfuse needs one tensor of (batch, classes) logits: wrap "
+                        "the model in a module that returns the logits alone")
+    return out
+
+
+def inputs_hint(model: nn.Module) -> str:
+    """`` (its forward takes 2 inputs: a, b; ...)`` when ``model.forward`` needs more than one input, else ``""``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(required) <= 1:
+        return ""
+    return (f" (its forward takes {len(required)} inputs: {', '.join(required)}; slimfuse feeds every batch as one "
+            "tensor: wrap the model in a module that takes one tensor)")
 
 
 def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -> None:

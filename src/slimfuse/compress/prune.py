@@ -38,9 +38,17 @@ from ..data import Splits
 from ..errors import ConfigError
 from ..models import hf
 from ..models.hf import output_logits
-from ..models.shrunk import PRUNABLE, check_still_runs, output_layers, shrunk_spec
+from ..models.shrunk import (
+    PRUNABLE,
+    TP_ERRORS,
+    check_still_runs,
+    output_layers,
+    shrunk_spec,
+    tp_failing_layers,
+    tp_failure,
+)
 from ..models.spec import derive, task_of
-from ..train import fit
+from ..train import fit, probe
 from ..validate import check
 from .sparse import CODEC
 
@@ -125,6 +133,9 @@ def prune(
                           "or epochs=0 to prune without fine-tuning")
     if data is not None and not isinstance(data, Splits):
         raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
+    sample = _sample(model, data)
+    if sample is not None:
+        probe(model, sample)  # a model that cannot take the data's inputs: one clear error before any tracing
     if lr is None:
         lr = DEFAULT_LR[kind]
     fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
@@ -172,6 +183,13 @@ def _scope(model: nn.Module, exclude: list[str] | None, sample) -> tuple[dict[st
     skipped = {id(m) for e in exclude for m in modules[e].modules()}
     layers = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and id(m) not in skipped}
     return layers, list(exclude)
+
+
+def _unpruned(model: nn.Module) -> str:
+    """``; its RNN/Embedding layers (lstm: LSTM) are not pruned`` for the weighted layers pruning leaves alone."""
+    kinds = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention)
+    others = [f"{n}: {type(m).__name__}" for n, m in model.named_modules() if isinstance(m, kinds)]
+    return f"; its {', '.join(others[:5])} layers are not pruned" if others else ""
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -288,7 +306,8 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     work = copy.deepcopy(model)
     layers, excluded = _scope(work, exclude, _sample(work, data))
     if not layers:
-        raise ConfigError("nothing to prune: the model has no Linear/Conv layers outside exclude=")
+        raise ConfigError(f"nothing to prune: the model has no Linear/Conv layers outside exclude={excluded}"
+                          f"{_unpruned(work)}")
     n_weights = sum(m.weight.numel() for m in layers.values())
     initial = sum(int((m.weight == 0).sum()) for m in layers.values()) / n_weights
     if initial > sparsity:
@@ -407,12 +426,12 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
             ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
             output_transform=output_logits, **extra,
         )
-    except (TypeError, IndexError, AttributeError, KeyError, ValueError, RuntimeError) as e:
+    except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
         raise ConfigError(_untraceable(work, e)) from None
     if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                                      root_module_types=pruner.root_module_types)):
-        raise ConfigError("nothing to prune: the model has no channels outside exclude= that can be removed "
-                          "(e.g. its only Linear/Conv layer is the output layer)")
+        raise ConfigError(f"nothing to prune: the model has no channels outside exclude={excluded} that can be "
+                          f"removed (e.g. its only Linear/Conv layer is the output layer){_unpruned(work)}")
     # A rerun replays the pruning steps; each finished step's fine-tuning is kept in the area,
     # so it returns at once with the weights the next step prunes.
     area = None
@@ -427,7 +446,9 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
             _taylor_gradients(work, data)
         try:
             pruner.step()
-        except (TypeError, IndexError, AttributeError, KeyError, ValueError) as e:
+        except TP_ERRORS as e:  # a graph Torch-Pruning misreads: name the layers, never a raw traceback
+            if tp_failing_layers(pruner, work):
+                raise tp_failure(e, pruner, work) from None
             raise ConfigError(_untraceable(work, e, when="pruning")) from None
         if extra:
             hf.after_pruning(work, pruner.num_heads)

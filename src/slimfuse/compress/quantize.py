@@ -63,6 +63,7 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}
     configs.Quantize.build(scheme=scheme, backend=backend, auto_batch=auto_batch, auto_max_drop=auto_max_drop,
                            **options)  # the one set of names and bounds
+    _probe(model, calib)
     name, _, arg = scheme.partition(":")
     have = sorted(b for s, b in SCHEMES if s == name)
     if backend == "auto" and len(have) > 1 and calib is not None:
@@ -76,6 +77,18 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
                  else None, data=calib, validate=validate, fix=FIXES.get((name, chosen), FIXES[None]),
                  floor=QUANTIZE_FLOOR if name in INT8_SCHEMES else None,
                  cosine_floor=QUANTIZE_COSINE_FLOOR if name in INT8_SCHEMES else COSINE_FLOOR)
+
+
+def _probe(model, calib) -> None:
+    """A torch model that cannot take the calibration inputs: one clear error before any scheme runs."""
+    import torch
+
+    from ..data import Split, Splits
+    from ..train import probe
+
+    x = calib.train.x if isinstance(calib, Splits) else calib.x if isinstance(calib, Split) else calib
+    if isinstance(model, nn.Module) and isinstance(x, torch.Tensor) and len(x):
+        probe(model, x)
 
 
 def _measured(model, name, arg, calib, backends, batch, max_drop, options) -> nn.Module:

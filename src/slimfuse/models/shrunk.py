@@ -24,7 +24,9 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Module attributes that describe a layer's width; recorded for the ``pruned`` architecture.
 WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
                "normalized_shape", "num_embeddings", "embedding_dim",
-               "embed_dim", "kdim", "vdim", "head_dim", "num_heads")  # the last: nn.MultiheadAttention
+               "embed_dim", "kdim", "vdim", "num_heads", "head_dim")  # the last: nn.MultiheadAttention
+# what Torch-Pruning raises on graphs it misreads (split outputs, parameters used through a view, ...)
+TP_ERRORS = (IndexError, KeyError, AttributeError, TypeError, ValueError, RuntimeError, AssertionError)
 
 
 def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
@@ -46,15 +48,65 @@ def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
 
 
 def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Size) -> None:
-    """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
+    """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear, a
+    ``torch.split`` into branches): the shrunk model must still run, and the error names the layer that fails."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    running: list[str] = []
+
+    def enter(mod, inputs) -> None:
+        running.append(names[id(mod)])
+
+    def leave(mod, inputs, output) -> None:
+        running.pop()
+
+    hooks = [h for m in model.modules() if id(m) in names
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    where = ""
     try:
         with torch.no_grad():
             shape = output_logits(model.eval()(sample)).shape
     except RuntimeError as e:
         shape = str(e).splitlines()[0]
+        where = f" at layer {running[-1]!r}" if running else ""
+    finally:
+        for h in hooks:
+            h.remove()
     if shape != expected:
-        raise ConfigError(f"structured pruning could not keep this model's layers consistent ({shape}); "
-                          "name the layers around the failing one in exclude=")
+        raise ConfigError(f"structured pruning could not keep this model's layers consistent{where} ({shape}); "
+                          "name that layer or the ones feeding it in exclude=")
+
+
+def tp_failure(e: BaseException, pruner, model: nn.Module) -> ConfigError:
+    """Torch-Pruning raised ``e`` (an ``IndexError`` on a graph it misreads, say): one ConfigError naming the
+    layers of the first group whose importance it cannot compute (or just the error when all can be)."""
+    layers = tp_failing_layers(pruner, model)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    group = f" on the layers {', '.join(layers)}" if layers else ""
+    return ConfigError(f"Torch-Pruning cannot prune this model{group} ({type(e).__name__}: {first}); "
+                       f"exclude= {'one of them' if layers else 'the layers involved'}, or use sparsity= "
+                       "(unstructured) instead")
+
+
+def tp_failing_layers(pruner, model: nn.Module) -> list[str]:
+    """The layers of the first pruning group whose importance Torch-Pruning cannot compute (best effort)."""
+    modules = {id(m): n for n, m in model.named_modules() if n}
+    params = {id(p): n for n, p in model.named_parameters()}
+    layers: list[str] = []
+    try:
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                              root_module_types=pruner.root_module_types):
+            try:
+                pruner.estimate_importance(group)
+            except Exception:  # this group is the one Torch-Pruning misreads
+                for item in group.items:
+                    target = item.dep.target.module
+                    name = modules.get(id(target)) or params.get(id(target))
+                    if name and name not in layers:
+                        layers.append(name)
+                break
+    except Exception:  # the diagnosis is best effort; the original error is the message
+        pass
+    return layers
 
 
 def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor | None = None) -> nn.Module:
@@ -105,7 +157,10 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
                                           root_module_types=pruner.root_module_types)
         if not any(True for _ in groups):
             raise ConfigError("zoo.student: this model has no neurons or channels to remove outside its output layer")
-        pruner.step()
+        try:
+            pruner.step()
+        except TP_ERRORS as e:
+            raise tp_failure(e, pruner, work) from None
         if extra:
             after_pruning(work, pruner.num_heads)
         del pruner

@@ -1,0 +1,412 @@
+"""Peer models: the structural patterns users' own networks have, each a tiny importable class.
+
+Organised by pattern, as Torch-Pruning's own structural tests are (residual add, concatenation,
+split, tuple-output split, grouped/depthwise convolution, multi-input, multi-output, attention,
+embeddings + LSTM, ConvTranspose, a customised layer with its own parameter), plus a plain-torch
+set shaped like what a Keras user writes (Sequential stacks, BatchNorm1d/Dropout, LayerNorm/GELU,
+GRU, Conv1d, squeeze-excitation). Every one takes the 8x8 ``digits`` images (or their pixels as
+tokens, :func:`digits_tokens`) and has a few thousand parameters, so it trains in a second.
+
+Every class is ``@slimfuse.zoo.rebuildable`` (its constructor arguments are recorded), so it
+saves and reloads with ``trust_factory=True`` as a user's own model does. ``PEERS`` lists them
+for the model matrix (``tests/peer_matrix.py``): a new model is one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimfuse as sf
+
+# --------------------------------------------------------------------------- structural patterns
+
+
+@sf.zoo.rebuildable
+class ResidualAdd(nn.Module):
+    """conv -> bn, then ``h + bn(conv(h))``: the two addends' channels must be pruned together."""
+
+    def __init__(self, width: int = 12, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(h + self.bn1(self.conv(h)))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class Concat(nn.Module):
+    """Two branches concatenated along channels, mixed by a 1x1 convolution."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.a = nn.Conv2d(width, width, 1)
+        self.b = nn.Conv2d(width, width, 3, padding=1)
+        self.mix = nn.Conv2d(2 * width, width, 1)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = torch.cat([F.relu(self.a(h)), F.relu(self.b(h))], dim=1)
+        return self.head(F.avg_pool2d(F.relu(self.mix(h)), 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class Split(nn.Module):
+    """``torch.split`` of one convolution's channels into two branches (Torch-Pruning's ``test_split``):
+    the sizes are read from the branches, so they follow a pruning."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2 * width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2 * width)
+        self.left = nn.Conv2d(width, width, 1)
+        self.right = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(2 * width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        a, b = torch.split(h, [self.left.in_channels, self.right.in_channels], dim=1)
+        h = torch.cat([F.relu(self.left(a)), F.relu(self.right(b))], dim=1)
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+class Halves(nn.Module):
+    """A layer whose output is a tuple: the two halves of its input's channels."""
+
+    def forward(self, x):
+        return tuple(x.chunk(2, dim=1))
+
+
+@sf.zoo.rebuildable
+class TupleSplit(nn.Module):
+    """A submodule returning a tuple (``chunk``) whose parts feed different layers."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2 * width, 3, padding=1)
+        self.halves = Halves()
+        self.gate = nn.Conv2d(width, width, 1)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        a, b = self.halves(F.relu(self.stem(x)))
+        h = a * torch.sigmoid(self.gate(b))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class GroupedConv(nn.Module):
+    """A grouped convolution (``groups=4``): channels are pruned group by group."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.grouped = nn.Conv2d(width, width, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(self.bn(self.grouped(h)))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class Depthwise(nn.Module):
+    """A MobileNet block: depthwise 3x3 (``groups=channels``), pointwise 1x1, BatchNorm."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.pw = nn.Conv2d(width, 2 * width, 1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.head = nn.Linear(2 * width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(self.bn1(self.dw(h)))
+        h = F.relu(self.bn2(self.pw(h)))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class MultiInput(nn.Module):
+    """Two inputs: the image and a side vector (here: the image's row means)."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.side = nn.Linear(8, width)
+        self.head = nn.Linear(width * 16 + width, classes)
+
+    def forward(self, image, side):
+        h = F.avg_pool2d(F.relu(self.conv(image)), 2).flatten(1)
+        return self.head(torch.cat([h, F.relu(self.side(side))], dim=1))
+
+
+@sf.zoo.rebuildable
+class MultiOutput(nn.Module):
+    """Two heads: class logits and an auxiliary reconstruction, returned as a tuple."""
+
+    def __init__(self, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.body = nn.Linear(64, width)
+        self.head = nn.Linear(width, classes)
+        self.aux = nn.Linear(width, 64)
+
+    def forward(self, x):
+        h = F.relu(self.body(x.flatten(1)))
+        return self.head(h), self.aux(h)
+
+
+@sf.zoo.rebuildable
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` over the image's 8 rows as tokens (learned positions), a residual, mean pooling."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(torch.zeros(8, dim))  # learned row positions (a bare parameter)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(1, 2)) + self.pos  # (N, 8 rows, 8 pixels) -> (N, 8, dim)
+        a, _ = self.attn(t, t, t, need_weights=False)
+        return self.head(self.norm(t + a).mean(1))
+
+
+@sf.zoo.rebuildable
+class EmbeddingLSTM(nn.Module):
+    """Token ids (pixel intensities 0..16, :func:`digits_tokens`) -> Embedding -> LSTM -> last state."""
+
+    def __init__(self, vocab: int = 17, dim: int = 8, hidden: int = 24, classes: int = 10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim * 8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, ids):
+        e = self.emb(ids).flatten(2)  # (N, 8 rows, 8 pixels * dim): one step per image row
+        _, (h, _) = self.lstm(e)
+        return self.head(h[-1])
+
+
+@sf.zoo.rebuildable
+class ConvTranspose(nn.Module):
+    """Down by a strided convolution, up by ``ConvTranspose2d``, added to the input features."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = h + F.relu(self.up(F.relu(self.down(h))))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+class ChannelScale(nn.Module):
+    """A customised layer: its own learnable per-channel scale, no torch layer inside."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+@sf.zoo.rebuildable
+class CustomLayer(nn.Module):
+    """A conv net with a user layer holding a bare ``nn.Parameter`` on the channel axis."""
+
+    def __init__(self, width: int = 12, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.scale = ChannelScale(width)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.scale(self.conv(x)))
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+@sf.zoo.rebuildable
+class SqueezeExcite(nn.Module):
+    """Channel attention: the features times ``sigmoid(fc(pool(features)))``."""
+
+    def __init__(self, width: int = 12, reduced: int = 4, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.fc1 = nn.Linear(width, reduced)
+        self.fc2 = nn.Linear(reduced, width)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3))))))
+        h = h * w[:, :, None, None]
+        return self.head(F.avg_pool2d(h, 2).flatten(1))
+
+
+# --------------------------------------------------------------------------- plain stacks (the Keras habit)
+
+
+@sf.zoo.rebuildable
+class SequentialCNN(nn.Sequential):
+    """``nn.Sequential`` conv / BatchNorm / ReLU / MaxPool / Flatten / Dropout / Linear (a Keras Sequential)."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1),
+            nn.Linear(2 * width * 16, classes))
+
+
+@sf.zoo.rebuildable
+class DenseBN(nn.Module):
+    """Dense -> BatchNorm1d -> ReLU -> Dropout, twice, then the classifier."""
+
+    def __init__(self, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(64, hidden), nn.BatchNorm1d(hidden)
+        self.fc2, self.bn2 = nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(0.1)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn1(self.fc1(x.flatten(1)))))
+        h = self.drop(F.relu(self.bn2(self.fc2(h))))
+        return self.out(h)
+
+
+@sf.zoo.rebuildable
+class LayerNormGELU(nn.Module):
+    """A transformer-style feed-forward block: LayerNorm, GELU, a residual around the MLP."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(64, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x.flatten(1))
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        return self.head(h)
+
+
+@sf.zoo.rebuildable
+class GRURows(nn.Module):
+    """A GRU reading the image row by row."""
+
+    def __init__(self, hidden: int = 24, classes: int = 10):
+        super().__init__()
+        self.gru = nn.GRU(8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        _, h = self.gru(x.flatten(1, 2))
+        return self.head(h[-1])
+
+
+@sf.zoo.rebuildable
+class Conv1dRows(nn.Module):
+    """``Conv1d`` over the rows (pixels of a row as channels), global max pooling."""
+
+    def __init__(self, width: int = 24, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv1d(8, width, 3, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = x.flatten(1, 2).transpose(1, 2)  # (N, 8 pixels as channels, 8 rows)
+        h = F.relu(self.conv2(F.relu(self.conv1(h))))
+        return self.head(h.amax(2))
+
+
+@sf.zoo.rebuildable
+class TokenBag(nn.Module):
+    """Token ids -> Embedding -> flatten -> Linear: the teacher/student the token models are paired with."""
+
+    def __init__(self, vocab: int = 17, dim: int = 8, classes: int = 10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(64 * dim, classes)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).flatten(1))
+
+
+# --------------------------------------------------------------------------- data and the list
+
+
+def digits_tokens(digits: sf.Splits) -> sf.Splits:
+    """``digits`` as token ids: each pixel's intensity 0..16 (the data set's own levels), shape (8, 8)."""
+    def ids(s: sf.Split) -> sf.Split:
+        return sf.Split((s.x[:, 0] * 16).round().long(), s.y)
+
+    task = sf.Task("digits-tokens", "classification", digits.task.num_classes, (8, 8), digits.task.class_names)
+    return sf.Splits(ids(digits.train), ids(digits.val), ids(digits.test), task)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    pattern: str
+    build: type  # a class (or factory) called with no arguments
+    data: str = "digits"  # "digits" (images, 1x8x8 floats) or "tokens" (8x8 int64 ids)
+    epochs: int = 8  # training epochs of the baseline
+    lr: float = 3e-3
+    feed: Callable | None = None  # x -> the model's inputs, when it takes several (the tests' own calls)
+
+    def inputs(self, x: torch.Tensor) -> tuple:
+        return self.feed(x) if self.feed is not None else (x,)
+
+
+def image_and_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two inputs of :class:`MultiInput`: the image and its row means."""
+    return x, x.mean(-1).flatten(1)
+
+
+PEERS: list[Peer] = [
+    Peer("residual-add", "residual addition", ResidualAdd),
+    Peer("concat", "concatenation", Concat),
+    Peer("split", "torch.split into branches", Split),
+    Peer("tuple-split", "tuple-output submodule (chunk)", TupleSplit),
+    Peer("grouped-conv", "grouped convolution (groups=4)", GroupedConv),
+    Peer("depthwise", "depthwise-separable convolution", Depthwise),
+    Peer("multi-input", "two inputs (image, side vector)", MultiInput, feed=image_and_rows),
+    Peer("multi-output", "two outputs (logits, reconstruction)", MultiOutput),
+    Peer("attention", "nn.MultiheadAttention", Attention, epochs=12, lr=1e-2),
+    Peer("embedding-lstm", "Embedding + LSTM on token ids", EmbeddingLSTM, data="tokens"),
+    Peer("conv-transpose", "ConvTranspose2d", ConvTranspose),
+    Peer("custom-layer", "user layer with its own nn.Parameter", CustomLayer),
+    Peer("squeeze-excite", "channel attention (multiplication)", SqueezeExcite),
+    Peer("sequential-cnn", "nn.Sequential conv stack", SequentialCNN),
+    Peer("dense-bn", "Linear + BatchNorm1d + Dropout", DenseBN),
+    Peer("layernorm-gelu", "LayerNorm + GELU + residual MLP", LayerNormGELU),
+    Peer("gru", "GRU over rows", GRURows),
+    Peer("conv1d", "Conv1d over rows", Conv1dRows),
+]
