@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import ArtifactError, ConfigError
 from ..models import zoo
+from ..models.calling import forward
 from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
@@ -79,7 +80,11 @@ class Ensemble(nn.Module):
 
     # ---- members -------------------------------------------------------------------------------
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's logits, stacked: (K, B, C)."""
+        """Every member's logits, stacked: (K, B, C). ``x``: a tensor, or a tuple/dict of tensors (members
+        called by ``models/calling.py``; only the member loop runs them)."""
+        if not isinstance(x, torch.Tensor):
+            self.last_path = "loop"
+            return self._loop(x)
         if self._use_fused():
             fused = self._fused_net(x)
             if fused is not None:
@@ -94,6 +99,8 @@ class Ensemble(nn.Module):
         return self._loop(x)
 
     def _loop(self, x):
+        if not isinstance(x, torch.Tensor):
+            return torch.stack([forward(m, x) for m in self.members])
         return torch.stack([m(x) for m in self.members])
 
     @staticmethod
@@ -183,7 +190,11 @@ class Ensemble(nn.Module):
         return stacked
 
     # ---- combiner ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x=None, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:  # several or keyword inputs: passed on to every member as they came
+            x = kwargs if x is None and not args else (x, *args) if not kwargs else None
+            if x is None:
+                raise ConfigError("an ensemble passes on either positional or keyword inputs, not both")
         return self.combine(self.member_logits(x))
 
     def combine(self, logits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
+from .calling import call, forward
 from .spec import attach, spec_of, task_of
 from .zoo import build, factory_spec, register
 
@@ -36,7 +37,7 @@ def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
                  for m in model.modules() if id(m) in names]
         try:
             with torch.no_grad():
-                model.eval()(sample)
+                call(model.eval(), sample)  # inputs of any form (models/calling.py)
         finally:
             for h in hooks:
                 h.remove()
@@ -47,7 +48,7 @@ def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Siz
     """Torch-Pruning can misread some graphs (e.g. a concatenation fed straight into flatten -> linear)."""
     try:
         with torch.no_grad():
-            shape = model.eval()(sample).shape
+            shape = forward(model.eval(), sample).shape
     except RuntimeError as e:
         shape = str(e).splitlines()[0]
     if shape != expected:
