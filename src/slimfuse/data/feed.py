@@ -120,7 +120,7 @@ def _check_inputs(inputs, where: str):
     elif isinstance(inputs, (tuple, list)):
         named = [(f"input {i}", v) for i, v in enumerate(inputs)]
     else:
-        named = [("the inputs", inputs)]
+        named = [("the input tensor", inputs)]
     if not named:
         raise DataError(f"{where}: the batch has no inputs")
     checked, n = [], None
