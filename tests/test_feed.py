@@ -230,3 +230,27 @@ def test_bad_data_and_options_are_clear_errors():
         fit(mlp(), [(x, y)], epochs=1, checkpoint="/nonexistent/ckpt", progress=False)
     with pytest.raises(ConfigError, match="patience= .* pass val="):
         fit(mlp(), [(x, y)], epochs=2, patience=1, progress=False)
+
+
+def test_channel_pruning_traces_a_keyword_input_model_on_the_loaders_inputs():
+    x, y = blobs(features=3)
+    b = torch.zeros(len(y), 3)
+    loader = DataLoader([{"a": x[i], "b": b[i], "labels": y[i]} for i in range(len(y))], batch_size=50)
+    torch.manual_seed(0)
+    trained = fit(KeywordInputs(), loader, epochs=10, lr=1e-2, progress=False)
+    acc = evaluate(trained, loader)["accuracy"]
+    small = sf.prune(trained, channels=0.5, data=loader, epochs=2, progress=False)
+    assert small.net.fa.out_features == small.net.fb.out_features == 4 and small.net.out.in_features == 4
+    assert evaluate(small, loader)["accuracy"] >= acc - 0.05
+    assert sf.lineage_of(small)[-1]["validation"]["agreement"] >= 0.5
+
+
+def test_arrays_train_exactly_like_the_same_splits(tmp_path):
+    x, y = blobs()
+    task = Task("blobs", "classification", 2, (6,))
+    splits = Splits(Split(x[:200], y[:200]), Split(x[200:], y[200:]), Split(x[:0], y[:0]), task)
+    a = fit(mlp(), splits, epochs=3, seed=2, progress=False)
+    b = fit(mlp(), (x[:200].double().numpy(), y[:200].numpy()), epochs=3, seed=2, progress=False,
+            val=(x[200:], y[200:]), checkpoint=tmp_path / "ckpt")  # in memory: seeded shuffles, checkpoints
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

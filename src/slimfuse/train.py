@@ -28,7 +28,7 @@ from torch import nn
 
 from . import configs, distributed
 from .checkpoint import Checkpoint, Resume, fingerprint, run_key
-from .data import Split, Splits
+from .data import Split, Splits, Task
 from .data.feed import Batches, describe, feed, infer_task, n_samples, take
 from .errors import ConfigError, DataError
 from .models.calling import forward
@@ -96,17 +96,23 @@ def fit(
 
     ``data`` may also be any form :func:`slimfuse.data.feed.feed` reads: a ``DataLoader`` (or any
     re-iterable) of ``(x, y)``, tuple or dict batches (``input_ids``, ``attention_mask``, ``labels``
-    ...), a ``Dataset``, arrays ``(X, y)``. Such data is *streamed*: each epoch reads the source once,
-    in its own order (a shuffling DataLoader draws from torch's RNG, seeded by ``seed``), and the model
-    is called by the convention of :mod:`slimfuse.models.calling` (``model(**batch)`` for a dict). Its
-    validation data is ``val`` (any form; none by default, so ``patience`` needs it), its task is
-    classification into the model's output classes; ``checkpoint`` is refused (resuming needs
-    in-memory Splits, whose content and order are fingerprinted); under torchrun each rank reads its
-    own loader (give it a ``DistributedSampler``). A custom ``loss`` may get unlabelled batches
-    (``batch.y`` None). ``val`` with Splits replaces ``data.val``.
+    ...), a ``Dataset``, arrays ``(X, y)``. Arrays are in memory and trained like Splits (seeded
+    shuffles, ``checkpoint``; ``val`` their validation data). Other data is *streamed*: each epoch
+    reads the source once, in its own order (a shuffling DataLoader draws from torch's RNG, seeded
+    by ``seed``), and the model is called by the convention of :mod:`slimfuse.models.calling`
+    (``model(**batch)`` for a dict). Its validation data is ``val`` (any form; none by default, so
+    ``patience`` needs it), its task is classification into the model's output classes;
+    ``checkpoint`` is refused (resuming needs in-memory data, whose content and order are
+    fingerprinted); under torchrun each rank reads its own loader (give it a
+    ``DistributedSampler``). A custom ``loss`` may get unlabelled batches (``batch.y`` None).
+    ``val`` with Splits replaces ``data.val``.
     """
     if not isinstance(data, Splits):
-        return _fit_stream(model, data, val=val, train=train, epochs=epochs, batch_size=batch_size, lr=lr,
+        batches = feed(data, batch_size=batch_size, labels=True if loss is None else None, where="the training data")
+        if batches.split is not None and batches.split.y is not None and train is None:
+            data, val = _in_memory(model, batches, val, loss), None  # arrays (X, y): the in-memory path
+    if not isinstance(data, Splits):
+        return _fit_stream(model, batches, val=val, train=train, epochs=epochs, batch_size=batch_size, lr=lr,
                            optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
                            cycles=cycles, seed=seed, patience=patience, loss=loss, after_step=after_step,
                            transform=transform, on_epoch_end=on_epoch_end, progress=progress, history=history,
@@ -117,6 +123,27 @@ def fit(
                 weight_decay=weight_decay, momentum=momentum, schedule=schedule, cycles=cycles, seed=seed,
                 patience=patience, loss=loss, after_step=after_step, transform=transform, on_epoch_end=on_epoch_end,
                 progress=progress, history=history, checkpoint=checkpoint, parallel=parallel, op=op)
+
+
+def _task_for(model, batches: Batches, loss) -> Task:
+    """The data's task, else classification into the model's output classes (``custom`` under a loss hook)."""
+    if batches.task is not None:
+        return batches.task
+    out = probe(model, batches.head(2).x)
+    if out.ndim == 2:
+        return infer_task(batches, int(out.shape[1]))
+    if loss is None:
+        raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
+    task = infer_task(batches, 0)
+    return Task(name=task.name, kind="custom", num_classes=0, input_shape=task.input_shape)
+
+
+def _in_memory(model, batches: Batches, val, loss) -> Splits:
+    """In-memory user data (arrays ``(X, y)``, a Split) as Splits: seeded shuffles and checkpoints as for Splits."""
+    train = batches.split
+    empty = Split(take(train.x, slice(0, 0)), train.y[:0])
+    val_split = empty if val is None else feed(val, where="the validation data").materialise("validation data")
+    return Splits(train, val_split, empty, _task_for(model, batches, loss))
 
 
 def _fit_stream(model, data, *, val, train, checkpoint, loss, op, **kw) -> nn.Module:
@@ -130,17 +157,7 @@ def _fit_stream(model, data, *, val, train, checkpoint, loss, op, **kw) -> nn.Mo
     val_stream = None if val is None else feed(val, batch_size=kw["batch_size"], where="the validation data")
     if kw["patience"] is not None and val_stream is None:
         raise ConfigError("patience= stops on validation accuracy: pass val= (validation data) with streamed data")
-    first = stream.head(2)
-    out = probe(model, first.x)
-    task = stream.task
-    if task is None:
-        if out.ndim != 2:
-            if loss is None:
-                raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
-            task = infer_task(stream, 0)
-            task = type(task)(name=task.name, kind="custom", num_classes=0, input_shape=task.input_shape)
-        else:
-            task = infer_task(stream, int(out.shape[1]))
+    task = _task_for(model, stream, loss)
     return _fit(model, Splits(_EMPTY, _EMPTY, _EMPTY, task), stream, train=None, checkpoint=None, loss=loss, op=op,
                 val_stream=val_stream, **kw)
 

@@ -200,7 +200,7 @@ class Batches:
         self.where, self.labels, self.task, self.batch_size = where, labels, task, batch_size
         self.split: Split | None = source if isinstance(source, Split) else None
         self.source = source
-        self._once = self.split is None and iter(source) is source  # a generator: one pass only
+        self._once = self.split is None and isinstance(source, Iterator)  # a generator: one pass only
         self._used = False
 
     def __iter__(self) -> Iterator[tuple]:
