@@ -121,8 +121,11 @@ def test_class_count_mismatch_and_non_predictor_teachers_raise(digits, teacher):
         sf.distill(teacher, wrong_classes, digits, epochs=1)
     with pytest.raises(sf.ConfigError, match="must be a predictor"):
         sf.distill("runs/teacher", student, digits, epochs=1)
-    with pytest.raises(sf.ConfigError, match="not a predictor: it returned tuple"):
+    # a tuple is read as (logits, ...) (models/calling.py): here its first element is no logits
+    with pytest.raises(sf.ConfigError, match=r"not a predictor: it returned a torch.float32 tensor of shape \(\d+, 1"):
         sf.distill(lambda x: (x, x), student, digits, epochs=1)
+    with pytest.raises(sf.ConfigError, match="not a predictor: it returned str"):
+        sf.distill(lambda x: "logits", student, digits, epochs=1)
     with pytest.raises(sf.ConfigError, match="not a predictor: it returned a torch.int64 tensor"):
         sf.distill(lambda x: teacher(x).argmax(-1, keepdim=True).expand(-1, 10), student, digits, epochs=1)
     with pytest.raises(sf.ConfigError, match="teacher cannot predict inputs of shape \\(1, 8, 8\\)"):

@@ -10,7 +10,7 @@ import torch
 
 import slimfuse as sf
 from slimfuse import ArtifactError
-from slimfuse.models.hf import output_logits
+from slimfuse.models.calling import select as output_logits
 
 T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()

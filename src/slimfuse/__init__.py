@@ -53,14 +53,16 @@ _LAZY = {
     "evaluate": ("slimfuse.train", "evaluate"),
     "fit": ("slimfuse.train", "fit"),
     "predict": ("slimfuse.train", "predict"),
+    "feed": ("slimfuse.data.feed", "feed"),
+    "set_output": ("slimfuse.models.calling", "set_output"),
 }
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
-    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "fit",
+    "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "feed", "fit",
     "hardware",
     "lineage_of", "load", "measure", "merge", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
-    "runtime", "save", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
+    "runtime", "save", "set_output", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
 ]
 
 

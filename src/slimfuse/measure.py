@@ -26,11 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import configs, stats
 from .data import Split
+from .data.feed import feed, is_tensor_input, n_samples, take
 from .errors import ConfigError
 from .hardware import describe, summary
 from .models.artifact import folder_bytes, save
+from .models.calling import call
 from .models.spec import lineage_of, lineage_str, spec_of
-from .train import check_fits, predict
+from .train import check_fits, predict, predict_labelled
 
 
 def artifact_bytes(model: nn.Module) -> int:
@@ -56,28 +58,34 @@ def counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def macs(model: nn.Module, sample: torch.Tensor) -> int | None:
-    """Multiply-accumulates for one sample, from PyTorch's FLOP counter (None if uncountable)."""
+def macs(model: nn.Module, sample) -> int | None:
+    """Multiply-accumulates for one sample, from PyTorch's FLOP counter (None if uncountable).
+    ``sample``: inputs of any form (``models/calling.py``)."""
     if hasattr(model, "slimfuse_macs"):
         return model.slimfuse_macs()
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model.eval()(sample[:1])
+            call(model.eval(), take(sample, slice(0, 1)))
     except Exception:  # an op the counter cannot trace: say "unknown" rather than guess
         return None
     # zero means the counter saw none of the work (e.g. ONNX Runtime members of an ensemble): unknown
     return counter.get_total_flops() // 2 or None
 
 
-def latency(model: nn.Module, x: torch.Tensor, *, threads: int = 2, seconds: float = 1.0, batch: int = 256) -> dict:
-    """Batch-1 latency p50/p95 (ms) and batch-``batch`` throughput (samples/s), after warm-up."""
+def latency(model: nn.Module, x, *, threads: int = 2, seconds: float = 1.0, batch: int = 256) -> dict:
+    """Batch-1 latency p50/p95 (ms) and batch-``batch`` throughput (samples/s), after warm-up.
+    ``x``: inputs of any form (a tensor, a tuple or a dict of tensors)."""
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    if len(x) == 0:
+    if n_samples(x) == 0:
         raise ConfigError("cannot time a model on an empty split")
-    reps = -(-batch // len(x))
-    big = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].contiguous()
-    one = x[:1].contiguous()
+    if is_tensor_input(x):
+        reps = -(-batch // len(x))
+        big = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].contiguous()
+        one = x[:1].contiguous()
+    else:  # several inputs: the first samples repeated up to the batch, every input alike
+        big = take(x, torch.arange(batch) % n_samples(x))
+        one = take(x, slice(0, 1))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -109,12 +117,12 @@ def median_seconds(fn, x, runs: int) -> float:
 
 def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
     for _ in range(3):  # warm-up: allocator, kernels, lazy init
-        model(x)
+        call(model, x)
     times = []
     deadline = time.perf_counter() + seconds
     while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 10_000):
         t0 = time.perf_counter()
-        model(x)
+        call(model, x)
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
 
@@ -155,35 +163,46 @@ def flag_slower(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def measure_one(name: str, model: nn.Module, split: Split, *, threads: int = 2, seconds: float = 1.0,
+def measure_one(name: str, model: nn.Module, split, *, threads: int = 2, seconds: float = 1.0,
                 score: Score | None = None, batch: int = 256, samples: dict | None = None) -> dict:
     """One row. ``score(model, split) -> {metric: value}`` replaces the classification metrics
     (accuracy, NLL) for other tasks: embedding fidelity, ranking quality. With classification
     metrics, ``samples[name]`` (when a dict is given) receives the per-sample correctness and NLL
-    that :meth:`Report.compare` pairs."""
+    that :meth:`Report.compare` pairs. ``split``: a :class:`Split`, or labelled data of any form
+    :func:`slimfuse.data.feed.feed` reads (a DataLoader of dict batches, ...): accuracy and NLL are
+    streamed over all of it, MACs and latency use its first ``batch`` samples."""
     row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
+    x = split.x if isinstance(split, Split) else feed(split, batch_size=batch, labels=None,
+                                                        where="the measurement data").head(batch).x
     if score is None:
-        check_fits(model, split)
-        logits = predict(model, split)
-        per = stats.per_sample(logits.numpy(), split.y.numpy())
-        row.update(accuracy=(logits.argmax(-1) == split.y).float().mean().item(),
-                   nll=F.cross_entropy(logits, split.y).item())
+        if isinstance(split, Split):
+            check_fits(model, split)
+            logits, y = predict(model, split), split.y
+        else:
+            check_fits(model, Split(x, None))
+            logits, y = predict_labelled(model, split)
+        per = stats.per_sample(logits.numpy(), y.numpy())
+        row.update(accuracy=(logits.argmax(-1) == y).float().mean().item(),
+                   nll=F.cross_entropy(logits, y).item())
         if samples is not None:
             samples[name] = {"correct": per["correct"], "nll": per["nll"].astype(np.float32)}
     else:
         row.update(score(model, split))
     row.update(counts(model))
-    row["macs"] = macs(model, split.x)
+    row["macs"] = macs(model, x)
     row["bytes"] = artifact_bytes(model)
-    row.update(latency(model, split.x, threads=threads, seconds=seconds, batch=batch))
+    row.update(latency(model, x, threads=threads, seconds=seconds, batch=batch))
     row["threads"] = threads
     row["lineage"] = lineage_str(lineage_of(model))
     return row
 
 
-def measure(models: nn.Module | dict[str, nn.Module], split: Split, *, threads: int = 2, seconds: float = 1.0,
+def measure(models: nn.Module | dict[str, nn.Module], split, *, threads: int = 2, seconds: float = 1.0,
             score: Score | None = None, metric: str = "accuracy", batch: int = 256) -> Report:
     """Measure one model or a dict ``{name: model}`` on ``split``; returns a :class:`Report`.
+
+    ``split``: a :class:`Split` or labelled data of any form :func:`slimfuse.data.feed.feed` reads
+    (read once per model, streamed).
 
     ``score`` and ``metric`` (the higher-is-better key of ``score``'s result that plots and Pareto
     fronts use) adapt the report to tasks other than classification; ``batch`` is the large batch

@@ -28,17 +28,18 @@ from torch import nn
 
 from . import configs, distributed
 from .checkpoint import Checkpoint, Resume, fingerprint, run_key
-from .data import Split, Splits
+from .data import Split, Splits, Task
+from .data.feed import Batches, describe, feed, infer_task, n_samples, take
 from .errors import ConfigError, DataError
-from .models.hf import output_logits
+from .models.calling import forward
 from .models.spec import derive, set_task, task_of
 
 
 @dataclass(frozen=True)
 class Batch:
-    x: torch.Tensor
-    y: torch.Tensor
-    index: torch.Tensor  # positions of these samples in the training split
+    x: torch.Tensor  # the model's inputs: a tensor, a tuple or a dict of tensors (data/feed.py)
+    y: torch.Tensor  # labels (None for unlabelled streamed batches under a custom loss)
+    index: torch.Tensor  # positions of these samples in the training split (streamed: in this epoch's order)
 
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -50,7 +51,7 @@ def cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def fit(
     model: nn.Module,
-    data: Splits,
+    data,
     *,
     epochs: int = 20,
     batch_size: int = 64,
@@ -71,6 +72,7 @@ def fit(
     history: list | None = None,
     checkpoint: str | Path | Resume | None = None,
     parallel: bool | None = None,
+    val=None,
     op: str | None = "train",
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
@@ -91,10 +93,84 @@ def fit(
     record their own step). Under ``torchrun --nproc_per_node N`` training is data-parallel
     (DistributedDataParallel; ``batch_size`` is the global batch) with no change to the call;
     ``parallel=False`` trains locally on each rank (ensemble members spread over ranks).
+
+    ``data`` may also be any form :func:`slimfuse.data.feed.feed` reads: a ``DataLoader`` (or any
+    re-iterable) of ``(x, y)``, tuple or dict batches (``input_ids``, ``attention_mask``, ``labels``
+    ...), a ``Dataset``, arrays ``(X, y)``. Arrays are in memory and trained like Splits (seeded
+    shuffles, ``checkpoint``; ``val`` their validation data). Other data is *streamed*: each epoch
+    reads the source once, in its own order (a shuffling DataLoader draws from torch's RNG, seeded
+    by ``seed``), and the model is called by the convention of :mod:`slimfuse.models.calling`
+    (``model(**batch)`` for a dict). Its validation data is ``val`` (any form; none by default, so
+    ``patience`` needs it), its task is classification into the model's output classes;
+    ``checkpoint`` is refused (resuming needs in-memory data, whose content and order are
+    fingerprinted); under torchrun each rank reads its own loader (give it a
+    ``DistributedSampler``). A custom ``loss`` may get unlabelled batches (``batch.y`` None).
+    ``val`` with Splits replaces ``data.val``.
     """
+    if not isinstance(data, Splits):
+        batches = feed(data, batch_size=batch_size, labels=True if loss is None else None, where="the training data")
+        if batches.split is not None and batches.split.y is not None and train is None:
+            data, val = _in_memory(model, batches, val, loss), None  # arrays (X, y): the in-memory path
+    if not isinstance(data, Splits):
+        return _fit_stream(model, batches, val=val, train=train, epochs=epochs, batch_size=batch_size, lr=lr,
+                           optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
+                           cycles=cycles, seed=seed, patience=patience, loss=loss, after_step=after_step,
+                           transform=transform, on_epoch_end=on_epoch_end, progress=progress, history=history,
+                           checkpoint=checkpoint, parallel=parallel, op=op)
+    if val is not None:
+        data = Splits(data.train, feed(val, where="val").materialise("validation data"), data.test, data.task)
+    return _fit(model, data, None, train=train, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                weight_decay=weight_decay, momentum=momentum, schedule=schedule, cycles=cycles, seed=seed,
+                patience=patience, loss=loss, after_step=after_step, transform=transform, on_epoch_end=on_epoch_end,
+                progress=progress, history=history, checkpoint=checkpoint, parallel=parallel, op=op)
+
+
+def _task_for(model, batches: Batches, loss) -> Task:
+    """The data's task, else classification into the model's output classes (``custom`` under a loss hook)."""
+    if batches.task is not None:
+        return batches.task
+    out = probe(model, batches.head(2).x)
+    if out.ndim == 2:
+        return infer_task(batches, int(out.shape[1]))
+    if loss is None:
+        raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
+    task = infer_task(batches, 0)
+    return Task(name=task.name, kind="custom", num_classes=0, input_shape=task.input_shape)
+
+
+def _in_memory(model, batches: Batches, val, loss) -> Splits:
+    """In-memory user data (arrays ``(X, y)``, a Split) as Splits: seeded shuffles and checkpoints as for Splits."""
+    train = batches.split
+    empty = Split(take(train.x, slice(0, 0)), train.y[:0])
+    val_split = empty if val is None else feed(val, where="the validation data").materialise("validation data")
+    return Splits(train, val_split, empty, _task_for(model, batches, loss))
+
+
+def _fit_stream(model, data, *, val, train, checkpoint, loss, op, **kw) -> nn.Module:
+    """``fit`` on streamed data: the same loop as in memory, batches read from the source each epoch."""
+    if checkpoint is not None:
+        raise ConfigError(f"{op or 'fit'}: checkpoint= needs in-memory data (slimfuse Splits): a streamed source's "
+                          "content and order cannot be fingerprinted for a bit-exact resume")
+    if train is not None:
+        raise ConfigError("train= replaces the training split of Splits; with streamed data pass the stream as data")
+    stream = feed(data, batch_size=kw["batch_size"], labels=True if loss is None else None, where="the training data")
+    val_stream = None if val is None else feed(val, batch_size=kw["batch_size"], where="the validation data")
+    if kw["patience"] is not None and val_stream is None:
+        raise ConfigError("patience= stops on validation accuracy: pass val= (validation data) with streamed data")
+    task = _task_for(model, stream, loss)
+    return _fit(model, Splits(_EMPTY, _EMPTY, _EMPTY, task), stream, train=None, checkpoint=None, loss=loss, op=op,
+                val_stream=val_stream, **kw)
+
+
+_EMPTY = Split(torch.empty(0, 1), torch.empty(0, dtype=torch.long))
+
+
+def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, optimizer, weight_decay, momentum,
+         schedule, cycles, seed, patience, loss, after_step, transform, on_epoch_end, progress, history, checkpoint,
+         parallel, op, val_stream: Batches | None = None) -> nn.Module:
     train = data.train if train is None else train
     schedule = None if schedule == "none" else schedule
-    _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train))
+    _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train) if stream is None else 1)
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1 or (epochs and epochs % cycles):
         raise ConfigError(f"cycles must be a positive integer dividing epochs ({epochs}), got {cycles!r}")
     if cycles > 1 and schedule != "cosine":
@@ -102,7 +178,7 @@ def fit(
     model = copy.deepcopy(model)
     run_params = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                   "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "seed": seed,
-                  "cycles": cycles, "patience": patience, "n_train": len(train), "op": op}
+                  "cycles": cycles, "patience": patience, "n_train": len(train) if stream is None else None, "op": op}
     resume = checkpoint if isinstance(checkpoint, Resume) or checkpoint is None else Resume(checkpoint)
     ckpt = None
     if resume is not None:
@@ -110,7 +186,7 @@ def fit(
         ckpt = Checkpoint(resume.folder, run_key(model, run_params))
     loss = loss or cross_entropy
     n = len(train)
-    steps_per_epoch = math.ceil(n / batch_size)
+    steps_per_epoch = math.ceil(n / batch_size) if stream is None else max(1, len(stream))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -125,7 +201,10 @@ def fit(
         elif schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
         classify = data.task.kind == "classification"  # other tasks (embeddings) train through a loss hook only
-        if classify:
+        if stream is not None:
+            if classify:
+                check_fits(model, stream.head(2), data.task.num_classes)
+        elif classify:
             check_fits(model, train, data.task.num_classes)
         else:
             probe(model, train.x)
@@ -144,20 +223,14 @@ def fit(
         with _Progress(progress if rank == 0 else False, total=epochs * steps_per_epoch, label=op or "fit") as bar:
             for epoch in range(first_epoch, epochs + 1):
                 model.train()
-                # The order depends on (seed, epoch) only, so every rank agrees on it.
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                 total, seen = 0.0, 0
-                for start in range(0, n, batch_size):
-                    idx = order[start : start + batch_size]
-                    if parallel:
-                        if len(idx) < ranks:  # too few samples left to give every rank one
-                            continue
-                        idx = idx[rank::ranks]
-                    x = train.x[idx]
+                for x, y, idx in _epoch(train, stream, n, batch_size, seed, epoch, parallel, rank, ranks):
                     if transform is not None:
                         x = transform(x, gen)
-                    batch = Batch(x, train.y[idx], idx)
-                    value = loss(output_logits(net(x)), batch)
+                    batch = Batch(x, y, idx)
+                    if y is None and loss is cross_entropy:
+                        raise DataError(f"{op or 'fit'}: a training batch has no labels")
+                    value = loss(forward(net, x), batch)
                     if not torch.isfinite(value):
                         raise ConfigError(f"{op or 'fit'}: loss became {value.item()} at epoch {epoch}; "
                                           "lower the learning rate")
@@ -171,8 +244,12 @@ def fit(
                     total += value.item() * len(idx)
                     seen += len(idx)
                     bar.advance()
+                if not seen:
+                    raise DataError(f"{op or 'fit'}: the training data gave no batches in epoch {epoch}")
                 row = {"epoch": epoch, "train_loss": distributed.all_reduce_mean(total / seen)}
-                if len(data.val) and classify:
+                if val_stream is not None and classify:
+                    row.update(evaluate(model, val_stream))
+                elif len(data.val) and classify:
                     row.update(evaluate(model, data.val))
                 rows.append(row)
                 if on_epoch_end is not None:
@@ -198,11 +275,34 @@ def fit(
         ckpt.clear()
     model.eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
+    if stream is not None:  # the source batches itself
+        params_rec.update(batch_size=getattr(stream.source, "batch_size", None), data="stream")
     if op:
         derive(model, model, op, **params_rec)
     if task_of(model) is None:
         set_task(model, data.task.to_dict())
     return model
+
+
+def _epoch(train: Split, stream: Batches | None, n: int, batch_size: int, seed: int, epoch: int, parallel: bool,
+           rank: int, ranks: int):
+    """``(inputs, labels, index)`` of one epoch: a seeded permutation of the in-memory split, or the stream."""
+    if stream is not None:
+        start = 0
+        for x, y in stream:
+            k = n_samples(x)
+            yield x, y, torch.arange(start, start + k)
+            start += k
+        return
+    # The order depends on (seed, epoch) only, so every rank agrees on it.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if parallel:
+            if len(idx) < ranks:  # too few samples left to give every rank one
+                continue
+            idx = idx[rank::ranks]
+        yield take(train.x, idx), train.y[idx], idx
 
 
 def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_train):
@@ -212,18 +312,22 @@ def _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, n_tra
         raise DataError("the training split is empty")
 
 
-def probe(model: nn.Module, x: torch.Tensor, *, who: str = "the model") -> torch.Tensor:
-    """Run ``model`` once in eval mode on a few samples; a shape mismatch becomes a clear DataError."""
+def probe(model: nn.Module, x, *, who: str = "the model") -> torch.Tensor:
+    """Run ``model`` once in eval mode on a few samples (inputs of any form, ``models/calling.py``);
+    a shape or calling mismatch becomes a clear DataError."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = output_logits(model(x[:2]))
-    except RuntimeError as e:
-        raise DataError(f"{who} cannot take inputs of shape {tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
+            out = forward(model, take(x, slice(0, 2)))
     except TypeError as e:  # e.g. a forward that takes several inputs, called with one tensor
-        raise DataError(f"{who} cannot be called with one input tensor{inputs_hint(model)}: "
+        what = "one input tensor" if isinstance(x, torch.Tensor) else describe(x)
+        raise DataError(f"{who} cannot be called with {what}{inputs_hint(model)}: "
                         f"{str(e).splitlines()[0]}") from None
+    except (RuntimeError, IndexError, ValueError) as e:
+        what = f"of shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else describe(x)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{who} cannot take inputs {what}: {msg}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
@@ -256,7 +360,7 @@ def check_fits(model: nn.Module, split: Split, num_classes: int | None = None) -
         raise DataError(f"the model must output (batch, classes) logits, got shape {tuple(out.shape)}")
     if num_classes is not None and out.shape[1] != num_classes:
         raise DataError(f"the model outputs {out.shape[1]} classes but the task has {num_classes}")
-    if len(split) and int(split.y.max()) >= out.shape[1]:
+    if len(split) and split.y is not None and len(split.y) and int(split.y.max()) >= out.shape[1]:
         raise DataError(f"the data has label {int(split.y.max())} but the model outputs only {out.shape[1]} classes")
 
 
@@ -270,14 +374,24 @@ def _as_tensor(x) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logits") -> torch.Tensor:
-    """Batched inference in eval mode. ``output``: ``logits``, ``proba`` or ``label``."""
+    """Batched inference in eval mode. ``output``: ``logits``, ``proba`` or ``label``.
+
+    ``x``: a tensor, an array, a :class:`Split`, or any data :func:`slimfuse.data.feed.feed` reads (a
+    DataLoader of batches, a Dataset, ...; labels are not needed and are ignored), streamed."""
     if output not in ("logits", "proba", "label"):
         raise ConfigError(f"unknown output {output!r}; choose logits, proba or label")
-    x = _as_tensor(x)
+    stream = None
+    if isinstance(x, (Split, np.ndarray, torch.Tensor)):
+        x = _as_tensor(x)
+    else:
+        stream = feed(x, batch_size=batch_size, labels=None, where="the data to predict")
     was_training = model.training
     model.eval()
     try:
-        outs = [output_logits(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        if stream is None:
+            outs = [forward(model, take(x, slice(i, i + batch_size))) for i in range(0, n_samples(x), batch_size)]
+        else:
+            outs = [forward(model, inputs) for inputs, _ in stream]
     finally:
         model.train(was_training)
     logits = torch.cat(outs).float() if outs else torch.empty(0)
@@ -288,13 +402,38 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
     return logits
 
 
-def evaluate(model: nn.Module, split: Split) -> dict[str, float]:
-    """Accuracy and mean negative log-likelihood on ``split``."""
+def evaluate(model: nn.Module, split) -> dict[str, float]:
+    """Accuracy and mean negative log-likelihood on ``split`` (a :class:`Split`, or labelled data of any
+    form :func:`slimfuse.data.feed.feed` reads, streamed)."""
+    if not isinstance(split, Split):
+        logits, y = predict_labelled(model, split)
+        return {"accuracy": (logits.argmax(-1) == y).float().mean().item(),
+                "nll": F.cross_entropy(logits, y).item()}
     logits = predict(model, split)
     return {
         "accuracy": (logits.argmax(-1) == split.y).float().mean().item(),
         "nll": F.cross_entropy(logits, split.y).item(),
     }
+
+
+@torch.inference_mode()
+def predict_labelled(model: nn.Module, data, *, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels of labelled ``data`` of any form, streamed batch by batch."""
+    if isinstance(data, Split):
+        return predict(model, data, batch_size=batch_size), data.y
+    stream = feed(data, batch_size=batch_size, labels=True, where="the evaluation data")
+    was_training = model.training
+    model.eval()
+    outs, ys = [], []
+    try:
+        for inputs, y in stream:
+            outs.append(forward(model, inputs).float())
+            ys.append(y)
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise DataError("the evaluation data has no batches")
+    return torch.cat(outs), torch.cat(ys)
 
 
 class _Progress:

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from .data import Split, Splits
+from .data.feed import cat, feed, is_tensor_input, n_samples, take
 from .distributed import is_main
 from .errors import SlimfuseError
-from .models.hf import output_logits
+from .models.calling import call, forward
 from .models.spec import ATTR, spec_of, task_of
 
 SAMPLES = 256  # inputs the gate runs (a few hundred at most keeps it cheap)
@@ -54,8 +55,10 @@ class ValidationError(SlimfuseError, ValueError):
 
 
 def sample_inputs(data=None, model: nn.Module | None = None, *, n: int = SAMPLES, seed: int = 0):
-    """Up to ``n`` inputs: from ``data`` (Splits: validation split, else training), a Split or a tensor;
-    else ``n`` seeded uniform inputs shaped like the model's classification task; else ``None``."""
+    """Up to ``n`` inputs: from ``data`` (Splits: validation split, else training), a Split or a tensor,
+    or the first ``n`` samples of data of any other form :func:`slimfuse.data.feed.feed` reads (a
+    DataLoader, ...: read no further); else ``n`` seeded uniform inputs shaped like the model's
+    classification task; else ``None``. Inputs may be a tensor, a tuple or a dict of tensors."""
     x = None
     if isinstance(data, Splits):
         data = data.val if len(data.val) else data.train
@@ -65,6 +68,10 @@ def sample_inputs(data=None, model: nn.Module | None = None, *, n: int = SAMPLES
         x = torch.from_numpy(np.ascontiguousarray(data))
     elif isinstance(data, torch.Tensor):
         x = data
+    elif data is not None:
+        x = feed(data, labels=None, where="the validation sample").head(n).x
+    if x is not None and not is_tensor_input(x):
+        return take(x, slice(0, n))
     if x is not None:
         x = x[:n]
         return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
@@ -100,9 +107,9 @@ def check(result: nn.Module, step: str, *, reference: nn.Module | Sequence[nn.Mo
         return _record(result, {"ran": False, "reason": "no data and no input shape to sample"})
     hint = f"; try {fix}" if fix else ""
     out = _run(result, x, step, hint)
-    if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != len(x):
+    if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != n_samples(x):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValidationError(f"{step}: the result gives output {shape} for {len(x)} inputs{hint}")
+        raise ValidationError(f"{step}: the result gives output {shape} for {n_samples(x)} inputs{hint}")
     bad_scales = _extreme_scales(result)
     if bad_scales:
         raise ValidationError(f"{step}: the result's quantization scales are not usable (non-finite or above "
@@ -111,7 +118,7 @@ def check(result: nn.Module, step: str, *, reference: nn.Module | Sequence[nn.Mo
     if out.is_floating_point() and not torch.isfinite(out).all():
         where = _nonfinite_layer(result, x)
         raise ValidationError(f"{step}: the result outputs NaN or infinite values{where}{hint}")
-    outcome: dict = {"ran": True, "samples": len(x), "output_shape": list(out.shape[1:]),
+    outcome: dict = {"ran": True, "samples": n_samples(x), "output_shape": list(out.shape[1:]),
                      "synthetic": data is None}
     refs = [reference] if isinstance(reference, nn.Module) else list(reference or [])
     if refs:
@@ -129,11 +136,11 @@ def _is_classification(model: nn.Module, out: torch.Tensor, data=None) -> bool:
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _outputs(model: nn.Module, x) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
-        return torch.cat([output_logits(model(x[i:i + 128])) for i in range(0, len(x), 128)])
+        return cat([forward(model, take(x, slice(i, i + 128))) for i in range(0, n_samples(x), 128)])
     finally:
         model.train(was)
 
@@ -144,7 +151,7 @@ def _run(model: nn.Module, x: torch.Tensor, step: str, hint: str) -> torch.Tenso
     except SlimfuseError:
         raise
     except Exception as e:
-        layer = _crashing_layer(model, x[:2])
+        layer = _crashing_layer(model, take(x, slice(0, 2)))
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValidationError(f"{step}: the result crashes on its first call{layer} "
                               f"({type(e).__name__}: {msg}){hint}") from e
@@ -154,7 +161,7 @@ def _run_hooked(model: nn.Module, x: torch.Tensor, handles: list) -> None:
     """One diagnostic forward pass with ``handles``' hooks in place (its error is ignored), then unhook."""
     try:
         with torch.no_grad(), contextlib.suppress(Exception):  # the hooks saw what they needed
-            model.eval()(x)
+            call(model.eval(), x)
     finally:
         for h in handles:
             h.remove()
@@ -232,16 +239,16 @@ def _compare(out: torch.Tensor, refs: list[nn.Module], x: torch.Tensor, step: st
         ref_preds = [o.argmax(1) for o in ref_outs]
         agreement = max(float((pred == p).float().mean()) for p in ref_preds)
         classes, ref_classes = int(pred.unique().numel()), max(int(p.unique().numel()) for p in ref_preds)
-        if len(x) >= COLLAPSE_MIN_SAMPLES and classes == 1 and ref_classes > 1:
+        if n_samples(x) >= COLLAPSE_MIN_SAMPLES and classes == 1 and ref_classes > 1:
             raise ValidationError(
-                f"{step}: the result collapsed: it predicts class {int(pred[0])} for all {len(x)} sample inputs, "
+                f"{step}: the result collapsed: it predicts class {int(pred[0])} for all {n_samples(x)} sample inputs, "
                 f"where the input model predicted {ref_classes} classes (agreement {agreement:.3f}){hint}")
         if floor is None:
             floor = min(AGREEMENT_FLOOR, CHANCE_MULTIPLE / out.shape[1])
         floor = round(float(floor), 4) if real else None
         if floor is not None and agreement < floor:
             raise ValidationError(
-                f"{step}: the result agrees with the input model on only {agreement:.3f} of {len(x)} sample "
+                f"{step}: the result agrees with the input model on only {agreement:.3f} of {n_samples(x)} sample "
                 f"predictions (floor {floor}){hint}")
         return {"agreement": round(agreement, 4), "classes": classes, "floor": floor}
     a = out.reshape(len(out), -1).double()
@@ -249,7 +256,7 @@ def _compare(out: torch.Tensor, refs: list[nn.Module], x: torch.Tensor, step: st
               for o in ref_outs)
     if real and not cos >= cosine_floor:
         raise ValidationError(f"{step}: the result's outputs have mean cosine {cos:.3f} with the input model's "
-                              f"on {len(x)} sample inputs (floor {cosine_floor}){hint}")
+                              f"on {n_samples(x)} sample inputs (floor {cosine_floor}){hint}")
     return {"cosine": round(cos, 4), "floor": cosine_floor if real else None}
 
 

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.feed import n_samples, take
 from ..errors import ConfigError
+from ..models.calling import call
 
 BINS = 2048
 
@@ -119,8 +121,8 @@ def observe(model: nn.Module, points: dict[str, tuple[str, str]], x: torch.Tenso
 
             handles.append(module.register_forward_hook(hook))
         try:
-            for i in range(0, len(x), batch_size):
-                model(x[i : i + batch_size])
+            for i in range(0, n_samples(x), batch_size):
+                call(model, take(x, slice(i, i + batch_size)))  # inputs of any form (models/calling.py)
         finally:
             for h in handles:
                 h.remove()

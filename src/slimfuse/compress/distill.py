@@ -38,8 +38,9 @@ from torch import nn
 from .. import configs
 from ..checkpoint import Resume
 from ..data import Split, Splits
+from ..data.feed import Batches, feed, n_samples, take
 from ..errors import ConfigError, DataError
-from ..models.hf import output_logits
+from ..models.calling import call, select, selector
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
 from ..validate import check
@@ -196,8 +197,8 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
         teacher.eval()
     logits, feats = [], [[] for _ in layers]
     try:
-        for start in range(0, len(x), batch_size):
-            out = _check_output(_call(teacher, x[start : start + batch_size]), num_classes)
+        for start in range(0, n_samples(x), batch_size):
+            out = _check_output(_call(teacher, take(x, slice(start, start + batch_size))), num_classes)
             logits.append(out)
             if taps is not None:
                 for acc, f in zip(feats, taps.take()):
@@ -207,19 +208,24 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
             taps.remove()
         if isinstance(teacher, nn.Module):
             teacher.train(was_training)
-    z = torch.cat(logits)
+    return _as_logits(torch.cat(logits)), [torch.cat(f) for f in feats]
+
+
+def _as_logits(z: torch.Tensor) -> torch.Tensor:
     if (z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(-1), torch.ones(len(z)), atol=1e-4):
         # probabilities -> log-probabilities (same softened targets)
         z = z.clamp_min(torch.finfo(torch.float32).tiny).log()
-    return z, [torch.cat(f) for f in feats]
+    return z
 
 
-def _call(teacher, x: torch.Tensor):
+def _call(teacher, x):
+    """The teacher's output on inputs of any form (``models/calling.py``)."""
     try:
-        return output_logits(teacher(x))
-    except (RuntimeError, TypeError, ValueError) as e:
+        return select(call(teacher, x), selector(teacher))
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        what = f"of shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else "of this form"
         raise ConfigError(
-            f"the teacher cannot predict inputs of shape {tuple(x.shape[1:])}: "
+            f"the teacher cannot predict inputs {what}: "
             f"{str(e).splitlines()[0] if str(e) else e!r}"
         ) from None
 
@@ -388,6 +394,11 @@ def distill(
         hints=dict(hints or {}), hint_weight=hint_weight, batch_size=batch_size, lr=lr,
         **({"transfer": transfer} if isinstance(transfer, str) else {}),
         **{k: fit_options[k] for k in ("optimizer", "schedule") if fit_options.get(k) is not None})
+    if not isinstance(data, Splits):
+        return _distill_stream(teacher, student, data, temperature=temperature, alpha=alpha, epochs=epochs,
+                               transfer=transfer, hints=hints, batch_size=batch_size, lr=lr, seed=seed,
+                               progress=progress, history=history, checkpoint=checkpoint, validate=validate,
+                               **fit_options)
     if "transform" in fit_options:
         raise ConfigError("distill caches the teacher's outputs on a fixed transfer set, so on-the-fly transforms "
                           "cannot be used; use transfer='augment' (fixed augmented copies) instead")
@@ -441,7 +452,58 @@ def distill(
                  floor=0.0)  # a student trained from scratch may still be poor: only a collapse is an error
 
 
-def _check_student(student: nn.Module, x: torch.Tensor, num_classes: int) -> None:
+def _distill_stream(teacher, student, data, *, temperature, alpha, epochs, transfer, hints, batch_size, lr, seed,
+                    progress, history, checkpoint, validate, **fit_options) -> nn.Module:
+    """``distill`` on streamed data (a DataLoader, ...): the stream is the transfer set and the teacher's
+    outputs are computed batch by batch as training reads it (eval mode, no grad), nothing cached."""
+    if transfer not in ("augment", "train"):
+        raise ConfigError("with streamed data the stream itself is the transfer set; transfer= applies to Splits")
+    if hints:
+        raise ConfigError("hints= cache the teacher's features on a fixed transfer set: pass slimfuse Splits")
+    if checkpoint is not None:
+        raise ConfigError("checkpoint= needs in-memory data (slimfuse Splits) to resume bit-exactly")
+    if "transform" in fit_options:
+        raise ConfigError("distill: transform= applies to in-memory Splits")
+    stream = data if isinstance(data, Batches) else feed(data, batch_size=batch_size, labels=None,
+                                                         where="the transfer data")
+    first = stream.head(2)
+    if not callable(teacher):
+        raise ConfigError(f"the teacher must be a predictor (an nn.Module or callable), got {type(teacher).__name__}")
+    was_training = getattr(teacher, "training", None)
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+    try:
+        with torch.inference_mode():
+            probe_out = _call(teacher, first.x)
+        if not isinstance(probe_out, torch.Tensor) or probe_out.ndim != 2:
+            _check_output(probe_out, -1)
+        num_classes = int(probe_out.shape[1])
+        _check_student(student, first.x, num_classes)
+        t = float(temperature)
+
+        def loss(z, batch: Batch):
+            with torch.no_grad():
+                zt = _as_logits(_check_output(_call(teacher, batch.x), num_classes))
+            y = batch.y if batch.y is not None else torch.full((len(z),), UNLABELED, dtype=torch.long)
+            if alpha == 0 and not (y != UNLABELED).any():
+                raise ConfigError("alpha=0 trains on labels only, but a transfer batch has no labels")
+            if (y != UNLABELED).any() and int(y.max()) >= num_classes:
+                raise DataError(f"transfer labels go up to {int(y.max())} but the teacher predicts {num_classes} "
+                                "classes")
+            return _loss(z, F.log_softmax(zt / t, -1), y, t, float(alpha))
+
+        trained = fit(student, stream, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
+                      progress=progress, history=history, op=None, **fit_options)
+    finally:
+        if isinstance(teacher, nn.Module):
+            teacher.train(was_training)
+    result = derive(student, trained, "distill", teacher=describe(teacher), temperature=t, alpha=float(alpha),
+                    transfer="stream", epochs=epochs, lr=lr, seed=seed)
+    return check(result, "distill", reference=teacher if isinstance(teacher, nn.Module) else None, data=stream,
+                 validate=validate, fix="more epochs=, a wider student, or a lower temperature=", floor=0.0)
+
+
+def _check_student(student: nn.Module, x, num_classes: int) -> None:
     out = probe(student, x, who="the student")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ConfigError(f"the student outputs shape {tuple(out.shape[1:])} but the data has {num_classes} classes; "

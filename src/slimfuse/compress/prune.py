@@ -35,9 +35,10 @@ from torch import nn
 from .. import configs
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
+from ..data.feed import feed
 from ..errors import ConfigError
 from ..models import hf
-from ..models.hf import output_logits
+from ..models.calling import forward, select
 from ..models.shrunk import (
     PRUNABLE,
     TP_ERRORS,
@@ -71,7 +72,7 @@ def prune(
     steps: int | None = None,
     importance: str | None = None,
     round_to: int | None = None,
-    data: Splits | None = None,
+    data=None,
     epochs: int | None = None,
     exclude: list[str] | None = None,
     lr: float | None = None,
@@ -96,7 +97,10 @@ def prune(
     ``l1`` (default), ``l2`` or ``taylor`` (first-order, needs ``data``). ``steps``: pruning
     steps with fine-tuning between them (default 1). ``round_to``: keep widths multiples of it.
 
-    ``data``: the ``Splits`` fine-tuning trains on. ``epochs``: total fine-tuning
+    ``data``: the ``Splits`` fine-tuning trains on, or data of any form :func:`slimfuse.data.feed.feed`
+    reads (a ``DataLoader`` of tuple or dict batches, a ``Dataset``, arrays ``(X, y)``): streamed by
+    :func:`slimfuse.fit`, its first samples the example inputs for tracing and the validation gate's
+    sample; ``checkpoint`` then is refused (resuming needs Splits). ``epochs``: total fine-tuning
     budget (default 8 when ``data`` is given, else 0). ``exclude``: module names never pruned
     (default: the output layer). ``lr`` (default 1e-3 unstructured, 3e-3 structured: measured,
     see BENCHMARKS.md), ``batch_size``, ``seed``: fine-tuning settings (Adam, cosine schedule).
@@ -132,7 +136,10 @@ def prune(
         raise ConfigError(f"fine-tuning for {epochs} epochs needs data: pass data= (Splits), "
                           "or epochs=0 to prune without fine-tuning")
     if data is not None and not isinstance(data, Splits):
-        raise ConfigError(f"data must be slimfuse Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
+        if checkpoint is not None:
+            raise ConfigError("checkpoint= needs in-memory data (slimfuse Splits): a streamed source's content and "
+                              "order cannot be fingerprinted for a bit-exact resume")
+        data = feed(data, batch_size=batch_size, where="the pruning data")
     sample = _sample(model, data)
     if sample is not None:
         probe(model, sample)  # a model that cannot take the data's inputs: one clear error before any tracing
@@ -163,8 +170,10 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 def _sample(model: nn.Module, data: Splits | None) -> torch.Tensor | None:
     """Two inputs for tracing: from the data, else zeros shaped like the model's task."""
-    if data is not None:
+    if isinstance(data, Splits):
         return data.train.x[:2]
+    if data is not None:
+        return data.head(2).x
     task = task_of(model)
     if task and task.get("input_shape"):
         return torch.zeros(2, *task["input_shape"])
@@ -312,7 +321,10 @@ def _unstructured(model, sparsity, *, scope, schedule, steps, data, epochs, excl
     initial = sum(int((m.weight == 0).sum()) for m in layers.values()) / n_weights
     if initial > sparsity:
         raise ConfigError(f"the layers in scope are already {initial:.4f} sparse; ask for sparsity >= that")
-    steps_per_epoch = math.ceil(len(data.train) / fit_kw["batch_size"]) if data is not None else 1
+    if isinstance(data, Splits):
+        steps_per_epoch = math.ceil(len(data.train) / fit_kw["batch_size"])
+    else:
+        steps_per_epoch = max(1, len(data)) if data is not None else 1
     total = epochs * steps_per_epoch
     plan = agp_schedule(initial, sparsity, steps or AGP_STEPS, total) if schedule == "agp" else [(0, sparsity)]
     masker = _Masker(list(layers), scope, plan, on_step, steps_per_epoch, max_layer)
@@ -344,10 +356,16 @@ def _importance(name: str):
 def _taylor_gradients(model: nn.Module, data: Splits, batch_size: int = 256, batches: int = 4) -> None:
     """Accumulate loss gradients over a few training batches for first-order (Taylor) importance."""
     model.zero_grad(set_to_none=True)
+    if not isinstance(data, Splits):  # streamed: its first batches
+        for i, (x, y) in enumerate(data):
+            if i == batches:
+                break
+            F.cross_entropy(forward(model, x), y).backward()
+        return
     for i in range(batches):
         x, y = data.train.x[i * batch_size : (i + 1) * batch_size], data.train.y[i * batch_size : (i + 1) * batch_size]
         if len(x):
-            F.cross_entropy(output_logits(model(x)), y).backward()
+            F.cross_entropy(forward(model, x), y).backward()
 
 
 def _untraceable(model: nn.Module, error: Exception, when: str = "tracing") -> str:
@@ -405,7 +423,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     modules = dict(work.named_modules())
     ignored = [modules[e] for e in excluded]
     with torch.no_grad():
-        expected = output_logits(work(sample)).shape
+        expected = forward(work, sample).shape
     extra = {}
     if hf.is_hf(work):  # attention heads go as units; the residual stream (embeddings, LayerNorms) stays whole
         skipped = {id(m) for e in excluded for m in modules[e].modules()}
@@ -424,7 +442,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
         pruner = tp.pruner.BasePruner(
             work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
             ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
-            output_transform=output_logits, **extra,
+            output_transform=select, **extra,
         )
     except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
         raise ConfigError(_untraceable(work, e)) from None

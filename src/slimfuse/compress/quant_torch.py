@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..checkpoint import Resume
 from ..data import Split, Splits
+from ..data.feed import n_samples, take
 from ..errors import ConfigError
 from ..models.artifact import register_codec
 from ..models.spec import derive, spec_of, task_of
@@ -195,10 +196,12 @@ class QuantizedModel(nn.Module):
         self.net.eval()
         return self
 
-    def forward(self, x):
-        if self._input_shape is None:
+    def forward(self, x=None, *args, **kwargs):
+        if self._input_shape is None and isinstance(x, torch.Tensor) and not args and not kwargs:
             self._input_shape = tuple(x.shape[1:])
-        return self.net(x)
+        if x is None:  # keyword inputs only (a Hugging Face model's input_ids=..., attention_mask=...)
+            return self.net(*args, **kwargs)
+        return self.net(x, *args, **kwargs)
 
     @property
     def precision(self) -> dict[str, str]:
@@ -312,6 +315,13 @@ def _calib_x(calib, scheme: str, samples: int, seed: int = 0) -> torch.Tensor:
         calib = calib.train
     if isinstance(calib, Split):
         x = calib.x
+        if not isinstance(x, torch.Tensor):  # several or keyword inputs (data/feed.py)
+            n = n_samples(x)
+            if n == 0:
+                raise ConfigError(f"{scheme}: the calibration data is empty")
+            if n > samples:
+                x = take(x, torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples])
+            return x
     elif isinstance(calib, (torch.Tensor, np.ndarray)) and calib.ndim >= 2:
         x = torch.as_tensor(calib, dtype=torch.float32)
     else:
@@ -353,7 +363,7 @@ def _calibrated(model, calib, scheme, *, calibrator, samples, percentile=99.99, 
     source = copy.deepcopy(model).eval()
     groups = _groups(source, scheme, "int8-static")
     ranges = observe(source, _points(groups), x, calibrator=calibrator, percentile=percentile)
-    return source, groups, ranges, len(x)
+    return source, groups, ranges, n_samples(x)
 
 
 def _static(source, groups, ranges, keep: dict[str, str] | None = None, scheme="int8-static") -> QuantizedModel:
@@ -471,9 +481,11 @@ class HalfModel(nn.Module):
         self.net.eval()
         return self
 
-    def forward(self, *args):
-        cast = [a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        out = self.net(*cast)
+    def forward(self, *args, **kwargs):
+        def cast(a):
+            return a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+
+        out = self.net(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
         return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
 
 

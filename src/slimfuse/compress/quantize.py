@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
+import torch
 from torch import nn
 
 from .. import configs
 from ..errors import ConfigError
 from ..models.spec import lineage_of
-from ..validate import COSINE_FLOOR, QUANTIZE_COSINE_FLOOR, QUANTIZE_FLOOR, check
+from ..validate import COSINE_FLOOR, QUANTIZE_COSINE_FLOOR, QUANTIZE_FLOOR, SAMPLES, check
 from . import codebook, onnx_int8, quant_torch  # noqa: F401  (each registers its schemes)
 from .schemes import DEFAULT_BACKEND, SCHEMES
 
@@ -42,7 +44,11 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     """Quantize ``model`` with ``scheme`` (e.g. ``int8-dynamic``, ``int8-static``, ``codebook:4``, or a
     :class:`slimfuse.configs.Quantize`, of which the string and keyword form is a shorthand).
 
-    ``calib``: calibration data (a ``Split``, ``Splits`` or tensor) for schemes that need it.
+    ``calib``: calibration data (a ``Split``, ``Splits`` or tensor) for schemes that need it, or data of
+    any form :func:`slimfuse.data.feed.feed` reads (a ``DataLoader`` of tuple or dict batches, a
+    ``Dataset``, ...): only its first ``samples`` samples (at least 256) are read, labels optional.
+    Calibration inputs that are not one tensor (keyword inputs of a Hugging Face model) make
+    ``backend="auto"`` the torch backend, since the ONNX export takes one tensor input.
     ``backend``: ``torch``, ``onnxruntime`` or ``auto``: where the scheme has several backends (and
     ONNX Runtime int8-static two formats) and ``calib`` gives inputs, each is built and timed on this
     machine at batch ``auto_batch`` over thread counts 1..cores (:func:`slimfuse.compress.choose.choose`),
@@ -63,9 +69,12 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}
     configs.Quantize.build(scheme=scheme, backend=backend, auto_batch=auto_batch, auto_max_drop=auto_max_drop,
                            **options)  # the one set of names and bounds
-    _probe(model, calib)
     name, _, arg = scheme.partition(":")
     have = sorted(b for s, b in SCHEMES if s == name)
+    calib = _calibration(calib, options.get("samples"))
+    _probe(model, calib)
+    if backend == "auto" and _several_inputs(calib) and (name, "torch") in SCHEMES:
+        backend = "torch"
     if backend == "auto" and len(have) > 1 and calib is not None:
         result = _measured(model, name, arg or None, calib, have, auto_batch, auto_max_drop / 100,
                            {**options, **runtime})
@@ -89,6 +98,23 @@ def _probe(model, calib) -> None:
     x = calib.train.x if isinstance(calib, Splits) else calib.x if isinstance(calib, Split) else calib
     if isinstance(model, nn.Module) and isinstance(x, torch.Tensor) and len(x):
         probe(model, x)
+
+
+def _calibration(calib, samples):
+    """In-memory calibration data as it is; any other form (a DataLoader, ...): its first samples, read once."""
+    from ..data import Split, Splits
+    from ..data.feed import feed
+
+    if calib is None or isinstance(calib, (Splits, Split, torch.Tensor, np.ndarray)):
+        return calib
+    return feed(calib, labels=None, where="the calibration data").head(max(int(samples or 512), SAMPLES))
+
+
+def _several_inputs(calib) -> bool:
+    from ..data import Split, Splits
+
+    split = calib.train if isinstance(calib, Splits) else calib
+    return isinstance(split, Split) and not isinstance(split.x, torch.Tensor)
 
 
 def _measured(model, name, arg, calib, backends, batch, max_drop, options) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,19 +41,50 @@ class Task:
         )
 
 
+def tensors(inputs) -> list[torch.Tensor]:
+    """The tensors of ``inputs``: a tensor, a tuple of tensors or a dict of tensors."""
+    if isinstance(inputs, Mapping):
+        return list(inputs.values())
+    if isinstance(inputs, (tuple, list)):
+        return list(inputs)
+    return [inputs]
+
+
+def n_samples(inputs) -> int:
+    """Samples in ``inputs``: the length of the leading axis (shared by every tensor)."""
+    ts = tensors(inputs)
+    return int(ts[0].shape[0]) if ts else 0
+
+
+def take(inputs, index):
+    """The samples ``index`` (a slice, an index tensor) of ``inputs``, in the same form; a tensor is
+    indexed exactly as ``inputs[index]``."""
+    if isinstance(inputs, Mapping):
+        return {k: v[index] for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(v[index] for v in inputs)
+    return inputs[index]
+
+
 @dataclass(frozen=True)
 class Split:
-    """Inputs ``x`` (float32, N x input_shape) and integer labels ``y`` (int64, N)."""
+    """Inputs ``x`` (float32, N x input_shape) and integer labels ``y`` (int64, N).
+
+    User data read through :func:`slimfuse.data.feed.feed` may hold several inputs: ``x`` is then a
+    tuple of tensors (``model(*x)``) or a dict of tensors (``model(**x)``, e.g. ``input_ids`` and
+    ``attention_mask``), each with the N samples on its first axis; ``y`` is ``None`` for unlabelled
+    inputs.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return n_samples(self.x)
 
     def subset(self, index) -> Split:
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.x[index], self.y[index])
+        return Split(take(self.x, index), None if self.y is None else self.y[index])
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import configs
 from ..data import Split, Splits
+from ..data.feed import feed, infer_task, take
 from ..errors import ConfigError
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
 from ..train import predict, probe
@@ -28,7 +29,7 @@ def member_probas(members, split: Split | torch.Tensor) -> np.ndarray:
 def ensemble(
     members,
     method: str | configs.Ensemble = "weighted",
-    data: Splits | None = None,
+    data=None,
     *,
     weights=None,
     rounds: int = 25,
@@ -63,6 +64,11 @@ def ensemble(
     the lineage; stacking's meta-training provenance is ``ens.oof``. ``validate``: check the
     ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
+
+    ``data``: Splits, or labelled validation data of any form :func:`slimfuse.data.feed.feed` reads
+    (a DataLoader of tuple or dict batches, arrays ...). Weight fitting, temperature, the fallback check
+    and stacking work on cached member predictions over all of it, so such data is read into memory
+    once (under the memory budget, ``DataError`` beyond it) and used as the validation split.
     """
     if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
         return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
@@ -76,6 +82,8 @@ def ensemble(
         raise ConfigError("members must be a non-empty list of nn.Module")
     if (method == "stacking" or (method == "weighted" and weights is None)) and data is None:
         raise ConfigError(f"method {method!r} learns from validation predictions; pass data= (or method='mean')")
+    if data is not None and not isinstance(data, Splits):
+        data = _as_splits(data, members_list)
     classes = _classes(members_list, data)
     members_list = [copy.deepcopy(m).eval() for m in members_list]  # the inputs stay untouched
     step: dict = {"method": method, "members": [lineage_str(lineage_of(m)) for m in members_list]}
@@ -138,7 +146,7 @@ def _classes(members: list[nn.Module], data: Splits | None) -> int:
     counts = []
     for i, m in enumerate(members):
         if data is not None:
-            sample = data.val.x[:2] if len(data.val) else data.train.x[:2]
+            sample = take(data.val.x if len(data.val) else data.train.x, slice(0, 2))
             out = probe(m, sample, who=f"member {i}")
             counts.append(int(out.shape[-1]))
         else:
@@ -150,6 +158,15 @@ def _classes(members: list[nn.Module], data: Splits | None) -> int:
     if data is not None and counts[0] != data.task.num_classes:
         raise ConfigError(f"the members predict {counts[0]} classes but the data has {data.task.num_classes}")
     return counts[0]
+
+
+def _as_splits(data, members: list[nn.Module]) -> Splits:
+    """User validation data (any form) read into memory as the validation split; no training split."""
+    val = feed(data, where="the ensemble's validation data").materialise("the ensemble's validation data")
+    out = probe(members[0], val.x, who="member 0")
+    task = infer_task(feed(val), int(out.shape[-1]))
+    empty = Split(take(val.x, slice(0, 0)), val.y[:0])
+    return Splits(train=empty, val=val, test=empty, task=task)
 
 
 def _declared_classes(m: nn.Module, i: int) -> int:

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import ArtifactError, ConfigError
 from ..models import zoo
-from ..models.hf import output_logits
+from ..models.calling import forward, select
 from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
@@ -80,7 +80,11 @@ class Ensemble(nn.Module):
 
     # ---- members -------------------------------------------------------------------------------
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's logits, stacked: (K, B, C)."""
+        """Every member's logits, stacked: (K, B, C). ``x``: a tensor, or a tuple/dict of tensors (members
+        called by ``models/calling.py``; only the member loop runs them)."""
+        if not isinstance(x, torch.Tensor):
+            self.last_path = "loop"
+            return self._loop(x)
         if self._use_fused():
             fused = self._fused_net(x)
             if fused is not None:
@@ -95,7 +99,7 @@ class Ensemble(nn.Module):
         return self._loop(x)
 
     def _loop(self, x):
-        return torch.stack([output_logits(m(x)) for m in self.members])
+        return torch.stack([forward(m, x) for m in self.members])
 
     @staticmethod
     def _vmap(stacked, x):
@@ -171,7 +175,7 @@ class Ensemble(nn.Module):
                 base = copy.deepcopy(self.members[0]).to("meta")
 
                 def one(p, b, inp):
-                    return output_logits(functional_call(base, (p, b), (inp,), tie_weights=False))
+                    return select(functional_call(base, (p, b), (inp,), tie_weights=False))
 
                 candidate = (vmap(one, in_dims=(0, 0, None)), params, buffers)
             # trust the batched path only once it reproduces the loop on real inputs
@@ -184,7 +188,11 @@ class Ensemble(nn.Module):
         return stacked
 
     # ---- combiner ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x=None, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:  # several or keyword inputs: passed on to every member as they came
+            x = kwargs if x is None and not args else (x, *args) if not kwargs else None
+            if x is None:
+                raise ConfigError("an ensemble passes on either positional or keyword inputs, not both")
         return self.combine(self.member_logits(x))
 
     def combine(self, logits: torch.Tensor) -> torch.Tensor:

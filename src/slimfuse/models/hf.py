@@ -15,8 +15,7 @@ The spec of a ``transformers`` model that carries none is computed from the mode
 (:func:`spec_for`, used by :func:`slimfuse.models.spec.spec_of`), so such a model saves, reloads,
 joins an ensemble and serves as a teacher with no glue code.
 
-:func:`output_logits` takes the ``logits`` of a ``ModelOutput`` (or dict) a model returns, so slimfuse
-works with the logits tensor (a minimal form of the call convention).
+A ``ModelOutput`` is read through the one calling convention, :mod:`slimfuse.models.calling`.
 
 ``transformers`` is imported only when a ``transformers`` model is met.
 """
@@ -52,18 +51,6 @@ REFUSED_KEYS = {"quantization_config": "quantized transformers models (bitsandby
 STRUCT_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "groups",
                 "normalized_shape", "num_embeddings", "embedding_dim", "num_attention_heads", "attention_head_size",
                 "all_head_size", "num_heads", "head_dim", "embed_dim", "split_size", "nf", "nx", "kdim", "vdim")
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def output_logits(out):
-    """The logits in what a model returned: a ``ModelOutput``'s (or a dict's) ``logits`` tensor;
-    anything else (a tensor, a tuple ...) as it is, for the caller's own checks."""
-    if isinstance(out, torch.Tensor):
-        return out
-    value = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
-    return value if isinstance(value, torch.Tensor) else out
 
 
 # --------------------------------------------------------------------------- recognising and describing

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError
-from .hf import after_pruning, is_hf, output_logits, pruning_setup, unknown_attention
+from .calling import call, forward, select
+from .hf import after_pruning, is_hf, pruning_setup, unknown_attention
 from .spec import attach, spec_of, task_of
 from .zoo import build, factory_spec, register
 
@@ -40,7 +41,7 @@ def output_layers(model: nn.Module, sample: torch.Tensor | None) -> list[str]:
                  for m in model.modules() if id(m) in names]
         try:
             with torch.no_grad():
-                model.eval()(sample)
+                call(model.eval(), sample)  # inputs of any form (models/calling.py)
         finally:
             for h in hooks:
                 h.remove()
@@ -64,7 +65,7 @@ def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Siz
     where = ""
     try:
         with torch.no_grad():
-            shape = output_logits(model.eval()(sample)).shape
+            shape = forward(model.eval(), sample).shape
     except RuntimeError as e:
         shape = str(e).splitlines()[0]
         where = f" at layer {running[-1]!r}" if running else ""
@@ -133,7 +134,7 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
             if callable(getattr(m, "reset_parameters", None)):
                 m.reset_parameters()
         try:
-            expected = output_logits(work(example_inputs)).shape
+            expected = forward(work, example_inputs).shape
         except (RuntimeError, TypeError, ValueError) as e:
             raise ConfigError(f"zoo.student: the model does not run on example_inputs: {e}") from None
     if width < 1:
@@ -152,7 +153,7 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
                          "head_pruning_ratio": 1 - width}
         pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=1),
                                       pruning_ratio=1 - width, ignored_layers=ignored,
-                                      output_transform=output_logits, **extra)
+                                      output_transform=select, **extra)
         groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types)
         if not any(True for _ in groups):

@@ -75,6 +75,8 @@ def derive(source: nn.Module, result: nn.Module, op: str, *, spec: dict | None =
     meta = _meta(source)
     new_spec = spec if spec is not None else meta["spec"]
     step = {"op": op, "params": {k: v for k, v in params.items() if v is not None}}
+    if getattr(source, "slimfuse_output", None) is not None and getattr(result, "slimfuse_output", None) is None:
+        object.__setattr__(result, "slimfuse_output", source.slimfuse_output)  # models/calling.py: the output selector
     return attach(result, new_spec, lineage=meta["lineage"] + [step], task=meta["task"])
 
 
