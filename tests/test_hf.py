@@ -10,7 +10,7 @@ import torch
 
 import slimfuse as sf
 from slimfuse import ArtifactError
-from slimfuse.models.calling import select as output_logits
+from slimfuse.models.calling import select
 
 T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()
@@ -64,7 +64,7 @@ def test_transformers_model_saves_and_reloads_bit_exactly(tmp_path, name):
     make, inputs = MODELS[name]
     model, x = make(), inputs()
     with torch.no_grad():
-        ref = output_logits(model(x))
+        ref = select(model(x))
     sf.save(model, tmp_path / "a")
     card = sf.read_card(tmp_path / "a")
     assert card["spec"]["arch"] == "hf" and card["spec"]["args"]["cls"] == type(model).__name__
@@ -75,7 +75,7 @@ def test_transformers_model_saves_and_reloads_bit_exactly(tmp_path, name):
     again = sf.load(tmp_path / "a")  # no trust_factory: only transformers' own classes are rebuilt
     assert type(again) is type(model)
     with torch.no_grad():
-        assert torch.equal(output_logits(again(x)), ref)
+        assert torch.equal(select(again(x)), ref)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
