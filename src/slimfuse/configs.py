@@ -388,8 +388,9 @@ class Optimize(Config):
                                                   "point)")] = 0.5
     objective: Annotated[Literal["latency", "throughput", "bytes"],
                          Field(description="latency (batch 1), throughput (large batch) or bytes")] = "latency"
-    budget_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="time budget of the search, "
-                                                                         "in seconds")] = 300.0
+    budget_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="time budget of the search's "
+                                                                         "candidates, in seconds (measuring the "
+                                                                         "input model comes first, uncounted)")] = 300.0
     ensemble: Annotated[bool, Field(description="also try an ensemble of compressed members")] = True
 
 
