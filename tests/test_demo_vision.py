@@ -47,5 +47,5 @@ def test_vision_scenario_runs_the_chain_on_a_resnet_and_judges_it_against_the_te
     techniques = md.split("## Each technique vs the teacher")[1].split("\n## ")[0]
     assert sum(techniques.count(f"| {w}: ") for w in ("better", "tie", "worse")) == 3
     assert "(picked)" in md.split("## int8 backend chosen by measurement")[1].split("\n## ")[0]
-    parity = re.search(r"at most ([0-9.e+-]+), argmax agreement ([0-9.]+)", md)
+    parity = re.search(r"at most ([0-9.e+-]+), argmax agreement ([0-9]+\.[0-9]+)", md)
     assert float(parity.group(1)) < 1e-3 and float(parity.group(2)) >= 0.99
