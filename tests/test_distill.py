@@ -200,8 +200,8 @@ def test_save_load_bit_exact_and_cli(tmp_path, digits, teacher):
     ok = runner.invoke(app, [*args, "--student", "width=0.25", "-o", str(tmp_path / "cli")])
     assert ok.exit_code == 0, ok.output
     assert sf.spec_of(sf.load(tmp_path / "cli"))["args"]["hidden"] == [32, 16]
-    bad = runner.invoke(app, [*args, "--student", "resnet:3", "-o", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "error: student 'resnet:3'" in bad.output
+    bad = runner.invoke(app, [*args, "--student", "vgg:3", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "error: student 'vgg:3'" in bad.output
     assert not (tmp_path / "bad").exists()
 
 

@@ -283,7 +283,8 @@ def info(artifact, hardware):
 @verb("demo", click.Option(["--out", "-o"], type=click.Path(path_type=Path),
                            help="output folder (default runs/demo[-SCENARIO])"),
       click.Option(["--scenario"], default="mnist", show_default=True,
-                   help="mnist (image classification), nlp (sentence embeddings) or recsys (recommenders)"),
+                   help="mnist (image classification), vision (a ResNet through the whole chain), nlp "
+                        "(sentence embeddings) or recsys (recommenders)"),
       click.Option(["--seed"], type=click.INT, default=0, show_default=True, help="random seed"))
 def demo(out, scenario, seed):
     """Run the main job (default: mnist5k) and write report.md, report.html and report.json."""
@@ -298,7 +299,8 @@ def demo(out, scenario, seed):
       click.Option(["--teacher"], type=click.Path(path_type=Path), required=True,
                    help="teacher artifact folder (a model or an ensemble) or .onnx file"),
       click.Option(["--student"], required=True,
-                   help="mlp:128, mlp:256,128, lenet5:3,8,60,42, cnn:8,16[:32] or width=0.25[,depth=1]"),
+                   help="mlp:128, mlp:256,128, lenet5:3,8,60,42, cnn:8,16[:32], resnet:8,16,32 "
+                        "or width=0.25[,depth=1]"),
       *_data(), _out(), _trust, config=configs.Distill)
 def distill(**kw):
     """Distill a teacher into a smaller student and save the student as an artifact."""

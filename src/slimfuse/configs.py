@@ -43,13 +43,13 @@ Schedule = Literal["none", "cosine"]
 Widths = Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=64)]
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]], Field(max_length=10_000)]
 
-_STUDENT = re.compile(r"(mlp|lenet5):\d+(,\d+)*|cnn:\d+(,\d+)*(:\d+)?|width=[0-9.]+(,depth=\d+)?|depth=\d+")
+_STUDENT = re.compile(r"(mlp|lenet5|resnet):\d+(,\d+)*|cnn:\d+(,\d+)*(:\d+)?|width=[0-9.]+(,depth=\d+)?|depth=\d+")
 
 
 def _student(text: str) -> str:
     if not _STUDENT.fullmatch(text.strip()):
-        raise ValueError(f"student {text!r}: use mlp:W[,W...], lenet5:C1,C2,F1,F2, cnn:C1[,C2...][:H] "
-                         "or width=FRACTION[,depth=N]")
+        raise ValueError(f"student {text!r}: use mlp:W[,W...], lenet5:C1,C2,F1,F2, cnn:C1[,C2...][:H], "
+                         "resnet:W[,W...] or width=FRACTION[,depth=N]")
     return text.strip()
 
 
@@ -62,7 +62,8 @@ def check_student(text: str) -> str:
 
 
 StudentSpec = Annotated[str, Field(max_length=256, description="mlp:128, mlp:256,128, lenet5:3,8,60,42, "
-                                                               "cnn:8,16[:32] or width=0.25[,depth=1]"),
+                                                               "cnn:8,16[:32], resnet:8,16,32 or "
+                                                               "width=0.25[,depth=1]"),
                         AfterValidator(_student)]
 
 SCHEME_NAMES = ("int8-dynamic", "int8-static", "qat", "fp16", "bf16", "mixed", "codebook")
@@ -151,10 +152,10 @@ class Train(FineTune):
     """``slimfuse train``: a zoo model (or, with ``members``, an ensemble of them)."""
 
     model: Annotated[str, Field(min_length=1, max_length=256,
-                                description="zoo architecture: mlp, lenet5 or cnn (several, comma-separated, "
+                                description="zoo architecture: mlp, lenet5, cnn or resnet (several, comma-separated, "
                                             "with diversity=architectures)")] = "mlp"
     hidden: Annotated[Widths, Field(description="mlp hidden widths, e.g. 300,100")] = [300, 100]
-    widths: Annotated[Widths | None, Field(description="lenet5/cnn widths, e.g. 6,16,120,84 "
+    widths: Annotated[Widths | None, Field(description="lenet5/cnn/resnet widths, e.g. 6,16,120,84 "
                                                        "(default: the architecture's)")] = None
     members: Annotated[int, Field(ge=1, le=1000, description="train this many members and save them as one "
                                                              "ensemble")] = 1

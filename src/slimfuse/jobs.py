@@ -239,7 +239,8 @@ def distill(teacher: Source, student: str | nn.Module, cfg: configs.Distill, dat
 
 def build_student(text: str, teacher: nn.Module | None, task) -> nn.Module:
     """A student from a short spec: ``mlp:128``, ``mlp:256,128``, ``lenet5:3,8,60,42``,
-    ``cnn:8,16`` (``cnn:8,16:32`` sets the hidden width) or ``width=0.25[,depth=1]`` (the
+    ``cnn:8,16`` (``cnn:8,16:32`` sets the hidden width), ``resnet:8,16,32`` (stage widths, one
+    block each) or ``width=0.25[,depth=1]`` (the
     teacher's architecture, narrower/shallower: :func:`slimfuse.zoo.student`)."""
     from .models import zoo
 
@@ -259,9 +260,9 @@ def build_student(text: str, teacher: nn.Module | None, task) -> nn.Module:
         return zoo.student(teacher, **kwargs)
     arch, _, rest = text.partition(":")
     parts = rest.split(":") if rest else []
-    if arch not in ("mlp", "lenet5", "cnn") or not parts or len(parts) > (2 if arch == "cnn" else 1):
-        raise ConfigError(f"student {text!r}: use mlp:W[,W...], lenet5:C1,C2,F1,F2, cnn:C1[,C2...][:H] "
-                          "or width=FRACTION[,depth=N]")
+    if arch not in ("mlp", "lenet5", "cnn", "resnet") or not parts or len(parts) > (2 if arch == "cnn" else 1):
+        raise ConfigError(f"student {text!r}: use mlp:W[,W...], lenet5:C1,C2,F1,F2, cnn:C1[,C2...][:H], "
+                          "resnet:W[,W...] or width=FRACTION[,depth=N]")
 
     def ints(value: str) -> list[int]:
         try:

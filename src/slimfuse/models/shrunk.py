@@ -189,6 +189,12 @@ def _zoo_widths(arch: str, m: dict[str, nn.Module]) -> dict | None:
     if arch == "cnn":
         convs = [m[f"conv{i}"].out_channels for i in range(1, 1 + sum(1 for n in m if n.startswith("conv")))]
         return {"widths": convs, "hidden": m["fc"].out_features}
+    if arch == "resnet":
+        blocks = [b for n, b in m.items() if n.startswith("stage") and "." not in n]
+        stages = [n.partition("_")[0] for n in m if n.startswith("stage") and "." not in n]
+        last = dict(zip(stages, blocks))  # each stage's last block carries its stream width
+        return {"widths": [b.body.conv2.out_channels for b in last.values()],
+                "inner": [b.body.conv1.out_channels for b in blocks]}
     return None
 
 

@@ -182,6 +182,91 @@ def cnn(
     return attach(nn.Sequential(layers), {"arch": "cnn", "args": args})
 
 
+class Residual(nn.Module):
+    """A basic ResNet block: ``relu(body(x) + shortcut(x))``.
+
+    ``body`` is conv3x3-BN-ReLU-conv3x3-BN (an ``nn.Sequential``, so int8 quantization folds each
+    BatchNorm into its conv and passes uint8 between them); ``shortcut`` is the identity, or a
+    strided 1x1 conv + BN where the block changes the resolution or the width.
+    """
+
+    def __init__(self, in_channels: int, inner: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(in_channels, inner, 3, stride=stride, padding=1, bias=False),
+            bn1=nn.BatchNorm2d(inner),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(inner, out_channels, 3, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(out_channels),
+        ))
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut: nn.Module = nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                bn=nn.BatchNorm2d(out_channels),
+            ))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+def _residual_params(cin: int, inner: int, cout: int, projection: bool) -> int:
+    return 9 * cin * inner + 2 * inner + 9 * inner * cout + 2 * cout + (cin * cout + 2 * cout) * projection
+
+
+@register("resnet")
+def resnet(
+    classes: int = 10,
+    in_channels: int = 1,
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: Sequence[int] | None = None,
+    inner: Sequence[int] | None = None,
+) -> nn.Module:
+    """A small ResNet (He et al. 2016, basic blocks) for images of any size: a 3x3 conv stem,
+    one stage per width (``blocks[i]`` residual blocks each, default 1; every stage after the
+    first halves the resolution), global average pooling and a linear output layer.
+    ``resnet(widths=[16, 32, 64])`` is ResNet-8; ``blocks=[3, 3, 3]`` ResNet-20.
+
+    ``widths`` are the residual streams (the stem feeds the first); ``inner`` the width inside
+    each block (one per block, in order; default: its stage's width). Channel pruning shrinks
+    both, and the pruned model's spec is this architecture with the new widths.
+    """
+    widths = _check_widths("resnet", list(widths))
+    blocks = _check_widths("resnet", list(blocks) if blocks is not None else [1] * len(widths))
+    if len(blocks) != len(widths):
+        raise ConfigError(f"resnet: blocks gives {len(blocks)} stages but widths {len(widths)}; one count per width")
+    n_blocks = sum(blocks)
+    if n_blocks > 1000:
+        raise ConfigError(f"resnet: {n_blocks} residual blocks is over the limit of 1,000")
+    stage_of = [s for s, b in enumerate(blocks) for _ in range(b)]
+    inner = _check_widths("resnet", list(inner)) if inner is not None else [widths[s] for s in stage_of]
+    if len(inner) != n_blocks:
+        raise ConfigError(f"resnet: inner gives {len(inner)} widths for {n_blocks} blocks; one per block")
+    (classes, in_channels) = _check_widths("resnet", [classes, in_channels])
+    plan, cin = [], widths[0]
+    for k, s in enumerate(stage_of):
+        first = k == 0 or stage_of[k - 1] != s
+        stride = 2 if first and s > 0 else 1
+        plan.append((f"stage{s + 1}_{k - stage_of.index(s) + 1}", cin, inner[k], widths[s], stride))
+        cin = widths[s]
+    check_params("resnet", 9 * in_channels * widths[0] + 2 * widths[0] + (widths[-1] + 1) * classes
+                 + sum(_residual_params(a, i, b, st != 1 or a != b) for _, a, i, b, st in plan))
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv1=nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        bn1=nn.BatchNorm2d(widths[0]),
+        relu1=nn.ReLU(),
+    )
+    for name, a, i, b, stride in plan:
+        layers[name] = Residual(a, i, b, stride)
+    layers["pool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["out"] = nn.Linear(widths[-1], classes)
+    args = {"classes": classes, "in_channels": in_channels, "widths": widths, "blocks": blocks, "inner": inner}
+    return attach(nn.Sequential(layers), {"arch": "resnet", "args": args})
+
+
 def for_task(arch: str, task, **kwargs) -> nn.Module:
     """Build zoo model ``arch`` sized for ``task`` (input shape and class count)."""
     shape = tuple(task.input_shape)
@@ -192,7 +277,11 @@ def for_task(arch: str, task, **kwargs) -> nn.Module:
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ConfigError(f"{arch} needs square images (channels, side, side); data has shape {shape}")
         return ARCHS[arch](classes=task.num_classes, in_channels=shape[0], image_size=shape[1], **kwargs)
-    raise ConfigError(f"unknown model {arch!r}; choose one of: mlp, lenet5, cnn")
+    if arch == "resnet":
+        if len(shape) != 3:
+            raise ConfigError(f"resnet needs images (channels, height, width); data has shape {shape}")
+        return resnet(classes=task.num_classes, in_channels=shape[0], **kwargs)
+    raise ConfigError(f"unknown model {arch!r}; choose one of: mlp, lenet5, cnn, resnet")
 
 
 def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = None, *,
@@ -200,7 +289,8 @@ def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = 
     """A narrower/shallower, untrained model shaped after ``teacher`` (a module, or a zoo spec).
 
     Every hidden width is scaled by ``width`` (rounded, at least 1); ``depth`` keeps the first
-    ``depth`` hidden layers of an ``mlp`` or conv stages of a ``cnn`` (``lenet5`` has a fixed depth).
+    ``depth`` hidden layers of an ``mlp``, conv stages of a ``cnn`` or stages of a ``resnet``
+    (``lenet5`` has a fixed depth).
     Dropout is not carried over. Inputs and classes are the teacher's.
 
     Any other module is copied, re-initialised and narrowed at initialisation by structured
@@ -212,16 +302,19 @@ def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = 
         raise ConfigError(f"student width must be a fraction in (0, 1], got {width!r}")
     spec = teacher if isinstance(teacher, dict) else spec_of(teacher)
     arch = (spec or {}).get("arch")
-    if arch not in ("mlp", "lenet5", "cnn"):
+    if arch not in ("mlp", "lenet5", "cnn", "resnet"):
         if isinstance(teacher, dict):
-            raise ConfigError(f"zoo.student builds students of mlp, lenet5 and cnn specs, not {arch!r}; "
+            raise ConfigError(f"zoo.student builds students of mlp, lenet5, cnn and resnet specs, not {arch!r}; "
                               "pass the module itself to narrow any other model")
         if depth is not None:
-            raise ConfigError("depth= applies to zoo mlp and cnn teachers; other models are only narrowed (width=)")
+            raise ConfigError("depth= applies to zoo mlp, cnn and resnet teachers; other models are only narrowed "
+                              "(width=)")
         from .shrunk import student_of
 
         return student_of(teacher, float(width), example_inputs=example_inputs)
     args = dict(spec["args"])
+    if arch == "resnet":
+        return _resnet_student(args, width, depth)
     key = {"mlp": "hidden", "lenet5": "widths", "cnn": "widths"}[arch]
     layers = list(args[key])
     if depth is not None:
@@ -236,6 +329,23 @@ def student(teacher: nn.Module | dict, width: float = 0.25, depth: int | None = 
     if arch == "mlp":
         args["dropout"] = 0.0
     return ARCHS[arch](**args)
+
+
+def _resnet_student(args: dict, width: float, depth: int | None) -> nn.Module:
+    """A resnet student: every stage and inner width scaled, the first ``depth`` stages kept."""
+    widths = list(args["widths"])
+    blocks = list(args.get("blocks") or [1] * len(widths))
+    inner = list(args.get("inner") or [widths[s] for s, b in enumerate(blocks) for _ in range(b)])
+    if depth is not None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(widths):
+            raise ConfigError(f"student depth must be an integer in 1..{len(widths)} for this resnet, got {depth!r}")
+        inner, widths, blocks = inner[:sum(blocks[:depth])], widths[:depth], blocks[:depth]
+
+    def scaled(ws):
+        return [max(1, round(w * width)) for w in ws]
+
+    return resnet(classes=args["classes"], in_channels=args["in_channels"], widths=scaled(widths), blocks=blocks,
+                  inner=scaled(inner))
 
 
 def build(spec: dict, *, trust_factory: bool = False) -> nn.Module:

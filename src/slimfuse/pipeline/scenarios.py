@@ -14,6 +14,8 @@ from ..measure import Report
 
 SCENARIOS: dict[str, tuple[str, str]] = {
     "mnist": ("slimfuse.pipeline.demo:run", "image classification on mnist5k: every technique and the full chain"),
+    "vision": ("slimfuse.pipeline.vision:run", "image classification with a ResNet on mnist5k: train, export, "
+                                                "prune channels, int8, ensemble, distill, measured"),
     "recsys": ("slimfuse.recsys.demo:run", "recommenders: quantized tables, pruning, distillation, ensembles"),
     "nlp": ("slimfuse.nlp.demo:run", "sentence embeddings: all-MiniLM-L6-v2 in int8, mixed precision, "
                                               "distilled to 3 layers (needs slimfuse[nlp])"),
