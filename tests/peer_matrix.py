@@ -19,12 +19,12 @@ from __future__ import annotations
 import re
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peer_models import PEERS, Peer, TokenBag, digits_tokens
+from peer_models import HF_PEERS, PEERS, Peer, TokenBag, digits_sequence, digits_tokens
 from torch import nn
 
 import slimfuse as sf
@@ -109,10 +109,12 @@ class Context:
 
 # Per data kind of a Peer: how its Splits are made from ``digits``, and the small model paired with it as the
 # teacher (distill-student) or student (distill-teacher). A new kind of data is one entry in each.
-DATA: dict[str, Callable[[sf.Splits], sf.Splits]] = {"digits": lambda d: d, "tokens": digits_tokens}
+DATA: dict[str, Callable[[sf.Splits], sf.Splits]] = {"digits": lambda d: d, "tokens": digits_tokens,
+                                                     "sequence": digits_sequence}
 PAIRED: dict[str, Callable[[sf.Splits, str], nn.Module]] = {
     "digits": lambda data, role: sf.zoo.for_task("mlp", data.task, hidden=[64 if role == "teacher" else 32]),
     "tokens": lambda data, role: TokenBag(dim=8 if role == "teacher" else 4),
+    "sequence": lambda data, role: TokenBag(dim=8 if role == "teacher" else 4),
 }
 
 
@@ -130,7 +132,14 @@ def within(verb: str, got: float, baseline: float) -> str:
 
 
 def _flat(out) -> list[torch.Tensor]:
-    return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in _flat(o)]
+    """Every tensor of a model's output: a tensor, a tuple/list, a dict or a ``ModelOutput`` (values)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for o in out.values() for t in _flat(o)]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    return []
 
 
 def reloads(model: nn.Module, data: sf.Splits, peer: Peer | None = None) -> None:
@@ -274,7 +283,7 @@ VERBS: dict[str, Callable[[Context, Peer], str]] = {
 }
 SLOW_VERBS = ("ensemble", "distill-teacher", "distill-student")  # the ones that train most
 
-EXTRA: list[Peer] = []  # models defined elsewhere (Hugging Face ...): one Peer each
+EXTRA: list[Peer] = HF_PEERS  # models defined elsewhere (Hugging Face ...): one Peer each
 
 
 def models() -> list[Peer]:

@@ -376,7 +376,7 @@ class Peer:
     name: str
     pattern: str
     build: type  # a class (or factory) called with no arguments
-    data: str = "digits"  # "digits" (images, 1x8x8 floats) or "tokens" (8x8 int64 ids)
+    data: str = "digits"  # "digits" (images, 1x8x8 floats), "tokens" (8x8 int64 ids) or "sequence" (64 ids)
     epochs: int = 8  # training epochs of the baseline
     lr: float = 3e-3
     feed: Callable | None = None  # x -> the model's inputs, when it takes several (the tests' own calls)
@@ -409,4 +409,43 @@ PEERS: list[Peer] = [
     Peer("layernorm-gelu", "LayerNorm + GELU + residual MLP", LayerNormGELU),
     Peer("gru", "GRU over rows", GRURows),
     Peer("conv1d", "Conv1d over rows", Conv1dRows),
+]
+
+
+# --------------------------------------------------------------------------- transformers models (built offline)
+
+
+def hf_bert() -> nn.Module:
+    """A tiny ``BertForSequenceClassification`` over the digits' pixels as a 64-token sequence."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=17, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager"))
+
+
+def hf_resnet() -> nn.Module:
+    """A tiny ``ResNetForImageClassification`` (basic residual blocks, BatchNorm) on the 1x8x8 digits."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(
+        num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+        num_labels=10, downsample_in_first_stage=False))
+
+
+def digits_sequence(digits: sf.Splits) -> sf.Splits:
+    """``digits`` as one sequence of 64 token ids per image (the pixel levels 0..16), as text models take them."""
+    tokens = digits_tokens(digits)
+
+    def flat(s: sf.Split) -> sf.Split:
+        return sf.Split(s.x.flatten(1), s.y)
+
+    task = sf.Task("digits-sequence", "classification", digits.task.num_classes, (64,), digits.task.class_names)
+    return sf.Splits(flat(tokens.train), flat(tokens.val), flat(tokens.test), task)
+
+
+HF_PEERS: list[Peer] = [
+    Peer("hf-bert", "transformers BertForSequenceClassification", hf_bert, data="sequence", epochs=20),
+    Peer("hf-resnet", "transformers ResNetForImageClassification", hf_resnet),
 ]
