@@ -45,7 +45,6 @@ from ..models.shrunk import (
     check_still_runs,
     output_layers,
     shrunk_spec,
-    tp_failing_layers,
     tp_failure,
 )
 from ..models.spec import derive, task_of
@@ -368,40 +367,6 @@ def _taylor_gradients(model: nn.Module, data: Splits, batch_size: int = 256, bat
             F.cross_entropy(forward(model, x), y).backward()
 
 
-def _untraceable(model: nn.Module, error: Exception, when: str = "tracing") -> str:
-    """A one-line reason Torch-Pruning failed on ``model``: the operation it failed at, the nearest named
-    layer feeding it, and the layers holding weights of types it has no pruner for."""
-    node, tb = None, error.__traceback__
-    while tb is not None:  # the innermost graph node Torch-Pruning was working on
-        found = tb.tb_frame.f_locals.get("node")
-        if found is not None and hasattr(found, "inputs"):
-            node = found
-        tb = tb.tb_next
-    names = {id(m): n for n, m in model.named_modules()}
-    where = ""
-    if node is not None:
-        layer, queue, seen = None, [node], set()
-        while queue and layer is None:  # breadth-first towards the inputs: the first named layer
-            n = queue.pop(0)
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if isinstance(getattr(n, "module", None), nn.Module) and id(n.module) in names and names[id(n.module)]:
-                layer = f"{names[id(n.module)]} ({type(n.module).__name__})"
-            queue.extend(getattr(n, "inputs", []))
-        op = str(getattr(node, "name", node)).split("(")[0]
-        where = f" at {op}" + (f", fed by {layer}" if layer else "")
-    unknown = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-               if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, PRUNABLE + (
-                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Embedding, nn.GroupNorm,
-                   nn.MultiheadAttention, nn.PReLU, nn.LSTM, nn.ConvTranspose2d, nn.InstanceNorm2d))]
-    why = f"; layers of types it has no pruner for: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}" \
-        if unknown else ""
-    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return (f"structured pruning cannot trace this model: Torch-Pruning failed while {when}{where} "
-            f"({type(error).__name__}: {msg}){why}; exclude= the layers around it, or prune with sparsity=")
-
-
 def _epochs_per_step(epochs: int, steps: int) -> list[int]:
     """Split the fine-tuning budget over the steps; the remainder goes to the last steps."""
     base, extra = divmod(epochs, steps)
@@ -445,7 +410,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
             output_transform=select, **extra,
         )
     except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
-        raise ConfigError(_untraceable(work, e)) from None
+        raise tp_failure(e, work) from None
     if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                                      root_module_types=pruner.root_module_types)):
         raise ConfigError(f"nothing to prune: the model has no channels outside exclude={excluded} that can be "
@@ -465,9 +430,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
         try:
             pruner.step()
         except TP_ERRORS as e:  # a graph Torch-Pruning misreads: name the layers, never a raw traceback
-            if tp_failing_layers(pruner, work):
-                raise tp_failure(e, pruner, work) from None
-            raise ConfigError(_untraceable(work, e, when="pruning")) from None
+            raise tp_failure(e, work, pruner) from None
         if extra:
             hf.after_pruning(work, pruner.num_heads)
         work.zero_grad(set_to_none=True)

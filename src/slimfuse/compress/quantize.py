@@ -90,8 +90,6 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
 
 def _probe(model, calib) -> None:
     """A torch model that cannot take the calibration inputs: one clear error before any scheme runs."""
-    import torch
-
     from ..data import Split, Splits
     from ..train import probe
 

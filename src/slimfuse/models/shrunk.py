@@ -77,15 +77,51 @@ def check_still_runs(model: nn.Module, sample: torch.Tensor, expected: torch.Siz
                           "name that layer or the ones feeding it in exclude=")
 
 
-def tp_failure(e: BaseException, pruner, model: nn.Module) -> ConfigError:
-    """Torch-Pruning raised ``e`` (an ``IndexError`` on a graph it misreads, say): one ConfigError naming the
-    layers of the first group whose importance it cannot compute (or just the error when all can be)."""
-    layers = tp_failing_layers(pruner, model)
+def tp_failure(e: BaseException, model: nn.Module, pruner=None) -> ConfigError:
+    """Torch-Pruning raised ``e``: one ConfigError. While pruning (``pruner`` given) it names the layers of
+    the first group whose importance it cannot compute; otherwise (or when every group computes) where
+    its trace failed, as :func:`_untraceable` finds it."""
+    layers = tp_failing_layers(pruner, model) if pruner is not None else []
+    if not layers:
+        return ConfigError(_untraceable(model, e, when="tracing" if pruner is None else "pruning"))
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    group = f" on the layers {', '.join(layers)}" if layers else ""
-    return ConfigError(f"Torch-Pruning cannot prune this model{group} ({type(e).__name__}: {first}); "
-                       f"exclude= {'one of them' if layers else 'the layers involved'}, or use sparsity= "
+    return ConfigError(f"Torch-Pruning cannot prune this model on the layers {', '.join(layers)} "
+                       f"({type(e).__name__}: {first}); exclude= one of them, or use sparsity= "
                        "(unstructured) instead")
+
+
+def _untraceable(model: nn.Module, error: Exception, when: str = "tracing") -> str:
+    """A one-line reason Torch-Pruning failed on ``model``: the operation it failed at, the nearest named
+    layer feeding it, and the layers holding weights of types it has no pruner for."""
+    node, tb = None, error.__traceback__
+    while tb is not None:  # the innermost graph node Torch-Pruning was working on
+        found = tb.tb_frame.f_locals.get("node")
+        if found is not None and hasattr(found, "inputs"):
+            node = found
+        tb = tb.tb_next
+    names = {id(m): n for n, m in model.named_modules()}
+    where = ""
+    if node is not None:
+        layer, queue, seen = None, [node], set()
+        while queue and layer is None:  # breadth-first towards the inputs: the first named layer
+            n = queue.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(getattr(n, "module", None), nn.Module) and id(n.module) in names and names[id(n.module)]:
+                layer = f"{names[id(n.module)]} ({type(n.module).__name__})"
+            queue.extend(getattr(n, "inputs", []))
+        op = str(getattr(node, "name", node)).split("(")[0]
+        where = f" at {op}" + (f", fed by {layer}" if layer else "")
+    unknown = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+               if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, PRUNABLE + (
+                   nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Embedding, nn.GroupNorm,
+                   nn.MultiheadAttention, nn.PReLU, nn.LSTM, nn.ConvTranspose2d, nn.InstanceNorm2d))]
+    why = f"; layers of types it has no pruner for: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}" \
+        if unknown else ""
+    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"structured pruning cannot trace this model: Torch-Pruning failed while {when}{where} "
+            f"({type(error).__name__}: {msg}){why}; exclude= the layers around it, or prune with sparsity=")
 
 
 def tp_failing_layers(pruner, model: nn.Module) -> list[str]:
@@ -161,7 +197,7 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
         try:
             pruner.step()
         except TP_ERRORS as e:
-            raise tp_failure(e, pruner, work) from None
+            raise tp_failure(e, work, pruner) from None
         if extra:
             after_pruning(work, pruner.num_heads)
         del pruner
