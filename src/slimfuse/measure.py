@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import configs, stats
 from .data import Split
-from .data.feed import feed, is_tensor_input, n_samples, take
+from .data.feed import feed, n_samples, take
 from .errors import ConfigError
 from .hardware import describe, summary
 from .models.artifact import folder_bytes, save
@@ -79,13 +79,9 @@ def latency(model: nn.Module, x, *, threads: int = 2, seconds: float = 1.0, batc
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if n_samples(x) == 0:
         raise ConfigError("cannot time a model on an empty split")
-    if is_tensor_input(x):
-        reps = -(-batch // len(x))
-        big = x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].contiguous()
-        one = x[:1].contiguous()
-    else:  # several inputs: the first samples repeated up to the batch, every input alike
-        big = take(x, torch.arange(batch) % n_samples(x))
-        one = take(x, slice(0, 1))
+    # the samples repeated up to the batch (every input of a tuple or dict alike)
+    big = take(x, torch.arange(batch) % n_samples(x))
+    one = take(x, torch.arange(1))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
