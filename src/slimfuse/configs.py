@@ -363,6 +363,8 @@ class Merge(Config):
     distill_epochs: Annotated[Epochs, Field(description="fallback=distill: epochs")] = 10
     max_samples: Annotated[int, Field(ge=1, le=10**7, description="training samples for activation "
                                                                   "statistics")] = 2000
+    validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
+                                                "collapsed, agrees with a member, reloads bit-exactly")] = True  # type: ignore[assignment]
 
 
 class Export(Config):

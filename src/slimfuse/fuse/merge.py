@@ -45,6 +45,8 @@ from ..hardware import summary as hardware_summary
 from ..measure import artifact_bytes, counts, median_seconds
 from ..models.spec import derive, lineage_of
 from ..train import evaluate, predict
+from ..validate import check
+from . import rebasin
 from .combine import Ensemble
 from .soup import check_same_shapes, refresh_bn, soup
 
@@ -55,8 +57,6 @@ BASE_METHODS = ("task-arithmetic", "ties", "dare", "dare-ties")
 SUM_SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEAN_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 SLERP_TS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Dropout, nn.Identity,
-               nn.MaxPool2d, nn.AvgPool2d)
 EPS = 1e-8
 
 
@@ -76,6 +76,7 @@ def merge(
     distill_epochs: int = 10,
     max_samples: int = 2000,
     seed: int = 0,
+    validate: bool = True,
 ) -> nn.Module:
     """Merge ``models`` (one architecture) into one module of that architecture; never mutates them.
 
@@ -88,9 +89,12 @@ def merge(
     aligned average. ``fallback="distill"``: a merge worse than the best member is replaced by the
     mean ensemble distilled (``distill_epochs``) into the best member's architecture. Activation
     statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
+    ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
+    at least one member, reloads bit-exactly) or ``merge`` raises; ``False`` skips it (recorded).
     """
     models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
-                    repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples)
+                    repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
+                    validate=validate)
     repair = (data is not None) if repair is None else repair
     gen = torch.Generator().manual_seed(seed)
     stats_x = None
@@ -99,7 +103,7 @@ def merge(
         stats_x = data.train.x[idx]
     step: dict = {"method": method, "members": len(models)}
     if method in ("uniform", "greedy"):
-        result = soup(models, method, data)
+        result = soup(models, method, data, validate=False)  # the merge's own gate below
         step["kept"] = lineage_of(result)[-1]["params"].get("kept")
         source = models[0]
     elif method == "rebasin":
@@ -111,30 +115,37 @@ def merge(
                                     t=t, seed=seed)
         step.update(info)
     result = derive(source, result.eval(), "merge", **step)
-    if data is None:
-        return result
-    ver = _verify(result, models, data)
-    if ver["verdict"] == "worse":
-        warnings.warn(
-            f"merge ({method}): test accuracy {ver['merged']['accuracy']:.4f} is below the best member's "
-            f"{ver['best_member']['accuracy']:.4f} beyond noise (95% interval of the difference "
-            f"[{ver['vs_best']['accuracy']['lo']:+.4f}, {ver['vs_best']['accuracy']['hi']:+.4f}]); "
-            + ("distilling the ensemble instead (fallback='distill')" if fallback == "distill" else
-               "the ensemble of the members or fallback='distill' keeps their accuracy"),
-            UserWarning, stacklevel=2,
-        )
-        if fallback == "distill":
-            return _distill_fallback(result, models, data, ver, epochs=distill_epochs, seed=seed)
-    return _record(result, ver)
+    if data is not None:
+        ver = _verify(result, models, data)
+        if ver["verdict"] == "worse":
+            _warn_worse(method, ver, fallback)
+            if fallback == "distill":  # distill validated its student
+                return _distill_fallback(result, models, data, ver, epochs=distill_epochs, seed=seed)
+        result = _record(result, ver)
+    return check(result, f"merge({method})", reference=models, data=data, validate=validate,
+                 fix="fallback='distill' with data=, method='rebasin' for independently trained models, or an "
+                     "ensemble of the members")
+
+
+def _warn_worse(method: str, ver: dict, fallback: str | None) -> None:
+    warnings.warn(
+        f"merge ({method}): test accuracy {ver['merged']['accuracy']:.4f} is below the best member's "
+        f"{ver['best_member']['accuracy']:.4f} beyond noise (95% interval of the difference "
+        f"[{ver['vs_best']['accuracy']['lo']:+.4f}, {ver['vs_best']['accuracy']['hi']:+.4f}]); "
+        + ("distilling the ensemble instead (fallback='distill')" if fallback == "distill" else
+           "the ensemble of the members or fallback='distill' keeps their accuracy"),
+        UserWarning, stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------- validation
 
 
 def _check(models, method, data, base, *, scale, density, drop, t, matching, repair, fallback, distill_epochs,
-           max_samples) -> list[nn.Module]:
+           max_samples, validate) -> list[nn.Module]:
     configs.Merge.build(method=method, scale=scale, density=density, drop=drop, t=t, matching=matching,
-                        repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples)
+                        repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
+                        validate=validate)
     if isinstance(models, nn.Module) or not hasattr(models, "__iter__"):
         raise ConfigError("merge needs a list of trained modules")
     models = list(models)
@@ -280,206 +291,6 @@ def _interpolate(models, method, data, base, stats_x, *, scale, density, drop, t
 # ----------------------------------------------------------------------------- permutation alignment
 
 
-class _Group:
-    """One permutable hidden dimension: the tensor axes that move together, where to observe it."""
-
-    def __init__(self, layer: str, size: int):
-        self.layer, self.size = layer, size
-        self.entries: list[tuple[str, int, int]] = []  # (state key, axis, expand: flattened spatial positions)
-        self.stat = layer  # module whose output REPAIR renormalises (the BatchNorm after the layer, if any)
-        self.act = layer  # module whose output activation matching correlates
-
-
-def permutation_groups(model: nn.Module) -> list[_Group]:
-    """The hidden dimensions of a chain model whose units can be permuted without changing its function.
-
-    Supports ``nn.Sequential`` chains of Linear / Conv2d (groups=1) / BatchNorm layers with
-    element-wise activations, pooling, dropout and one Flatten between convolutions and linear
-    layers (the zoo's ``mlp``, ``lenet5`` and ``cnn``). The output layer is never permuted.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise ConfigError(f"rebasin aligns nn.Sequential chains of Linear/Conv2d/BatchNorm layers (the zoo's mlp, "
-                          f"lenet5, cnn); this model is a {type(model).__name__}")
-    groups: list[_Group] = []
-    current: _Group | None = None
-    flattened = False
-    for name, m in model.named_children():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if isinstance(m, nn.Conv2d) and (m.groups != 1 or flattened):
-                raise ConfigError(f"rebasin: layer {name!r} ({m}) cannot be aligned "
-                                  "(grouped conv or conv after Flatten)")
-            if current is not None:
-                fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-                if fan_in % current.size:
-                    raise ConfigError(f"rebasin: layer {name!r} takes {fan_in} inputs, not a multiple of the "
-                                      f"{current.size} channels of {current.layer!r}")
-                current.entries.append((f"{name}.weight", 1, fan_in // current.size))
-                groups.append(current)
-            size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            current = _Group(name, size)
-            current.entries.append((f"{name}.weight", 0, 1))
-            if m.bias is not None:
-                current.entries.append((f"{name}.bias", 0, 1))
-            flattened = False
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if current is None or m.num_features != current.size:
-                raise ConfigError(f"rebasin: BatchNorm {name!r} does not follow a layer of {m.num_features} channels")
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(m, key, None) is not None:
-                    current.entries.append((f"{name}.{key}", 0, 1))
-            current.stat = current.act = name
-        elif isinstance(m, nn.Flatten):
-            flattened = current is not None
-        elif isinstance(m, ELEMENTWISE):
-            if current is not None:
-                current.act = name
-        else:
-            raise ConfigError(f"rebasin: cannot align through module {name!r} ({type(m).__name__}); supported: "
-                              "Linear, Conv2d, BatchNorm, element-wise activations, pooling, dropout, Flatten")
-    return groups
-
-
-def _axes(groups: list[_Group]) -> dict[str, list[tuple[int, int, int]]]:
-    out: dict[str, list[tuple[int, int, int]]] = {}
-    for gi, g in enumerate(groups):
-        for key, axis, expand in g.entries:
-            out.setdefault(key, []).append((axis, gi, expand))
-    return out
-
-
-def _split_axis(w: torch.Tensor, axis: int, expand: int) -> torch.Tensor:
-    """View ``w`` with ``axis`` split into (channels, expand) so channels can be indexed."""
-    shape = list(w.shape)
-    return w.reshape(shape[:axis] + [shape[axis] // expand, expand] + shape[axis + 1:])
-
-
-def _permute(w: torch.Tensor, axis: int, perm: torch.Tensor, expand: int) -> torch.Tensor:
-    return _split_axis(w, axis, expand).index_select(axis, perm).reshape(w.shape)
-
-
-def permute_state(state: dict, groups: list[_Group], perms: list[torch.Tensor]) -> dict:
-    """A new state dict with every group's axes reordered by its permutation."""
-    axes = _axes(groups)
-    out = dict(state)
-    for key, entries in axes.items():
-        w = state[key]
-        for axis, gi, expand in entries:
-            w = _permute(w, axis, perms[gi], expand)
-        out[key] = w
-    return out
-
-
-def _rows(w: torch.Tensor, axis: int, expand: int) -> torch.Tensor:
-    return _split_axis(w.double(), axis, expand).movedim(axis, 0).reshape(w.shape[axis] // expand, -1)
-
-
-def weight_matching(groups: list[_Group], ref: dict, state: dict, *, seed: int = 0, max_iter: int = 100) -> list:
-    """Permutations of ``state``'s hidden units that maximise the inner product with ``ref``'s weights."""
-    from scipy.optimize import linear_sum_assignment
-
-    axes = _axes(groups)
-    perms = [torch.arange(g.size) for g in groups]
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(max_iter):
-        changed = False
-        for gi in torch.randperm(len(groups), generator=gen).tolist():
-            g = groups[gi]
-            cost = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for key, axis, expand in g.entries:
-                w = state[key]
-                for other_axis, other, other_expand in axes[key]:
-                    if other != gi:
-                        w = _permute(w, other_axis, perms[other], other_expand)
-                cost += _rows(ref[key], axis, expand) @ _rows(w, axis, expand).T
-            _, col = linear_sum_assignment(cost.numpy(), maximize=True)
-            new = torch.as_tensor(col, dtype=torch.long)
-            idx = torch.arange(g.size)
-            if cost[idx, new].sum() > cost[idx, perms[gi]].sum() + 1e-12 * cost.abs().sum():
-                perms[gi], changed = new, True
-        if not changed:
-            break
-    return perms
-
-
-def _features(model: nn.Module, names: list[str], x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Outputs of the named children on ``x`` as (rows, channels): conv maps give a row per position."""
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    mods = dict(model.named_children())
-    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: store[n].append(
-        (o.movedim(1, -1).reshape(-1, o.shape[1]) if o.dim() > 2 else o).double())) for n in set(names)]
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(x), batch_size):
-                model(x[s : s + batch_size])
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
-
-
-def activation_matching(groups: list[_Group], ref: nn.Module, model: nn.Module, x: torch.Tensor) -> list:
-    """Permutations of ``model``'s hidden units that maximise the correlation of activations with ``ref``'s."""
-    from scipy.optimize import linear_sum_assignment
-
-    names = [g.act for g in groups]
-    fa, fb = _features(ref, names, x), _features(model, names, x)
-    perms = []
-    for g in groups:
-        a, b = fa[g.act], fb[g.act]
-        za = (a - a.mean(0)) / (a.std(0) + EPS)
-        zb = (b - b.mean(0)) / (b.std(0) + EPS)
-        corr = za.T @ zb / len(za)
-        _, col = linear_sum_assignment(corr.numpy(), maximize=True)
-        perms.append(torch.as_tensor(col, dtype=torch.long))
-    return perms
-
-
-def align(model: nn.Module, ref: nn.Module, *, matching: str = "weights", x: torch.Tensor | None = None,
-          seed: int = 0) -> nn.Module:
-    """A copy of ``model`` with its hidden units permuted to match ``ref`` (same function as ``model``)."""
-    groups = permutation_groups(model)
-    if matching == "weights":
-        perms = weight_matching(groups, ref.state_dict(), model.state_dict(), seed=seed)
-    else:
-        perms = activation_matching(groups, ref, model, x)
-    out = copy.deepcopy(model)
-    out.load_state_dict(permute_state(model.state_dict(), groups, perms))
-    return out.eval()
-
-
-def _stats(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    feats = _features(model, names, x)
-    return {n: (f.mean(0), f.std(0)) for n, f in feats.items()}
-
-
-def apply_repair(merged: nn.Module, members: list[nn.Module], x: torch.Tensor) -> nn.Module:
-    """REPAIR in place: every hidden channel of ``merged`` gets the members' average mean and std.
-
-    Layer by layer in order (a correction changes what the next layers see): the affine map of
-    the layer's BatchNorm (or of the layer itself) is rescaled and shifted. A layer without bias
-    and BatchNorm is only rescaled.
-    """
-    groups = permutation_groups(merged)
-    names = [g.stat for g in groups]
-    targets = [_stats(m, names, x) for m in members]
-    mods = dict(merged.named_children())
-    for g in groups:
-        mu = torch.stack([t[g.stat][0] for t in targets]).mean(0)
-        sd = torch.stack([t[g.stat][1] for t in targets]).mean(0)
-        got_mu, got_sd = _stats(merged, [g.stat], x)[g.stat]
-        s = sd / (got_sd + EPS)
-        mod = mods[g.stat]
-        with torch.no_grad():
-            shape = (-1,) + (1,) * (mod.weight.dim() - 1)
-            mod.weight.mul_(s.view(shape).to(mod.weight.dtype))
-            if mod.bias is not None:
-                mod.bias.copy_(((mod.bias.double() - got_mu) * s + mu).to(mod.bias.dtype))
-    return merged
-
-
 def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
     if data is not None:
         scores = [evaluate(m, data.val) for m in models]
@@ -487,8 +298,9 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
     else:
         ref_i = 0
     ref = models[ref_i]
-    permutation_groups(ref)  # a clear error before any work
-    aligned = [copy.deepcopy(ref).eval() if i == ref_i else align(m, ref, matching=matching, x=stats_x, seed=seed)
+    groups, skipped = rebasin.permutation_groups(ref, rebasin.trace_sample(ref, stats_x))  # errors before work
+    aligned = [copy.deepcopy(ref).eval() if i == ref_i else
+               rebasin.align(m, ref, matching=matching, x=stats_x, seed=seed, groups=groups)
                for i, m in enumerate(models)]
     states = [m.state_dict() for m in aligned]
     out = copy.deepcopy(ref)
@@ -499,8 +311,9 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
         refresh_bn(out, Split(stats_x, torch.zeros(len(stats_x), dtype=torch.long)))
         out.eval()
     if repair:
-        apply_repair(out, aligned, stats_x)
-    return ref, out, {"matching": matching, "repair": repair, "reference": ref_i}
+        rebasin.apply_repair(out, aligned, stats_x, groups)
+    return ref, out, {"matching": matching, "repair": repair, "reference": ref_i,
+                      "groups": len(groups), "units": sum(g.size for g in groups), "not_aligned": skipped}
 
 
 # ----------------------------------------------------------------------------- verification
@@ -586,5 +399,4 @@ def _distill_fallback(merged: nn.Module, models, data: Splits, ver: dict, *, epo
     return student.eval()
 
 
-__all__ = ["METHODS", "activation_matching", "align", "apply_repair", "dare_vector", "disjoint_mean", "merge",
-           "permutation_groups", "permute_state", "slerp_tensor", "ties_vector", "trim", "weight_matching"]
+__all__ = ["METHODS", "dare_vector", "disjoint_mean", "merge", "slerp_tensor", "ties_vector", "trim"]
