@@ -41,13 +41,15 @@ class Group:
     that hold unit ``u`` (one position for a layer's own outputs, several after a flatten);
     ``stats``: module name -> the output channels that carry the units, for the modules where
     REPAIR renormalises and activation matching correlates (the BatchNorms, else the layers
-    writing the units).
+    writing the units); ``norms``: the keys of normalisation vectors and statistics among the entries
+    (permuted, but not what weight matching compares).
     """
 
     def __init__(self, layer: str, size: int):
         self.layer, self.size = layer, size
         self.entries: list[tuple[str, int, torch.Tensor]] = []
         self.stats: dict[str, torch.Tensor] = {}
+        self.norms: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Group({self.layer!r}, {self.size} units, {len(self.entries)} tensors)"
@@ -108,6 +110,8 @@ def _from_tp(tp_group, dg, names: dict[int, str], state: dict, size: int) -> tup
                 continue
             seen[key, axis] = index
             group.entries.append((key, axis, index))
+            if isinstance(module, NORMS + (nn.LayerNorm,)):
+                group.norms.add(key)
         if isinstance(module, NORMS):
             group.stats[name] = index[:, 0]
         elif isinstance(module, (nn.Linear,) + CONVS) and axes[0] == ("weight", 0):
@@ -240,7 +244,12 @@ def _rows(w: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
 
 def weight_matching(groups: list[Group], ref: dict, state: dict, *, seed: int = 0, max_iter: int = 100) -> list:
     """Permutations of ``state``'s hidden units that maximise the inner product with ``ref``'s weights
-    (coordinate descent over the groups, each a linear assignment)."""
+    (coordinate descent over the groups, each a linear assignment).
+
+    Compared are the tensors of the layers (weights, biases, embeddings), not normalisation vectors
+    and running statistics: those per-unit scalars have a scale unrelated to the weights' and
+    dominated the assignment (two ResNet-8s on mnist5k: the aligned average 0.38 accurate with them,
+    0.65 without)."""
     from scipy.optimize import linear_sum_assignment
 
     axes = _by_key(groups)
@@ -252,6 +261,8 @@ def weight_matching(groups: list[Group], ref: dict, state: dict, *, seed: int = 
             g = groups[gi]
             cost = torch.zeros(g.size, g.size, dtype=torch.float64)
             for key, axis, index in g.entries:
+                if key in g.norms:
+                    continue
                 w = state[key]
                 for other_axis, other, other_index in axes[key]:
                     if other != gi:
