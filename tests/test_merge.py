@@ -234,7 +234,11 @@ def test_aligned_repair_beats_naive_averaging_and_is_verified(digits, two_mlps):
     best = max(sf.evaluate(m, digits.test)["accuracy"] for m in two_mlps)
     assert got > naive_acc + 0.02, (got, naive_acc)
     assert got > best - 0.05, (got, best)
-    ver = sf.lineage_of(merged)[-1]["params"]["verification"]
+    step = sf.lineage_of(merged)[-1]["params"]
+    val = step["repair_chosen_by"]["val_accuracy"]  # REPAIR by default only where validation says it pays
+    assert step["repair"] == (val["with"] >= val["without"])
+    assert val[("with" if step["repair"] else "without")] == pytest.approx(sf.evaluate(merged, digits.val)["accuracy"])
+    ver = step["verification"]
     assert ver == merged.verification
     assert ver["merged"]["accuracy"] == pytest.approx(got, abs=1e-6)
     assert ver["verdict"] in ("worse", "tie", "better")

@@ -91,6 +91,39 @@ def test_conv_batchnorm_relu_is_folded_fused_and_int8(cnn, digits, tmp_path):
     assert torch.equal(sf.predict(q, digits.test), sf.predict(loaded, digits.test))
 
 
+@sf.zoo.rebuildable
+class ForwardCodeBlocks(nn.Module):
+    """Conv -> BatchNorm -> ReLU written in forward code (no nn.Sequential), then a residual block whose
+    BatchNorm output is added to in place and passed through a ReLU module: that ReLU is not the conv's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        h = self.act1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(h))
+        y += h
+        y = nn.functional.max_pool2d(self.act2(y), 2)
+        return self.head(y.flatten(1))
+
+
+def test_batchnorm_in_forward_code_is_folded_where_it_keeps_the_function(digits, tmp_path):
+    torch.manual_seed(0)
+    model = sf.fit(ForwardCodeBlocks(), digits, epochs=3, progress=False)
+    q = quantize(model, "int8-static", calib=digits.train)
+    assert q.layers["conv1"]["bn"] == "bn1" and q.layers["conv1"]["relu"] == "act1"
+    assert q.layers["conv2"]["bn"] == "bn2" and q.layers["conv2"]["relu"] is None  # act2 runs after the addition
+    assert isinstance(q.net.bn2, nn.Identity) and isinstance(q.net.act2, nn.ReLU)
+    assert set(q.precision.values()) == {"int8-static"}  # no BatchNorm left in fp32
+    base = sf.evaluate(model, digits.test)["accuracy"]
+    assert sf.evaluate(q, digits.test)["accuracy"] >= base - 0.03
+    loaded = sf.load(sf.save(q, tmp_path / "q"), trust_factory=True)  # the class lives in this test module
+    assert torch.equal(sf.predict(q, digits.test), sf.predict(loaded, digits.test))
+
+
 def test_layers_without_a_kernel_stay_float_and_are_listed(cnn, digits, tmp_path):
     q = quantize(cnn, "int8-dynamic")  # torch has no dynamic int8 conv
     assert q.precision["conv1"] == "fp32" and q.precision["bn1"] == "fp32" and q.precision["fc"] == "int8-dynamic"

@@ -355,8 +355,8 @@ class Merge(Config):
                                                              "on validation)")] = None
     matching: Annotated[Literal["weights", "activations"], Field(description="rebasin: align by weights or by "
                                                                              "activations (needs data)")] = "weights"
-    repair: Annotated[bool | None, Field(description="rebasin: REPAIR renormalisation (default: when data is "
-                                                     "given)")] = None
+    repair: Annotated[bool | None, Field(description="rebasin: REPAIR renormalisation (default: with data, kept "
+                                                     "unless it lowers validation accuracy)")] = None
     fallback: Annotated[Literal["distill"] | None,
                         Field(description="distill: a merge worse than the best member is replaced by the ensemble "
                                           "distilled into one model")] = None

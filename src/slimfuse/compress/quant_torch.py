@@ -38,6 +38,7 @@ from ..data import Split, Splits
 from ..data.feed import n_samples, take
 from ..errors import ConfigError
 from ..models.artifact import register_codec
+from ..models.calling import forward
 from ..models.spec import derive, spec_of, task_of
 from ..models.zoo import build, register
 from ..train import evaluate, fit
@@ -83,9 +84,13 @@ def _kernel_for(scheme: str, m: nn.Module) -> bool:
     return scheme != "int8-dynamic" and _conv_ok(m)
 
 
-def find_groups(model: nn.Module, scheme: str, keep: set[str] = frozenset()) -> list[Group]:
-    """Plan the int8 layers of ``model`` (layers in ``keep`` stay float)."""
+def find_groups(model: nn.Module, scheme: str, keep: set[str] = frozenset(),
+                chains: dict[str, tuple[str | None, str | None]] | None = None) -> list[Group]:
+    """Plan the int8 layers of ``model`` (layers in ``keep`` stay float). Inside ``nn.Sequential`` the
+    BatchNorm and ReLU after a layer are read off the order of its children; elsewhere from ``chains``
+    (layer path -> (BatchNorm, ReLU)), as :func:`graph_chains` finds them."""
     groups: list[Group] = []
+    chains = chains or {}
 
     def quantizable(path, m):
         return path not in keep and _kernel_for(scheme, m)
@@ -96,7 +101,8 @@ def find_groups(model: nn.Module, scheme: str, keep: set[str] = frozenset()) -> 
         for name, child in mod.named_children():
             path = _join(prefix, name)
             if quantizable(path, child):
-                groups.append(Group(path, type(child).__name__))
+                bn, relu = chains.get(path, (None, None))
+                groups.append(Group(path, type(child).__name__, bn=bn, relu=relu))
             else:
                 walk(child, path)
 
@@ -130,6 +136,78 @@ def find_groups(model: nn.Module, scheme: str, keep: set[str] = frozenset()) -> 
 
     walk(model, "")
     return groups
+
+
+def graph_chains(model: nn.Module, x) -> dict[str, tuple[str | None, str | None]]:
+    """Conv2d -> BatchNorm2d (-> ReLU) and Linear/Conv2d -> ReLU chains of a model's forward code.
+
+    Read off one forward pass on (the first rows of) ``x``: a BatchNorm or ReLU module whose input
+    is the very tensor a layer returned, each module called once. A chain is kept only if folding
+    it reproduces the model's outputs on ``x`` (a layer output also used elsewhere, e.g. by a
+    residual addition, would not), so a wrong guess costs speed, never correctness.
+    """
+    x = take(x, slice(0, 8)) if not isinstance(x, torch.Tensor) else x[:8]
+    names = {id(m): n for n, m in model.named_modules() if n}
+    calls: list[tuple[str, nn.Module, object, object]] = []  # (path, module, input, output); tensors kept alive
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.append((names[id(mod)], mod, i[0] if i else None, o)))
+             for m in {id(m): m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d,
+                                                                     nn.ReLU) and id(m) in names}.values()]
+    try:
+        with torch.no_grad():
+            reference = forward(model, x)
+    except (RuntimeError, TypeError, ValueError):  # calibration reports the model's own failure
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    counts: dict[str, int] = {}
+    for path, *_ in calls:
+        counts[path] = counts.get(path, 0) + 1
+
+    def consumer(after: int, tensor, kinds: tuple) -> tuple[int, str, nn.Module] | None:
+        for k in range(after + 1, len(calls)):
+            path, mod, inp, _ = calls[k]
+            if inp is tensor:
+                return (k, path, mod) if type(mod) in kinds and counts[path] == 1 else None
+        return None
+
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for i, (path, mod, _, out) in enumerate(calls):
+        if type(mod) not in (nn.Conv2d, nn.Linear) or counts[path] != 1 or not isinstance(out, torch.Tensor):
+            continue
+        bn = relu = None
+        at, tensor = i, out
+        nxt = consumer(i, out, (nn.BatchNorm2d,)) if type(mod) is nn.Conv2d else None
+        if nxt is not None and _folds(mod, nxt[2]):
+            at, bn, tensor = nxt[0], nxt[1], calls[nxt[0]][3]
+        nxt = consumer(at, tensor, (nn.ReLU,))
+        if nxt is not None:
+            relu = nxt[1]
+        if bn or relu:
+            found[path] = (bn, relu)
+
+    def reproduces(chosen: dict) -> bool:
+        trial = copy.deepcopy(model).eval()
+        for path, (bn, relu) in chosen.items():
+            parts = [trial.get_submodule(p) for p in (path, bn, relu) if p is not None]
+            for p in (bn, relu):
+                if p is not None:
+                    trial.set_submodule(p, nn.Identity())
+            trial.set_submodule(path, nn.Sequential(*parts))
+        with torch.no_grad():
+            got = forward(trial, x)
+        return got.shape == reference.shape and bool(torch.allclose(got, reference, rtol=1e-5, atol=1e-6))
+
+    if not found or reproduces(found):
+        return found
+    kept = {}
+    for path, (bn, relu) in found.items():  # one by one; a ReLU that follows an in-place addition is not the chain's
+        for chain in ((bn, relu), (bn, None)):
+            if chain[0] or chain[1]:
+                if reproduces({path: chain}):
+                    kept[path] = chain
+                    break
+    return kept if reproduces(kept) else {}
 
 
 def _folds(conv: nn.Module, bn: nn.Module) -> bool:
@@ -349,8 +427,8 @@ def _check_source(model: nn.Module) -> None:
         raise ConfigError("this model is already quantized; quantize its float source instead")
 
 
-def _groups(source: nn.Module, scheme: str, kernel_scheme: str) -> list[Group]:
-    groups = find_groups(source, kernel_scheme)
+def _groups(source: nn.Module, scheme: str, kernel_scheme: str, x=None) -> list[Group]:
+    groups = find_groups(source, kernel_scheme, chains=graph_chains(source, x) if x is not None else None)
     if not groups:
         kinds = "Linear" if kernel_scheme == "int8-dynamic" else "Linear or Conv2d"
         raise ConfigError(f"{scheme}: the model has no layer it can quantize ({kinds}); nothing would change")
@@ -361,13 +439,13 @@ def _calibrated(model, calib, scheme, *, calibrator, samples, percentile=99.99, 
     check_calibrator(calibrator)
     x = _calib_x(calib, scheme, samples, seed)
     source = copy.deepcopy(model).eval()
-    groups = _groups(source, scheme, "int8-static")
+    groups = _groups(source, scheme, "int8-static", x)
     ranges = observe(source, _points(groups), x, calibrator=calibrator, percentile=percentile)
     return source, groups, ranges, n_samples(x)
 
 
 def _static(source, groups, ranges, keep: dict[str, str] | None = None, scheme="int8-static") -> QuantizedModel:
-    chosen = find_groups(source, "int8-static", set(keep or ()))
+    chosen = find_groups(source, "int8-static", set(keep or ()), chains={g.path: (g.bn, g.relu) for g in groups})
     by_path = {g.path: g for g in groups}
     weights = {g.path: _folded(source, by_path[g.path]) for g in chosen}
     return _convert(source, scheme, layer_plan(source, "int8-static", chosen, keep), weights, ranges)
@@ -386,7 +464,8 @@ def int8_dynamic(model: nn.Module, *, calib=None, exclude=None) -> nn.Module:
     unknown = [p for p in keep if not isinstance(modules.get(p), nn.Linear)]
     if unknown:
         raise ConfigError(f"int8-dynamic: exclude names no Linear layer of this model: {', '.join(map(str, unknown))}")
-    groups = _groups(source, "int8-dynamic", "int8-dynamic")
+    groups = _groups(source, "int8-dynamic", "int8-dynamic",
+                     _calib_x(calib, "int8-dynamic", 64) if calib is not None else None)
     chosen = [g for g in groups if g.path not in keep]
     plan = layer_plan(source, "int8-dynamic", chosen, dict.fromkeys(keep, "fp32"))
     weights = {g.path: _folded(source, g) for g in chosen}

@@ -85,8 +85,8 @@ def merge(
     ``slerp`` (two models, ``t`` = weight of the second). ``scale``: the task-vector coefficient
     (``None``: chosen on ``data.val``; without data 1/k for the sums, 1 for TIES' means).
     ``density``: fraction of each task vector TIES keeps; ``drop``: DARE's drop probability.
-    ``matching``: ``weights`` or ``activations`` (needs data); ``repair`` (default: with data) renormalises the
-    aligned average. ``fallback="distill"``: a merge worse than the best member is replaced by the
+    ``matching``: ``weights`` or ``activations`` (needs data); ``repair`` renormalises the aligned
+    average (default: with data, both are built and REPAIR kept unless it lowers validation accuracy). ``fallback="distill"``: a merge worse than the best member is replaced by the
     mean ensemble distilled (``distill_epochs``) into the best member's architecture. Activation
     statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
     ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
@@ -95,7 +95,6 @@ def merge(
     models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
                     repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
                     validate=validate)
-    repair = (data is not None) if repair is None else repair
     gen = torch.Generator().manual_seed(seed)
     stats_x = None
     if data is not None:
@@ -291,7 +290,7 @@ def _interpolate(models, method, data, base, stats_x, *, scale, density, drop, t
 # ----------------------------------------------------------------------------- permutation alignment
 
 
-def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
+def _rebasin(models, data, stats_x, *, matching, repair: bool | None, seed: int):
     if data is not None:
         scores = [evaluate(m, data.val) for m in models]
         ref_i = max(range(len(models)), key=lambda i: (scores[i]["accuracy"], -scores[i]["nll"]))
@@ -310,9 +309,16 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool, seed: int):
     if stats_x is not None:
         refresh_bn(out, Split(stats_x, torch.zeros(len(stats_x), dtype=torch.long)))
         out.eval()
-    if repair:
+    info: dict = {}
+    if repair is None and data is not None:  # REPAIR where it pays: measured, not assumed (BENCHMARKS.md)
+        repaired = rebasin.apply_repair(copy.deepcopy(out), aligned, stats_x, groups)
+        val = {"with": evaluate(repaired, data.val)["accuracy"], "without": evaluate(out, data.val)["accuracy"]}
+        repair = val["with"] >= val["without"]
+        info["repair_chosen_by"] = {"val_accuracy": val}
+        out = repaired if repair else out
+    elif repair:
         rebasin.apply_repair(out, aligned, stats_x, groups)
-    return ref, out, {"matching": matching, "repair": repair, "reference": ref_i,
+    return ref, out, {"matching": matching, "repair": bool(repair), **info, "reference": ref_i,
                       "groups": len(groups), "units": sum(g.size for g in groups), "not_aligned": skipped}
 
 
