@@ -1,6 +1,7 @@
 """Quantization benchmark: every torch scheme vs torch.ao's quantize_dynamic and eager fp32.
 
-LeNet-300-100 and LeNet-5 on mnist5k; per candidate: test accuracy, bytes on disk, batch-1
+LeNet-300-100, LeNet-5 and a Hugging Face ResNet (residual blocks written as forward code, not
+``nn.Sequential``) on mnist5k; per candidate: test accuracy, bytes on disk, batch-1
 p50 latency and batch-256 latency, all in one run so the numbers compare side by side. slimfuse
 candidates are measured after a save -> load round trip (what is deployed), which must give
 bit-identical predictions. Latency is the best of several interleaved rounds (the machine is
@@ -23,12 +24,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 
 import slimfuse as sf
 from slimfuse.measure import artifact_bytes, latency
+from slimfuse.models.calling import forward
 
 OUT = Path(__file__).parent / "out"
 THREADS = 2
@@ -72,14 +75,32 @@ class _NativeHalf(nn.Module):
         self.model = copy.deepcopy(stored).half()
 
     def forward(self, x):
-        return self.model(x.half()).float()
+        return forward(self.model, x.half()).float()
 
     def slimfuse_artifact_bytes(self):
         return self.bytes
 
 
 def _q(scheme: str, **options) -> Callable[[Context], nn.Module]:
-    return lambda ctx: sf.quantize(ctx.model, scheme, calib=ctx.data, **options)
+    return lambda ctx: sf.quantize(ctx.model, scheme, calib=ctx.data, backend="torch", **options)
+
+
+def _unfolded(ctx: Context) -> nn.Module:
+    """int8-static as before BatchNorm layers called from forward code were folded: the torch backend
+    with no graph chains (only ``nn.Sequential`` children fold), for the ratio side by side."""
+    from slimfuse.compress import quant_torch
+
+    with mock.patch.object(quant_torch, "graph_chains", lambda model, x: {}):
+        return sf.quantize(ctx.model, "int8-static", calib=ctx.data, backend="torch")
+
+
+def hf_resnet(task: sf.Task) -> nn.Module:
+    """A small transformers ``ResNetForImageClassification`` (basic blocks, BatchNorm), random init."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(
+        num_channels=task.input_shape[0], embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+        layer_type="basic", num_labels=task.num_classes, downsample_in_first_stage=False))
 
 
 CANDIDATES: list[Candidate] = [
@@ -89,6 +110,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("int8-static minmax", "torch", _q("int8-static", calibrator="minmax")),
     Candidate("int8-static percentile (default)", "torch", _q("int8-static", calibrator="percentile")),
     Candidate("int8-static entropy", "torch", _q("int8-static", calibrator="entropy")),
+    Candidate("int8-static percentile, forward-code BatchNorm unfolded", "torch", _unfolded),
     Candidate("qat (3 epochs)", "torch", _q("qat", epochs=3)),
     Candidate("mixed (max_drop 0.5 pt, default)", "torch", _q("mixed", max_drop=0.5)),
     Candidate("fp16 (stored; fp32 compute)", "torch", _q("fp16")),
@@ -99,6 +121,7 @@ CANDIDATES: list[Candidate] = [
 MODELS = {
     "LeNet-300-100": (lambda task: sf.zoo.for_task("mlp", task, hidden=[300, 100]), 20),
     "LeNet-5": (lambda task: sf.zoo.for_task("lenet5", task), 10),
+    "HF ResNet": (hf_resnet, 6),
 }
 
 
