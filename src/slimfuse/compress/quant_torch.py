@@ -203,10 +203,9 @@ def graph_chains(model: nn.Module, x) -> dict[str, tuple[str | None, str | None]
     kept = {}
     for path, (bn, relu) in found.items():  # one by one; a ReLU that follows an in-place addition is not the chain's
         for chain in ((bn, relu), (bn, None)):
-            if chain[0] or chain[1]:
-                if reproduces({path: chain}):
-                    kept[path] = chain
-                    break
+            if (chain[0] or chain[1]) and reproduces({path: chain}):
+                kept[path] = chain
+                break
     return kept if reproduces(kept) else {}
 
 

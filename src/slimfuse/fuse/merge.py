@@ -86,7 +86,8 @@ def merge(
     (``None``: chosen on ``data.val``; without data 1/k for the sums, 1 for TIES' means).
     ``density``: fraction of each task vector TIES keeps; ``drop``: DARE's drop probability.
     ``matching``: ``weights`` or ``activations`` (needs data); ``repair`` renormalises the aligned
-    average (default: with data, both are built and REPAIR kept unless it lowers validation accuracy). ``fallback="distill"``: a merge worse than the best member is replaced by the
+    average (default: with data, both are built and REPAIR kept unless it lowers validation
+    accuracy). ``fallback="distill"``: a merge worse than the best member is replaced by the
     mean ensemble distilled (``distill_epochs``) into the best member's architecture. Activation
     statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
     ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
