@@ -93,7 +93,8 @@ def test_tuple_batches_with_several_inputs_train_and_predict():
     torch.manual_seed(0)
     model = TwoInputs()
     logits = predict(model, batches)
-    assert torch.equal(logits, model(x, b)[0].detach())  # the first element of the returned tuple
+    # the first element of the returned tuple (batches of 32 against one call: kernels may round differently)
+    assert torch.allclose(logits, model(x, b)[0].detach(), atol=1e-6)
     before = evaluate(model, batches)["accuracy"]
     trained = fit(model, batches, epochs=15, lr=1e-2, progress=False)
     after = evaluate(trained, batches)["accuracy"]
