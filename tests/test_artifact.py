@@ -389,3 +389,25 @@ def test_concurrent_saves_to_one_path_end_with_one_complete_artifact(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errors
     sf.load(tmp_path / "a")  # whole, checksum verified
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_an_output_selector_by_key_or_index_is_saved_and_a_callable_one_refused(digits, tmp_path):
+    from peer_models import MultiOutput
+
+    torch.manual_seed(0)
+    model = sf.set_output(MultiOutput(), 1)  # read the reconstruction, the second of the two outputs
+    x = digits.test.x[:16]
+    back = sf.load(sf.save(model, tmp_path / "m"), trust_factory=True)
+    assert _card(tmp_path / "m")["output"] == 1
+    assert torch.equal(sf.predict(back, x), model(x)[1].detach())
+    sf.set_output(model, lambda out: out[0])
+    with pytest.raises(ArtifactError, match="callable .*cannot record"):
+        sf.save(model, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    pruned = sf.prune(model, sparsity=0.5, schedule="oneshot", data=digits, epochs=0)  # the gate skips the reload
+    assert sf.lineage_of(pruned)[-1]["validation"]["reload"].startswith("skipped: its output is selected by a callable")
+    card = _card(tmp_path / "m")
+    card["output"] = {"key": "x"}
+    _write_card(tmp_path / "m", card)
+    with pytest.raises(ArtifactError, match="output"):
+        sf.load(tmp_path / "m", trust_factory=True)

@@ -38,7 +38,7 @@ from .data import Split, Splits
 from .data.feed import cat, feed, is_tensor_input, n_samples, take
 from .distributed import is_main
 from .errors import SlimfuseError
-from .models.calling import call, forward
+from .models.calling import call, forward, selector
 from .models.spec import ATTR, spec_of, task_of
 
 SAMPLES = 256  # inputs the gate runs (a few hundred at most keeps it cheap)
@@ -265,6 +265,8 @@ def _reload(result: nn.Module, x: torch.Tensor, out: torch.Tensor, step: str, hi
 
     if spec_of(result) is None:
         return "skipped: the model has no slimfuse spec (it cannot be saved)"
+    if not isinstance(selector(result), (str, int, type(None))):
+        return "skipped: its output is selected by a callable, which an artifact cannot record"
     if not is_main():
         return "skipped: checked on rank 0"
     with tempfile.TemporaryDirectory(prefix="slimfuse-validate-") as tmp:

@@ -40,6 +40,7 @@ from ..errors import ArtifactError, ConfigError, SlimfuseError
 from ..hardware import summary as hardware_summary
 from ..limits import check_bytes
 from . import zoo
+from .calling import selector, set_output
 from .card_schema import validate_card
 from .spec import attach, lineage_of, spec_of, task_of
 from .zoo import build, check_params, factory_spec
@@ -91,6 +92,11 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
             spec = spec_for(model)  # raises ArtifactError saying what its spec cannot record
     if spec is None:  # a user's own module: its importable class and constructor arguments
         spec = factory_spec(model)
+    output = selector(model)
+    if output is not None and not isinstance(output, (str, int)):
+        raise ArtifactError("the model reads its output through a callable (set_output), which an artifact cannot "
+                            "record; select it by key or index (slimfuse.set_output(model, 'pooler_output')) or wrap "
+                            "the model in a module that returns the tensor")
     codec = codec or getattr(model, "slimfuse_codec", "dense")
     if codec not in CODECS:
         raise ArtifactError(f"unknown storage codec {codec!r} (known: {', '.join(sorted(CODECS))})")
@@ -107,6 +113,8 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
         "versions": {"slimfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "hardware": hardware_summary(),  # the machine that made it (and measured its metrics)
     }
+    if output is not None:
+        card["output"] = output  # the output selector, restored by load
     card["storage"] = {"tied": tied} if tied else {}  # _encoded adds the codec and its meta
     weights, card_text = _encoded(state, codec, card)
     if codec != "dense":
@@ -405,6 +413,8 @@ def load(path: str | Path, *, trust_factory: bool = False) -> nn.Module:
     _retie(model, tied)
     model.eval()
     attach(model, card["spec"], lineage=card["lineage"], task=card.get("task"))
+    if card.get("output") is not None:
+        set_output(model, card["output"])
     if codec != "dense":
         object.__setattr__(model, "slimfuse_codec", codec)
     return model

@@ -69,6 +69,7 @@ class Card(_Open):
     metrics: dict[str, Any]
     storage: Storage
     weights_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    output: Name | Annotated[StrictInt, Field(ge=-1000, le=1000)] | None = None  # models/calling.py: set_output
 
 
 def validate_card(card: dict, where) -> None:
