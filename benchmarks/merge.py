@@ -5,8 +5,8 @@ and 3 ResNet-8s (residual, BatchNorm; k = 2, 3) are trained from different initi
 data orders (short schedules: 6, 4 and 4 epochs, to keep the run to minutes on a shared
 machine); for k of them: the best member (chosen on validation), the mean ensemble, the naive
 weight average (uniform soup), the aligned average (weight matching), aligned + REPAIR,
-activation matching + REPAIR, and ``merge``'s default (weight matching, REPAIR kept unless it
-lowers validation accuracy).
+activation matching + REPAIR, and ``merge``'s default (weight or activation matching, with or
+without REPAIR, whichever is most accurate on the validation split).
 Part 2, fine-tunes of one base: an MLP trained briefly on all classes is fine-tuned on three
 class subsets ({0-3}, {3-6}, {6-9}); its fine-tunes are merged by the uniform soup, task
 arithmetic, TIES, DARE and DARE-TIES (coefficients chosen on validation).
@@ -45,10 +45,10 @@ ARCHS = {  # name -> (builder, epochs, batch size, learning rate, members per se
 }
 INDEPENDENT = {  # row -> merge options
     "naive average": {"method": "uniform"},
-    "aligned (weights)": {"method": "rebasin", "repair": False},
-    "aligned + REPAIR": {"method": "rebasin", "repair": True},
+    "aligned (weights)": {"method": "rebasin", "matching": "weights", "repair": False},
+    "aligned + REPAIR": {"method": "rebasin", "matching": "weights", "repair": True},
     "aligned (activations) + REPAIR": {"method": "rebasin", "matching": "activations", "repair": True},
-    "default (weights; REPAIR kept if it helps on validation)": {"method": "rebasin"},
+    "default (matching and REPAIR chosen on validation)": {"method": "rebasin"},
 }
 SUBSETS = ((0, 1, 2, 3), (3, 4, 5, 6), (6, 7, 8, 9))
 FINETUNED = {

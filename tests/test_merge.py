@@ -235,9 +235,10 @@ def test_aligned_repair_beats_naive_averaging_and_is_verified(digits, two_mlps):
     assert got > naive_acc + 0.02, (got, naive_acc)
     assert got > best - 0.05, (got, best)
     step = sf.lineage_of(merged)[-1]["params"]
-    val = step["repair_chosen_by"]["val_accuracy"]  # REPAIR by default only where validation says it pays
-    assert step["repair"] == (val["with"] >= val["without"])
-    assert val[("with" if step["repair"] else "without")] == pytest.approx(sf.evaluate(merged, digits.val)["accuracy"])
+    val = step["chosen_by"]["val_accuracy"]  # matching and REPAIR by default as validation accuracy decides
+    assert set(val) == {"weights", "weights + REPAIR", "activations", "activations + REPAIR"}
+    chosen = step["matching"] + (" + REPAIR" if step["repair"] else "")
+    assert val[chosen] == max(val.values()) == pytest.approx(sf.evaluate(merged, digits.val)["accuracy"])
     ver = step["verification"]
     assert ver == merged.verification
     assert ver["merged"]["accuracy"] == pytest.approx(got, abs=1e-6)

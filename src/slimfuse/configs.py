@@ -353,10 +353,11 @@ class Merge(Config):
     drop: Annotated[float, Field(ge=0, lt=1, description="dare: probability of dropping an entry")] = 0.5
     t: Annotated[float | None, Field(ge=0, le=1, description="slerp: weight of the second model (default: chosen "
                                                              "on validation)")] = None
-    matching: Annotated[Literal["weights", "activations"], Field(description="rebasin: align by weights or by "
-                                                                             "activations (needs data)")] = "weights"
-    repair: Annotated[bool | None, Field(description="rebasin: REPAIR renormalisation (default: with data, kept "
-                                                     "unless it lowers validation accuracy)")] = None
+    matching: Annotated[Literal["weights", "activations"] | None,
+                        Field(description="rebasin: align by weights or by activations (needs data); default: "
+                                          "with data, the one more accurate on validation")] = None
+    repair: Annotated[bool | None, Field(description="rebasin: REPAIR renormalisation (default: with data, as "
+                                                     "validation accuracy decides)")] = None
     fallback: Annotated[Literal["distill"] | None,
                         Field(description="distill: a merge worse than the best member is replaced by the ensemble "
                                           "distilled into one model")] = None

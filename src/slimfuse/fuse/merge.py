@@ -70,7 +70,7 @@ def merge(
     density: float = 0.2,
     drop: float = 0.5,
     t: float | None = None,
-    matching: str = "weights",
+    matching: str | None = None,
     repair: bool | None = None,
     fallback: str | None = None,
     distill_epochs: int = 10,
@@ -86,8 +86,9 @@ def merge(
     (``None``: chosen on ``data.val``; without data 1/k for the sums, 1 for TIES' means).
     ``density``: fraction of each task vector TIES keeps; ``drop``: DARE's drop probability.
     ``matching``: ``weights`` or ``activations`` (needs data); ``repair`` renormalises the aligned
-    average (default: with data, both are built and REPAIR kept unless it lowers validation
-    accuracy). ``fallback="distill"``: a merge worse than the best member is replaced by the
+    average. Left unset, with data, every combination is built and the one most accurate on
+    ``data.val`` kept (``chosen_by`` in the lineage step); without data, weight matching alone.
+    ``fallback="distill"``: a merge worse than the best member is replaced by the
     mean ensemble distilled (``distill_epochs``) into the best member's architecture. Activation
     statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
     ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
@@ -299,9 +300,32 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool | None, seed: int)
         ref_i = 0
     ref = models[ref_i]
     groups, skipped = rebasin.permutation_groups(ref, rebasin.trace_sample(ref, stats_x))  # errors before work
-    aligned = [copy.deepcopy(ref).eval() if i == ref_i else
-               rebasin.align(m, ref, matching=matching, x=stats_x, seed=seed, groups=groups)
-               for i, m in enumerate(models)]
+    # unset options are chosen on validation accuracy, not assumed (BENCHMARKS.md: weight matching and
+    # REPAIR win on MLPs, activation matching without REPAIR on BatchNorm ResNets); ties keep the first
+    matchings = [matching] if matching else (["weights", "activations"] if data is not None else ["weights"])
+    repairs = [repair] if repair is not None else ([True, False] if data is not None else [False])
+    trials: dict[tuple[str, bool], nn.Module] = {}
+    for how in matchings:
+        aligned = [copy.deepcopy(ref).eval() if i == ref_i else
+                   rebasin.align(m, ref, matching=how, x=stats_x, seed=seed, groups=groups)
+                   for i, m in enumerate(models)]
+        average = _average(ref, aligned, stats_x)
+        for fix in repairs:
+            trials[how, fix] = rebasin.apply_repair(copy.deepcopy(average), aligned, stats_x, groups) if fix \
+                else average
+    info: dict = {}
+    chosen = next(iter(trials))
+    if len(trials) > 1:
+        name = {k: k[0] + (" + REPAIR" if k[1] else "") for k in trials}
+        val = {name[k]: evaluate(m, data.val)["accuracy"] for k, m in trials.items()}
+        chosen = max(trials, key=lambda k: val[name[k]])  # max keeps the first of ties
+        info["chosen_by"] = {"val_accuracy": val}
+    return ref, trials[chosen], {"matching": chosen[0], "repair": chosen[1], **info, "reference": ref_i,
+                                 "groups": len(groups), "units": sum(g.size for g in groups), "not_aligned": skipped}
+
+
+def _average(ref: nn.Module, aligned: list[nn.Module], stats_x) -> nn.Module:
+    """The mean of the aligned members' weights, BatchNorm statistics recomputed on ``stats_x``."""
     states = [m.state_dict() for m in aligned]
     out = copy.deepcopy(ref)
     out.load_state_dict({k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point()
@@ -310,17 +334,7 @@ def _rebasin(models, data, stats_x, *, matching, repair: bool | None, seed: int)
     if stats_x is not None:
         refresh_bn(out, Split(stats_x, torch.zeros(len(stats_x), dtype=torch.long)))
         out.eval()
-    info: dict = {}
-    if repair is None and data is not None:  # REPAIR where it pays: measured, not assumed (BENCHMARKS.md)
-        repaired = rebasin.apply_repair(copy.deepcopy(out), aligned, stats_x, groups)
-        val = {"with": evaluate(repaired, data.val)["accuracy"], "without": evaluate(out, data.val)["accuracy"]}
-        repair = val["with"] >= val["without"]
-        info["repair_chosen_by"] = {"val_accuracy": val}
-        out = repaired if repair else out
-    elif repair:
-        rebasin.apply_repair(out, aligned, stats_x, groups)
-    return ref, out, {"matching": matching, "repair": bool(repair), **info, "reference": ref_i,
-                      "groups": len(groups), "units": sum(g.size for g in groups), "not_aligned": skipped}
+    return out
 
 
 # ----------------------------------------------------------------------------- verification
