@@ -15,7 +15,9 @@ Plus the vectorized-inference check: 5 members at batch 1 through vmap vs the lo
     .venv/bin/python benchmarks/ensemble.py --baselines  # one seed, outside baselines -> out/ensemble.{json,md}
 
 Over seeds: per data set and seed, 5 MLP members of different widths; the best member (by
-validation NLL), mean, plain Caruana, the default weighted ensemble and stacking on the test split;
+validation NLL), mean, plain Caruana, the default weighted ensemble and stacking (blended on the
+validation split; on 3-fold out-of-fold predictions applied to the refitted members; and the same
+applied to the fold models as a bag, the default) on the test split;
 mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
 all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
 the loop, interleaved, medians of 5 rounds.
@@ -251,7 +253,9 @@ VARIANTS = [  # label, method, options
      {"bags": 0, "refine": False, "temperature": False, "fallback": False}),
     ("weighted (bagged + prior + temperature, unchecked)", "weighted", {"fallback": False}),
     ("weighted (default: bagged + prior + temperature, checked)", "weighted", {}),
-    ("stacking (blend on val, LR)", "stacking", {}),
+    ("stacking (blend on val, LR)", "stacking", {"blend": True}),
+    ("stacking (3-fold OOF, LR, refitted members)", "stacking", {"bag": False}),
+    ("stacking (3-fold OOF, LR, fold bag: default)", "stacking", {}),
 ]
 
 
@@ -261,17 +265,19 @@ def per_sample(model, split) -> dict:
 
 
 def seeded(name: str, seed: int) -> dict:
-    widths, epochs, _ = CONFIG[name]
+    widths, epochs, folds = CONFIG[name]
     data = sf.datasets.load(name, seed=seed)
     builders = [lambda h=h: sf.zoo.for_task("mlp", data.task, hidden=h) for h in widths]
-    members = train_members(builders, data, K, "architectures", epochs=epochs, seed=seed)
+    members = train_members(builders, data, K, "architectures", epochs=epochs, folds=folds, seed=seed)
     best = min(members, key=lambda m: sf.evaluate(m, data.val)["nll"])
     out = {"best member (by val NLL)": per_sample(best, data.test)}
     notes = {}
     for label, method, opts in VARIANTS:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ens = ensemble(members, method, data, seed=seed, **opts)
+            opts = dict(opts)
+            # a plain list has no out-of-fold set: stacking then blends on the validation split
+            ens = ensemble(list(members) if opts.pop("blend", False) else members, method, data, seed=seed, **opts)
         out[label] = per_sample(ens, data.test)
         if method == "weighted":
             notes[label] = {"weights": [round(float(w), 3) for w in ens.selection.weights],

@@ -43,6 +43,7 @@ def ensemble(
     meta: str = "linear",
     meta_hidden: list[int] | None = None,
     blend: float = 1.0,
+    bag: bool = True,
     seed: int = 0,
     validate: bool = True,
 ) -> Ensemble:
@@ -59,7 +60,10 @@ def ensemble(
     does not, warns and returns the best member alone (one-hot weights, recorded in the lineage)) or
     ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
-    fraction of ``data.val``). Members are never refitted or mutated.
+    fraction of ``data.val``; with k-fold members and ``bag=True`` the ensemble runs the k x K fold
+    models, each member's probabilities averaged over its k fold models, so the meta-learner reads
+    predictions of the models it was trained on, at k times the members' inference cost; ``bag=False``
+    applies it to the members refitted on all rows). Members are never refitted or mutated.
     The fitted weights are on ``ens.weights`` (members with zero weight are dropped) and in
     the lineage; stacking's meta-training provenance is ``ens.oof``. ``validate``: check the
     ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
@@ -72,7 +76,7 @@ def ensemble(
     """
     if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
         return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
-    configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend,
+    configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend, bag=bag,
                            bags=bags, prior=prior, temperature=temperature, fallback=fallback, folds=folds,
                            validate=validate)  # the one set of names and bounds
     if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
@@ -125,7 +129,13 @@ def ensemble(
             oof = blend_oof(members_list, data, trained_on=getattr(members, "trained_on", None), blend=blend, seed=seed)
         net, meta_spec = fit_meta(oof, classes, kind=meta, hidden=meta_hidden, seed=seed)
         step.update(scheme=oof.scheme, meta=meta_spec)
-        ens = make(members_list, "stacking", classes=classes, meta=net, meta_spec=meta_spec)
+        fold_sets = getattr(members, "fold_models", None)
+        if bag and oof.scheme == "k-fold" and fold_sets:
+            runs = [copy.deepcopy(m).eval() for fold in fold_sets for m in fold]
+            step["bag"] = len(fold_sets)
+            ens = make(runs, "stacking", classes=classes, meta=net, meta_spec=meta_spec, bag=len(fold_sets))
+        else:
+            ens = make(members_list, "stacking", classes=classes, meta=net, meta_spec=meta_spec)
         extra = {"oof": oof}
     else:
         if weights is not None:

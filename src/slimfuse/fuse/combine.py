@@ -41,7 +41,7 @@ class Ensemble(nn.Module):
     """``members`` combined by ``method``; ``forward`` returns log-probabilities (B, C)."""
 
     def __init__(self, members, method: str = "mean", *, classes: int, weights=None, meta: nn.Module | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, bag: int = 1):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown ensemble method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -60,7 +60,13 @@ class Ensemble(nn.Module):
         self.temperature = float(temperature)  # mean / weighted: softmax(log p / temperature)
         if method == "stacking" and meta is None:
             raise ConfigError("method 'stacking' needs a meta-learner")
+        if isinstance(bag, bool) or not isinstance(bag, int) or bag < 1 or k % bag or (
+                bag > 1 and method != "stacking"):
+            raise ConfigError(f"bag must be a positive integer dividing the {k} members (stacking only), got {bag!r}")
         self.meta = meta
+        # stacking over k-fold members: the members are ``bag`` sets of fold models, set f the K models
+        # trained without fold f; the meta-learner reads each member's probabilities averaged over the sets
+        self.bag = bag
         # None (auto): vmap for same-architecture members on an accelerator; on CPU the plain loop,
         # which measured faster there (BENCHMARKS.md). True / False force vmap / the loop.
         self.vectorize: bool | None = None
@@ -207,7 +213,7 @@ class Ensemble(nn.Module):
             votes = F.one_hot(logits.argmax(-1), self.classes).to(logp.dtype).sum(0)
             k = logits.shape[0]
             return torch.log((votes + logp.exp().mean(0)) / (k + 1))
-        return F.log_softmax(self.meta(stack_features(logits)), dim=-1)
+        return F.log_softmax(self.meta(stack_features(logits, self.bag)), dim=-1)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, classes={self.classes}, weights={[round(w, 4) for w in self.weights.tolist()]}"
@@ -220,6 +226,7 @@ class Ensemble(nn.Module):
     def __setstate__(self, state):
         state.setdefault("fuse", True)
         state.setdefault("temperature", 1.0)
+        state.setdefault("bag", 1)
         state.setdefault("_fused", None)
         self.__dict__.update(state)
 
@@ -291,14 +298,19 @@ class FusedMLP(nn.Module):
         return h
 
 
-def stack_features(logits: torch.Tensor) -> torch.Tensor:
-    """Stacking meta-features: member probabilities side by side, (K, B, C) -> (B, K*C).
+def stack_features(logits: torch.Tensor, bag: int = 1) -> torch.Tensor:
+    """Stacking meta-features: member probabilities side by side, (K, B, C) -> (B, K*C); with
+    ``bag`` sets of K fold models, (bag*K, B, C) -> (B, K*C), each member's probabilities averaged
+    over the sets.
 
     Probabilities rather than log-probabilities: bounded, and less sensitive to the confidence
     gap between fold models (meta-training) and the members refitted on all rows (inference).
     """
-    k, b, c = logits.shape
-    return F.softmax(logits, dim=-1).permute(1, 0, 2).reshape(b, k * c)
+    n, b, c = logits.shape
+    p = F.softmax(logits, dim=-1)
+    if bag > 1:
+        p = p.view(bag, n // bag, b, c).mean(0)
+    return p.permute(1, 0, 2).reshape(b, (n // bag) * c)
 
 
 def same_architecture(members: list[nn.Module]) -> bool:
@@ -336,7 +348,7 @@ def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None
 
 @zoo.register("ensemble")
 def build_ensemble(members: list, method: str, classes: int, meta: dict | None = None,
-                   temperature: float = 1.0) -> Ensemble:
+                   temperature: float = 1.0, bag: int = 1) -> Ensemble:
     """Rebuild an ensemble from its spec: member specs, combiner, meta-learner architecture."""
     if not isinstance(members, list) or not members:
         raise ArtifactError("ensemble spec: 'members' must be a non-empty list of member specs")
@@ -345,12 +357,16 @@ def build_ensemble(members: list, method: str, classes: int, meta: dict | None =
         meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
     except (KeyError, TypeError, ConfigError) as e:
         raise ArtifactError(f"ensemble spec: bad meta-learner description {meta!r} ({e})") from None
-    return make(built, method, classes=classes, meta=meta_net, meta_spec=meta, temperature=temperature)
+    try:
+        return make(built, method, classes=classes, meta=meta_net, meta_spec=meta, temperature=temperature, bag=bag)
+    except ConfigError as e:
+        raise ArtifactError(f"ensemble spec: {e}") from None
 
 
-def make(members, method, *, classes, weights=None, meta=None, meta_spec=None, temperature: float = 1.0) -> Ensemble:
+def make(members, method, *, classes, weights=None, meta=None, meta_spec=None, temperature: float = 1.0,
+         bag: int = 1) -> Ensemble:
     """An :class:`Ensemble` with its spec attached (needs every member to have a spec)."""
-    ens = Ensemble(members, method, classes=classes, weights=weights, meta=meta, temperature=temperature)
+    ens = Ensemble(members, method, classes=classes, weights=weights, meta=meta, temperature=temperature, bag=bag)
     specs = [spec_of(m) for m in members]
     if any(s is None for s in specs):
         raise ConfigError(
@@ -360,4 +376,6 @@ def make(members, method, *, classes, weights=None, meta=None, meta_spec=None, t
     args = {"members": specs, "method": method, "classes": int(classes), "meta": meta_spec}
     if ens.temperature != 1.0:  # absent from older cards: they reload with 1.0
         args["temperature"] = ens.temperature
+    if bag > 1:
+        args["bag"] = bag
     return attach(ens, {"arch": "ensemble", "args": args})

@@ -39,14 +39,17 @@ DIVERSITY = ("seed", "bagging", "snapshot", "architectures")
 
 class Members(list):
     """A list of trained members; ``trained_on[i]`` are the training-split rows member i saw,
-    ``oof`` the out-of-fold meta-training set (with ``folds``), else ``None``; ``seconds`` the
-    wall-clock training time of the members and of the fold models."""
+    ``oof`` the out-of-fold meta-training set (with ``folds``), else ``None``; ``fold_models[f]``
+    the members trained without fold ``f`` (what produced ``oof``; stacking applies its
+    meta-learner to them as a bag); ``seconds`` the wall-clock training time of the members and
+    of the fold models."""
 
     def __init__(self, models, trained_on, oof: OutOfFold | None = None, diversity: str = "seed",
-                 seconds: dict | None = None):
+                 seconds: dict | None = None, fold_models: list[list[nn.Module]] | None = None):
         super().__init__(models)
         self.trained_on = trained_on
         self.oof = oof
+        self.fold_models = fold_models
         self.diversity = diversity
         self.seconds = seconds or {}
 
@@ -101,7 +104,7 @@ def train_members(
     start = time.perf_counter()
     models, seen = run(np.arange(n), seed)
     seconds = {"members": time.perf_counter() - start, "folds": 0.0}
-    oof = None
+    oof, fold_sets = None, None
     if folds is not None:
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
             raise ConfigError(f"folds must be an integer >= 2, got {folds!r}")
@@ -113,19 +116,21 @@ def train_members(
         features = np.zeros((n, k, c), dtype=np.float64)
         fold_of = np.zeros(n, dtype=np.int64)
         trained_on: list[list[np.ndarray]] = [[] for _ in range(k)]
+        fold_sets = []
         from .api import member_probas
 
         for f, (rest, held) in enumerate(splitter.split(np.zeros(n), y)):
             fold_models, fold_seen = run(rest, seed + 1000 * (f + 1), tag=f"fold-{f}-")
             features[held] = member_probas(fold_models, data.train.subset(held)).transpose(1, 0, 2)
             fold_of[held] = f
+            fold_sets.append(fold_models)
             for i in range(k):
                 trained_on[i].append(fold_seen[i])
         oof = OutOfFold(features, y, np.arange(n), fold_of, trained_on, "k-fold")
         seconds["folds"] = time.perf_counter() - start - seconds["members"]
     if run.area is not None:
         run.area.clear()
-    return Members(models, seen, oof, diversity, seconds)
+    return Members(models, seen, oof, diversity, seconds, fold_models=fold_sets)
 
 
 class _Runner:
