@@ -124,6 +124,12 @@ def test_batchnorm_in_forward_code_is_folded_where_it_keeps_the_function(digits,
     assert torch.equal(sf.predict(q, digits.test), sf.predict(loaded, digits.test))
 
 
+def test_int8_dynamic_that_would_not_shrink_a_cnn_is_refused_with_the_alternatives():
+    model = sf.zoo.resnet(classes=10, widths=[16, 32])  # its one Linear holds 1% of the weights
+    with pytest.raises(sf.ConfigError, match=r"would not be smaller .*use int8-static"):
+        quantize(model, "int8-dynamic")
+
+
 def test_layers_without_a_kernel_stay_float_and_are_listed(cnn, digits, tmp_path):
     q = quantize(cnn, "int8-dynamic")  # torch has no dynamic int8 conv
     assert q.precision["conv1"] == "fp32" and q.precision["bn1"] == "fp32" and q.precision["fc"] == "int8-dynamic"

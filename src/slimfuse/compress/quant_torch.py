@@ -37,6 +37,7 @@ from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..data.feed import n_samples, take
 from ..errors import ConfigError
+from ..measure import artifact_bytes
 from ..models.artifact import register_codec
 from ..models.calling import forward
 from ..models.spec import derive, spec_of, task_of
@@ -468,7 +469,16 @@ def int8_dynamic(model: nn.Module, *, calib=None, exclude=None) -> nn.Module:
     chosen = [g for g in groups if g.path not in keep]
     plan = layer_plan(source, "int8-dynamic", chosen, dict.fromkeys(keep, "fp32"))
     weights = {g.path: _folded(source, g) for g in chosen}
-    return _finish(model, _convert(source, "int8-dynamic", plan, weights, None), "int8-dynamic", plan)
+    result = _finish(model, _convert(source, "int8-dynamic", plan, weights, None), "int8-dynamic", plan)
+    before, after = artifact_bytes(model), artifact_bytes(result)
+    if after >= before:  # a CNN: its Linear layers hold little of the weights, the layer plan adds bytes
+        linear = sum(source.get_submodule(g.path).weight.numel() for g in chosen)
+        total = sum(p.numel() for p in source.parameters())
+        raise ConfigError(f"int8-dynamic: torch has dynamic int8 kernels for Linear layers only, which hold "
+                          f"{100 * linear / max(total, 1):.1f}% of this model's weights, so the result would not be "
+                          f"smaller ({after:,} bytes against {before:,}); use int8-static (Conv2d too), "
+                          "backend='onnxruntime' (dynamic int8 convolutions) or fp16/bf16")
+    return result
 
 
 @_scheme("int8-static")
