@@ -16,8 +16,8 @@ Plus the vectorized-inference check: 5 members at batch 1 through vmap vs the lo
 
 Over seeds: per data set and seed, 5 MLP members of different widths; the best member (by
 validation NLL), mean, plain Caruana, the default weighted ensemble and stacking (blended on the
-validation split; on 3-fold out-of-fold predictions applied to the refitted members; and the same
-applied to the fold models as a bag, the default) on the test split;
+validation split; on 3-fold out-of-fold predictions applied to the refitted members, the default;
+and the same applied to the fold models as a bag) on the test split;
 mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
 all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
 the loop, interleaved, medians of 5 rounds.
@@ -254,8 +254,8 @@ VARIANTS = [  # label, method, options
     ("weighted (bagged + prior + temperature, unchecked)", "weighted", {"fallback": False}),
     ("weighted (default: bagged + prior + temperature, checked)", "weighted", {}),
     ("stacking (blend on val, LR)", "stacking", {"blend": True}),
-    ("stacking (3-fold OOF, LR, refitted members)", "stacking", {"bag": False}),
-    ("stacking (3-fold OOF, LR, fold bag: default)", "stacking", {}),
+    ("stacking (3-fold OOF, LR, refitted members: default)", "stacking", {}),
+    ("stacking (3-fold OOF, LR, fold bag)", "stacking", {"bag": True}),
 ]
 
 
@@ -382,7 +382,7 @@ def seeds_markdown(result: dict) -> str:
                       f"{c('acc_vs_best')} |")
         md += ["", "Weighted (default) per seed: " + "; ".join(
             f"weights {n['weights']}, T={n['temperature']}, fallback {n['fallback']}" for n in ds["notes"]), ""]
-    md += ["### Fused members (5 x one MLP architecture, mean; loaded machine)", "",
+    md += ["### Fused members (5 x one MLP architecture, mean)", "",
            "| members | one b1 ms | fused b1 ms | loop b1 ms | fused/one b1 | loop/one b1 | one b256 ms | "
            "fused b256 ms | loop b256 ms | fused/one b256 | fused/one b1, b256 (10th percentiles) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -136,10 +136,15 @@ def run(rounds: int = 3, seconds: float = 0.4, epochs_scale: float = 1.0,
             torch.manual_seed(0)
             fp32 = sf.fit(make(data.task), data, epochs=max(1, round(epochs * epochs_scale)), progress=False)
             ctx = Context(fp32, data, Path(tmp))
-            built = []
+            built, refused = [], []
             for i, cand in enumerate(CANDIDATES):
                 t0 = time.perf_counter()
-                model = cand.build(ctx)
+                try:
+                    model = cand.build(ctx)
+                except sf.SlimfuseError as e:  # a scheme that refuses this model is a row too
+                    print(f"{model_name:14s} {cand.name:36s} refused: {e}", flush=True)
+                    refused.append({"model": model_name, "candidate": cand.name, "refused": str(e)})
+                    continue
                 build_s = time.perf_counter() - t0
                 if cand.reload:
                     path = sf.save(model, Path(tmp) / f"{model_name}-{i}")
@@ -165,16 +170,22 @@ def run(rounds: int = 3, seconds: float = 0.4, epochs_scale: float = 1.0,
                 rows.append(row)
                 print(f"{model_name:14s} {row['candidate']:36s} acc {row['accuracy']:.4f} bytes {row['bytes']:>9,} "
                       f"b1 {row['b1_ms']:.3f} ms  b256 {row['b256_ms']:.3f} ms", flush=True)
+            rows += refused
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
     head = ("| model | candidate | runtime | test acc | Δ pt | bytes | × smaller | b1 p50 ms | b256 ms | "
             "× faster b256 |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {r['model']} | {r['candidate']} | {r['runtime']} | {r['accuracy']:.4f} | {r['acc_delta_pt']:+.1f} | "
-        f"{r['bytes']:,} | {r['bytes_ratio']:.2f} | {r['b1_ms']:.3f} | {r['b256_ms']:.3f} | {r['speedup_b256']:.2f} |\n"
-        for r in rows)
+    def line(r: dict) -> str:
+        if "refused" in r:
+            return f"| {r['model']} | {r['candidate']} | refused: {r['refused'].split(';')[0]} | | | | | | | |\n"
+        cells = [r["model"], r["candidate"], r["runtime"], f"{r['accuracy']:.4f}", f"{r['acc_delta_pt']:+.1f}",
+                 f"{r['bytes']:,}", f"{r['bytes_ratio']:.2f}", f"{r['b1_ms']:.3f}", f"{r['b256_ms']:.3f}",
+                 f"{r['speedup_b256']:.2f}"]
+        return "| " + " | ".join(cells) + " |\n"
+
+    return head + "".join(line(r) for r in rows)
 
 
 def main() -> None:

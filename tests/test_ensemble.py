@@ -120,11 +120,11 @@ def test_stacking_meta_features_are_out_of_fold(data):
             assert set(oof.trained_on[k][f].tolist()) <= others
             assert len(oof.trained_on[k][f]) > 0.5 * len(others)
     assert oof.leaks() == []
-    ens = ensemble(mem, "stacking", data)
+    ens = ensemble(mem, "stacking", data, bag=True)
     assert ens.oof is oof and sf.lineage_of(ens)[-1]["params"]["scheme"] == "k-fold"
     best = max(sf.evaluate(m, data.test)["accuracy"] for m in mem)
     assert sf.evaluate(ens, data.test)["accuracy"] >= best - 0.05
-    # by default the meta-learner runs on the fold models that made its training features, as a bag
+    # bag=True: the meta-learner runs on the fold models that made its training features
     assert ens.bag == 3 and len(ens.members) == 3 * 2 and sf.lineage_of(ens)[-1]["params"]["bag"] == 3
     assert sf.lineage_of(ens)[-1]["validation"]["reload"] == "bit-exact"  # the spec records the bag
     x = data.test.x[:20]
@@ -132,7 +132,7 @@ def test_stacking_meta_features_are_out_of_fold(data):
         p = torch.stack([torch.stack([torch.softmax(m(x), -1) for m in fold]) for fold in mem.fold_models]).mean(0)
         expected = torch.log_softmax(ens.meta(p.permute(1, 0, 2).reshape(20, -1)), -1)
     assert torch.allclose(ens(x), expected, atol=1e-5)
-    refit = ensemble(mem, "stacking", data, bag=False)  # the meta-learner on the members refitted on all rows
+    refit = ensemble(mem, "stacking", data)  # by default on the members refitted on all rows
     assert refit.bag == 1 and len(refit.members) == 2 and "bag" not in sf.lineage_of(refit)[-1]["params"]
     assert torch.equal(refit.meta.weight, ens.meta.weight)
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,18 @@ def test_half_scheme_computes_in_half_where_the_cpu_does(digits_mlp, digits, tmp
     assert sf.evaluate(q, digits.test)["accuracy"] >= sf.evaluate(digits_mlp, digits.test)["accuracy"] - 0.01
     loaded = sf.load(sf.save(q, tmp_path / "q"))
     assert type(loaded) is type(q) and torch.equal(sf.predict(loaded, digits.test), sf.predict(q, digits.test))
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+def test_half_compute_with_data_is_chosen_by_measurement(digits_mlp, digits, scheme):
+    q = sf.quantize(digits_mlp, scheme, digits)
+    how = sf.lineage_of(q)[-1]["params"]["compute"]
+    if not computes(scheme):
+        assert not isinstance(q, HalfModel) and how.startswith("fp32 (this CPU has no native")
+        return
+    times = {k: float(v) for k, v in re.findall(r"(fp16|bf16|fp32) ([0-9.]+) ms", how)}
+    assert set(times) == {scheme, "fp32"} and "[batch 256:" in how  # the timings it decided on, recorded
+    assert isinstance(q, HalfModel) == (times[scheme] <= times["fp32"])
 
 
 def test_half_compute_can_be_forced_either_way(digits_mlp):

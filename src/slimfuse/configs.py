@@ -335,7 +335,7 @@ class Ensemble(Config):
     folds: Annotated[int, Field(ge=2, le=100, description="weighted: folds of that check")] = 5
     meta: Annotated[Literal["linear", "mlp"], Field(description="stacking meta-learner")] = "linear"
     bag: Annotated[bool, Field(description="stacking with k-fold members: run the fold models (k x the members' "
-                                           "cost) so the meta-learner reads the predictions it was trained on")] = True
+                                           "cost) so the meta-learner reads the predictions it was trained on")] = False
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "
                                                           "split the meta-learner trains on")] = 1.0
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "

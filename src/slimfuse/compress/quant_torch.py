@@ -14,7 +14,9 @@ reason (``model.layers``, the card's spec and lineage step).
 fp16 / bf16 store every float tensor in 2 bytes. Where the CPU computes the format natively
 (``slimfuse.hardware()``: AMX-BF16 / AVX-512 BF16 for bf16, AMX-FP16 / AVX512-FP16 for fp16) the
 model also *runs* in it (``compute="auto"``: a :class:`HalfModel`, architecture ``half``, casting
-float inputs to the format and outputs back to float32); elsewhere it computes in float32 with the
+float inputs to the format and outputs back to float32) — when calibration data is given, only if a
+batch of it runs faster that way than in float32 on this machine (timed, interleaved; the times go
+into ``compute``); elsewhere it computes in float32 with the
 weights rounded (the ``half`` codec stores them in 2 bytes), because eager half-precision matmuls
 measured 13-50x slower than fp32 on CPUs without those units (BENCHMARKS.md). The lineage step and
 the layer precisions say which (``compute``).
@@ -50,6 +52,7 @@ from .schemes import register_scheme
 # run in float on quantized and float tensors alike: they never end a quantized region
 TRANSPARENT = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 INT8 = ("int8-dynamic", "int8-static")
+TIMING_BATCH = 256  # fp16/bf16 compute="auto" with data: the batch both ways of computing are timed at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,23 +589,28 @@ def half(base: dict, dtype: str) -> HalfModel:
 COMPUTE = ("auto", "half", "fp32")
 
 
-def _half(model: nn.Module, scheme: str, compute: str = "auto") -> nn.Module:
+def _half(model: nn.Module, scheme: str, compute: str = "auto", calib=None) -> nn.Module:
     from ..hardware import computes
 
     _check_source(model)
     if compute not in COMPUTE:
         raise ConfigError(f"{scheme}: compute must be one of {', '.join(COMPUTE)}, got {compute!r}")
     native = computes(scheme)
-    in_half = compute == "half" or (compute == "auto" and native)
     dtype = HALF[scheme]
-    if in_half:
-        base = spec_of(model)
-        spec = {"arch": "half", "args": {"base": base, "dtype": str(dtype).removeprefix("torch.")}} if base else None
-        out = HalfModel(copy.deepcopy(model).eval(), str(dtype).removeprefix("torch."))
+    base = spec_of(model)
+    half_spec = {"arch": "half", "args": {"base": base, "dtype": str(dtype).removeprefix("torch.")}} if base else None
+    rounded = _round_half(copy.deepcopy(model).eval(), dtype)
+    if compute == "half" or (compute == "auto" and native):
+        spec, out = half_spec, HalfModel(copy.deepcopy(model).eval(), str(dtype).removeprefix("torch."))
         how = scheme if native else f"{scheme} (forced: this CPU has no native {scheme} unit, expect it slow)"
+        if compute == "auto" and calib is not None:  # the unit is there; whether it pays is measured
+            ms = _time_both(out, rounded, _calib_x(calib, scheme, TIMING_BATCH))
+            if ms["fp32"] < ms[scheme]:
+                spec, out = None, rounded
+                how = f"fp32 (measured faster than native {scheme} on this CPU)"
+            how += f" [batch {ms['batch']}: {scheme} {ms[scheme]:.3f} ms, fp32 {ms['fp32']:.3f} ms]"
     else:
-        spec = None
-        out = _round_half(copy.deepcopy(model).eval(), dtype)
+        spec, out = None, rounded
         why = "asked for" if compute == "fp32" else f"this CPU has no native {scheme}"
         how = f"fp32 ({why})"
     object.__setattr__(out, "slimfuse_codec", "half")
@@ -611,18 +619,34 @@ def _half(model: nn.Module, scheme: str, compute: str = "auto") -> nn.Module:
     return derive(model, out, "quantize", spec=spec, scheme=scheme, compute=how, precision=precision)
 
 
+def _time_both(half: nn.Module, rounded: nn.Module, x) -> dict:
+    """Median ms per call of the two ways to run a half-stored model, three interleaved rounds."""
+    from ..measure import median_seconds
+
+    rounds: dict[str, list[float]] = {"half": [], "fp32": []}
+    with torch.inference_mode():
+        for _ in range(3):
+            for name, m in (("half", half), ("fp32", rounded)):
+                rounds[name].append(median_seconds(lambda inp, m=m: forward(m, inp), x, runs=5) * 1e3)
+    scheme = "fp16" if half.dtype == torch.float16 else "bf16"
+    return {scheme: float(np.median(rounds["half"])), "fp32": float(np.median(rounds["fp32"])),
+            "batch": n_samples(x)}
+
+
 @_scheme("fp16")
 def fp16(model: nn.Module, *, calib=None, compute: str = "auto") -> nn.Module:
     """Weights stored in float16 (2 bytes each); computed in float16 where the CPU has AMX-FP16/AVX512-FP16
-    (``compute="auto"``), else in float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
-    return _half(model, "fp16", compute)
+    (``compute="auto"``; with ``calib``, only where a batch of it runs faster that way than in float32), else in
+    float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
+    return _half(model, "fp16", compute, calib)
 
 
 @_scheme("bf16")
 def bf16(model: nn.Module, *, calib=None, compute: str = "auto") -> nn.Module:
     """Weights stored in bfloat16 (2 bytes each); computed in bfloat16 where the CPU has AMX-BF16/AVX-512 BF16
-    (``compute="auto"``), else in float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
-    return _half(model, "bf16", compute)
+    (``compute="auto"``; with ``calib``, only where a batch of it runs faster that way than in float32), else in
+    float32 (``"half"`` / ``"fp32"`` force either; see module docstring)."""
+    return _half(model, "bf16", compute, calib)
 
 
 def _encode_half(state: dict) -> tuple[dict, dict]:

@@ -43,7 +43,7 @@ def ensemble(
     meta: str = "linear",
     meta_hidden: list[int] | None = None,
     blend: float = 1.0,
-    bag: bool = True,
+    bag: bool = False,
     seed: int = 0,
     validate: bool = True,
 ) -> Ensemble:
@@ -60,10 +60,10 @@ def ensemble(
     does not, warns and returns the best member alone (one-hot weights, recorded in the lineage)) or
     ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
-    fraction of ``data.val``; with k-fold members and ``bag=True`` the ensemble runs the k x K fold
-    models, each member's probabilities averaged over its k fold models, so the meta-learner reads
-    predictions of the models it was trained on, at k times the members' inference cost; ``bag=False``
-    applies it to the members refitted on all rows). Members are never refitted or mutated.
+    fraction of ``data.val``; the meta-learner is applied to the members, or with k-fold members and
+    ``bag=True`` to the k x K fold models, each member's probabilities averaged over its k fold
+    models: the predictions it was trained on, at k times the inference cost, which measured no
+    clear gain (BENCHMARKS.md)). Members are never refitted or mutated.
     The fitted weights are on ``ens.weights`` (members with zero weight are dropped) and in
     the lineage; stacking's meta-training provenance is ``ens.oof``. ``validate``: check the
     ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
