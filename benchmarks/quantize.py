@@ -113,8 +113,8 @@ CANDIDATES: list[Candidate] = [
     Candidate("int8-static percentile, forward-code BatchNorm unfolded", "torch", _unfolded),
     Candidate("qat (3 epochs)", "torch", _q("qat", epochs=3)),
     Candidate("mixed (max_drop 0.5 pt, default)", "torch", _q("mixed", max_drop=0.5)),
-    Candidate("fp16 (stored; fp32 compute)", "torch", _q("fp16")),
-    Candidate("bf16 (stored; fp32 compute)", "torch", _q("bf16")),
+    Candidate("fp16 (compute auto: measured)", "torch", _q("fp16")),
+    Candidate("bf16 (compute auto: measured)", "torch", _q("bf16")),
     Candidate("fp16 native eager (.half())", "torch", lambda ctx: _NativeHalf(ctx.model), reload=False),
 ]
 
