@@ -41,11 +41,17 @@ def test_the_best_meets_the_constraint_on_validation_and_wins_the_objective(sear
     # level 3: three compressed members from three seeds, averaged
     ens = [c for c in r.candidates if c.name.startswith("ensemble of 3 x (prune channels 0.25 > ")]
     assert len(ens) == 1 and ens[0].model is not None and len(ens[0].model.members) == 3
-    # ... and the same three merged in weight space: one network, a third of the ensemble's bytes
+    # ... and the same three merged in weight space: one network, a third of the ensemble's tensors (the
+    # artifacts also hold a card of a few KB each, the machine's description included)
     merged = [c for c in r.candidates if c.name.startswith("merge of 3 x (prune channels 0.25) > ")]
     assert len(merged) == 1 and merged[0].model is not None, [c.error for c in merged]
     assert not hasattr(merged[0].model, "members")
-    assert merged[0].row["bytes"] < ens[0].row["bytes"] / 2
+
+    def tensor_bytes(model):
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    assert 3 * tensor_bytes(merged[0].model) <= tensor_bytes(ens[0].model) + 64
+    assert merged[0].row["bytes"] < ens[0].row["bytes"] - 2 * tensor_bytes(merged[0].model) * 0.9
     # the Pareto set: nothing in it is beaten on both bytes and validation accuracy
     done = [c for c in r.candidates if c.model is not None]
     for p in r.pareto:
