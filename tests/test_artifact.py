@@ -406,6 +406,15 @@ def test_an_output_selector_by_key_or_index_is_saved_and_a_callable_one_refused(
     assert not (tmp_path / "c").exists()
     pruned = sf.prune(model, sparsity=0.5, schedule="oneshot", data=digits, epochs=0)  # the gate skips the reload
     assert sf.lineage_of(pruned)[-1]["validation"]["reload"].startswith("skipped: its output is selected by a callable")
+    ens = sf.ensemble([sf.set_output(MultiOutput(), 0), sf.set_output(MultiOutput(), 0)], "mean")  # members too
+    back = sf.load(sf.save(ens, tmp_path / "e"), trust_factory=True)
+    assert [sf.models.calling.selector(m) for m in back.members] == [0, 0]
+    assert torch.equal(sf.predict(back, x), sf.predict(ens, x))
+    bad = _card(tmp_path / "e")
+    bad["spec"]["args"]["outputs"] = [{"key": "x"}, None]
+    _write_card(tmp_path / "e", bad)
+    with pytest.raises(ArtifactError, match="'outputs' must list a key, an index or null"):
+        sf.load(tmp_path / "e", trust_factory=True)
     card = _card(tmp_path / "m")
     card["output"] = {"key": "x"}
     _write_card(tmp_path / "m", card)

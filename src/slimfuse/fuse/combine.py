@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import ArtifactError, ConfigError
 from ..models import zoo
-from ..models.calling import forward, select
+from ..models.calling import forward, select, selector, set_output
 from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
@@ -348,11 +348,18 @@ def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None
 
 @zoo.register("ensemble")
 def build_ensemble(members: list, method: str, classes: int, meta: dict | None = None,
-                   temperature: float = 1.0, bag: int = 1) -> Ensemble:
-    """Rebuild an ensemble from its spec: member specs, combiner, meta-learner architecture."""
+                   temperature: float = 1.0, bag: int = 1, outputs: list | None = None) -> Ensemble:
+    """Rebuild an ensemble from its spec: member specs, combiner, meta-learner architecture, and the
+    members' output selectors (``outputs``: a key, an index or null per member)."""
     if not isinstance(members, list) or not members:
         raise ArtifactError("ensemble spec: 'members' must be a non-empty list of member specs")
+    if outputs is not None and (not isinstance(outputs, list) or len(outputs) != len(members) or not all(
+            o is None or (isinstance(o, (str, int)) and not isinstance(o, bool)) for o in outputs)):
+        raise ArtifactError("ensemble spec: 'outputs' must list a key, an index or null for every member")
     built = [zoo.build(s) for s in members]
+    for m, o in zip(built, outputs or [], strict=False):
+        if o is not None:
+            set_output(m, o)
     try:
         meta_net = meta_module(meta["kind"], meta["features"], classes, meta.get("hidden")) if meta else None
     except (KeyError, TypeError, ConfigError) as e:
@@ -378,4 +385,10 @@ def make(members, method, *, classes, weights=None, meta=None, meta_spec=None, t
         args["temperature"] = ens.temperature
     if bag > 1:
         args["bag"] = bag
+    outputs = [selector(m) for m in members]
+    if any(o is not None for o in outputs):  # members read through set_output keep their choice on reload
+        if not all(o is None or isinstance(o, (str, int)) for o in outputs):
+            raise ConfigError("a member reads its output through a callable (set_output), which an ensemble's "
+                              "spec cannot record; select it by key or index")
+        args["outputs"] = outputs
     return attach(ens, {"arch": "ensemble", "args": args})

@@ -8,8 +8,8 @@ tensor); a tuple or list gives its first element (``return_dict=False`` puts the
 another object with a ``logits`` attribute gives that. A model whose output needs another choice
 carries its own selector: :func:`set_output` (``"pooler_output"``, an index, or a callable
 ``out -> Tensor``), which techniques carry over to the models they derive (``spec.derive``). A key
-or an index is stored in the artifact's card (``output``) and restored by ``load``; a callable
-cannot be, so saving such a model is an ``ArtifactError``.
+or an index is stored in the artifact's card (``output``; an ensemble's members' in its spec,
+``outputs``) and restored by ``load``; a callable cannot be, so saving such a model is an error.
 
 ``fit``, ``predict``, ``evaluate``, ``measure``, ``distill``, calibration and the validation gate
 call models only through :func:`forward`, so a model of any of these conventions needs no glue.
