@@ -603,12 +603,19 @@ def _half(model: nn.Module, scheme: str, compute: str = "auto", calib=None) -> n
     if compute == "half" or (compute == "auto" and native):
         spec, out = half_spec, HalfModel(copy.deepcopy(model).eval(), str(dtype).removeprefix("torch."))
         how = scheme if native else f"{scheme} (forced: this CPU has no native {scheme} unit, expect it slow)"
-        if compute == "auto" and calib is not None:  # the unit is there; whether it pays is measured
-            ms = _time_both(out, rounded, _calib_x(calib, scheme, TIMING_BATCH))
-            if ms["fp32"] < ms[scheme]:
+        x = _calib_x(calib, scheme, TIMING_BATCH) if compute == "auto" and calib is not None else None
+        if isinstance(x, torch.Tensor):  # the unit is there; whether it pays is measured (compress/choose.py)
+            from .choose import choose
+
+            native_model = out
+            choice = choose(model, x, candidates={scheme: lambda: native_model, "fp32": lambda: rounded},
+                            batch=TIMING_BATCH, threads=[torch.get_num_threads()], strict=False)
+            ms = {r["candidate"]: r["ms"] for r in choice.timings if "ms" in r}
+            if choice.name == "fp32":
                 spec, out = None, rounded
                 how = f"fp32 (measured faster than native {scheme} on this CPU)"
-            how += f" [batch {ms['batch']}: {scheme} {ms[scheme]:.3f} ms, fp32 {ms['fp32']:.3f} ms]"
+            if len(ms) == 2:
+                how += f" [batch {TIMING_BATCH}: {scheme} {ms[scheme]:.3f} ms, fp32 {ms['fp32']:.3f} ms]"
     else:
         spec, out = None, rounded
         why = "asked for" if compute == "fp32" else f"this CPU has no native {scheme}"
@@ -617,20 +624,6 @@ def _half(model: nn.Module, scheme: str, compute: str = "auto", calib=None) -> n
     precision = {p: f"{scheme} (computed in {how.split(' (')[0]})" for p, m in out.named_modules()
                  if any(True for _ in m.parameters(recurse=False))}
     return derive(model, out, "quantize", spec=spec, scheme=scheme, compute=how, precision=precision)
-
-
-def _time_both(half: nn.Module, rounded: nn.Module, x) -> dict:
-    """Median ms per call of the two ways to run a half-stored model, three interleaved rounds."""
-    from ..measure import median_seconds
-
-    rounds: dict[str, list[float]] = {"half": [], "fp32": []}
-    with torch.inference_mode():
-        for _ in range(3):
-            for name, m in (("half", half), ("fp32", rounded)):
-                rounds[name].append(median_seconds(lambda inp, m=m: forward(m, inp), x, runs=5) * 1e3)
-    scheme = "fp16" if half.dtype == torch.float16 else "bf16"
-    return {scheme: float(np.median(rounds["half"])), "fp32": float(np.median(rounds["fp32"])),
-            "batch": n_samples(x)}
 
 
 @_scheme("fp16")
