@@ -8,6 +8,8 @@ import sys
 # slimfuse leaves it to users (docs/reliability.md); the tests, untimed, set it before torch loads MKL,
 # and every command they start inherits it.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# Keras 3 models in the tests run on the torch backend (the one installed); slimfuse reads any backend's.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest
 import torch

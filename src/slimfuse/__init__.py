@@ -55,12 +55,13 @@ _LAZY = {
     "predict": ("slimfuse.train", "predict"),
     "feed": ("slimfuse.data.feed", "feed"),
     "set_output": ("slimfuse.models.calling", "set_output"),
+    "from_keras": ("slimfuse.models.keras", "from_keras"),
 }
 
 __all__ = [
     "ArtifactError", "ConfigError", "DataError", "Ensemble", "Report", "SlimfuseError", "Split", "Splits",
     "Task", "__version__", "configs", "data", "datasets", "distill", "ensemble", "evaluate", "export", "feed", "fit",
-    "hardware",
+    "from_keras", "hardware",
     "lineage_of", "load", "measure", "merge", "nlp", "optimize", "predict", "prune", "quantize", "read_card", "recsys",
     "runtime", "save", "set_output", "soup", "sparse_kernels", "spec_of", "swa", "train_members", "zoo",
 ]

@@ -27,6 +27,7 @@ from . import configs
 from .data import Split
 from .errors import ArtifactError, ConfigError
 from .models.artifact import write_bytes_atomic
+from .models.keras import torch_of
 from .models.spec import derive, spec_of, task_of
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
 from .train import predict, probe
@@ -49,6 +50,7 @@ def export(model: nn.Module, format: str, path: str | Path, *, sample=None, opse
     random inputs shaped like the model's task. The export fails with ArtifactError when ONNX
     Runtime's logits differ from torch's by more than ``atol + rtol * max|logits|``.
     """
+    model = torch_of(model)
     configs.Export.build(format=format, opset=opset, atol=atol, rtol=rtol)  # one set of names and bounds
     path = Path(path)
     if path.is_dir():
@@ -69,6 +71,7 @@ def to_onnx(model, *, sample=None, opset: int = 17, atol: float = 1e-4, rtol: fl
     A predictor is returned as is; an ``onnx.ModelProto`` or a path to an ``.onnx`` file is checked
     and wrapped; a torch module is exported and parity-checked, recording an ``export`` step.
     """
+    model = torch_of(model)
     if isinstance(model, OnnxPredictor):
         return model
     if isinstance(model, (str, Path)):

@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .hardware import describe, summary
 from .models.artifact import folder_bytes, save
 from .models.calling import call
+from .models.keras import torch_of
 from .models.spec import lineage_of, lineage_str, spec_of
 from .train import check_fits, predict, predict_labelled
 
@@ -203,6 +204,7 @@ def measure(models: nn.Module | dict[str, nn.Module], split, *, threads: int = 2
     ``score`` and ``metric`` (the higher-is-better key of ``score``'s result that plots and Pareto
     fronts use) adapt the report to tasks other than classification; ``batch`` is the large batch
     timed for throughput."""
+    models = torch_of(models)
     configs.Measure.build(threads=threads, seconds=seconds)
     if isinstance(models, nn.Module):
         models = {"model": models}

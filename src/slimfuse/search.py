@@ -33,6 +33,7 @@ from .data import Splits
 from .errors import ConfigError, SlimfuseError
 from .hardware import computes
 from .measure import Report, Score, measure_one
+from .models.keras import torch_of
 
 OBJECTIVES = {  # objective -> (row key, lower is better, label); throughput times the task's large batch
     "latency": ("latency_b1_p50_ms", "batch-1 latency p50 (ms)"),
@@ -166,6 +167,7 @@ def optimize(
     ``moves``/``score``/``metric`` adapt the search to other tasks (default: the classification moves
     and accuracy, or the moves a task kind registered). Returns a :class:`SearchResult`.
     """
+    model = torch_of(model)
     configs.Optimize.build(max_drop=max_drop, objective=objective, budget_s=budget_s, ensemble=ensemble)
     if not isinstance(data, Splits):
         raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "

@@ -32,6 +32,7 @@ from .data import Split, Splits, Task
 from .data.feed import Batches, describe, feed, infer_task, n_samples, take
 from .errors import ConfigError, DataError
 from .models.calling import forward
+from .models.keras import torch_of
 from .models.spec import derive, set_task, task_of
 
 
@@ -107,6 +108,7 @@ def fit(
     ``DistributedSampler``). A custom ``loss`` may get unlabelled batches (``batch.y`` None).
     ``val`` with Splits replaces ``data.val``.
     """
+    model = torch_of(model)
     if not isinstance(data, Splits):
         batches = feed(data, batch_size=batch_size, labels=True if loss is None else None, where="the training data")
         if batches.split is not None and batches.split.y is not None and train is None:
@@ -378,6 +380,7 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
 
     ``x``: a tensor, an array, a :class:`Split`, or any data :func:`slimfuse.data.feed.feed` reads (a
     DataLoader of batches, a Dataset, ...; labels are not needed and are ignored), streamed."""
+    model = torch_of(model)
     if output not in ("logits", "proba", "label"):
         raise ConfigError(f"unknown output {output!r}; choose logits, proba or label")
     stream = None
@@ -405,6 +408,7 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
 def evaluate(model: nn.Module, split) -> dict[str, float]:
     """Accuracy and mean negative log-likelihood on ``split`` (a :class:`Split`, or labelled data of any
     form :func:`slimfuse.data.feed.feed` reads, streamed)."""
+    model = torch_of(model)
     if not isinstance(split, Split):
         logits, y = predict_labelled(model, split)
         return {"accuracy": (logits.argmax(-1) == y).float().mean().item(),

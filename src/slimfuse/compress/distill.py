@@ -41,6 +41,7 @@ from ..data import Split, Splits
 from ..data.feed import Batches, feed, n_samples, take
 from ..errors import ConfigError, DataError
 from ..models.calling import call, select, selector
+from ..models.keras import torch_of
 from ..models.spec import derive, lineage_of, lineage_str, spec_of
 from ..train import Batch, fit, probe
 from ..validate import check
@@ -384,6 +385,7 @@ def distill(
     ``validate``: check the trained student against the teacher before returning it (crash, NaN,
     collapse, bit-exact reload; :mod:`slimfuse.validate`); ``False`` skips it (recorded).
     """
+    teacher, student = torch_of(teacher), torch_of(student)
     if config is not None:  # the config; the keywords are its shorthand
         return distill(teacher, student, data, seed=seed, progress=progress, history=history, checkpoint=checkpoint,
                        **{**config.model_dump(), **fit_options})

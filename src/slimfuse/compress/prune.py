@@ -39,6 +39,7 @@ from ..data.feed import feed
 from ..errors import ConfigError
 from ..models import hf
 from ..models.calling import forward, select
+from ..models.keras import torch_of
 from ..models.shrunk import (
     PRUNABLE,
     TP_ERRORS,
@@ -117,6 +118,7 @@ def prune(
     ``validate``: check the result (crash, NaN, collapse, bit-exact reload; see
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
     """
+    model = torch_of(model)
     if isinstance(sparsity, configs.Prune):
         return prune(model, data=data, seed=seed, progress=progress, on_step=on_step, checkpoint=checkpoint,
                      **sparsity.given())

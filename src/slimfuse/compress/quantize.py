@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import configs
 from ..errors import ConfigError
+from ..models.keras import torch_of
 from ..models.spec import lineage_of
 from ..validate import COSINE_FLOOR, QUANTIZE_COSINE_FLOOR, QUANTIZE_FLOOR, SAMPLES, check
 from . import codebook, onnx_int8, quant_torch  # noqa: F401  (each registers its schemes)
@@ -60,6 +61,7 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     ``validate``: run the result through :func:`slimfuse.validate.check` (a crash, NaN, collapse
     or failed reload raises ``ValidationError``); ``False`` skips it (recorded in the lineage).
     """
+    model = torch_of(model)
     if isinstance(scheme, configs.Quantize):
         options = {**scheme.options(), **options}
         scheme, backend, validate = scheme.scheme, scheme.backend, scheme.validate

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..measure import median_seconds
+from ..models.keras import torch_of
 from ..models.spec import derive, spec_of
 from ..models.zoo import build, register
 
@@ -85,6 +86,7 @@ def sparse_kernels(model: nn.Module, sample: torch.Tensor, *, batch: int = 256, 
 
     ``sample``: inputs (repeated to ``batch`` rows); each layer is timed on the activations it receives.
     Returns the copy (lineage step ``sparse_kernels`` with each layer's dense/CSR ms and sparsity)."""
+    model = torch_of(model)
     if not isinstance(sample, torch.Tensor) or sample.ndim < 2 or len(sample) == 0:
         raise ConfigError("sparse_kernels: sample must be a non-empty batch of inputs (a tensor)")
     if not (isinstance(batch, int) and batch >= 1) or not min_speedup > 0:

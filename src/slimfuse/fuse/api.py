@@ -13,6 +13,7 @@ from .. import configs
 from ..data import Split, Splits
 from ..data.feed import feed, infer_task, take
 from ..errors import ConfigError
+from ..models.keras import torch_of
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
 from ..train import predict, probe
 from ..validate import check
@@ -74,6 +75,7 @@ def ensemble(
     and stacking work on cached member predictions over all of it, so such data is read into memory
     once (under the memory budget, ``DataError`` beyond it) and used as the validation split.
     """
+    members = torch_of(members)
     if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
         return ensemble(members, data=data, weights=weights, meta_hidden=meta_hidden, seed=seed, **method.model_dump())
     configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend, bag=bag,

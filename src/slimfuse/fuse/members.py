@@ -30,6 +30,7 @@ from .. import distributed
 from ..checkpoint import Area, Resume, fingerprint
 from ..data import Splits
 from ..errors import ConfigError
+from ..models.keras import torch_of
 from ..models.spec import derive
 from ..train import fit
 from .stacking import OutOfFold
@@ -149,13 +150,14 @@ class _Runner:
         b = self.builders[i % len(self.builders)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            b = torch_of(b)  # a Keras model: its torch translation (deep copies of Keras models rename weights)
             if isinstance(b, nn.Module):
                 model = copy.deepcopy(b)
                 for m in model.modules():
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
                 return model
-            model = b()
+            model = torch_of(b())
         if not isinstance(model, nn.Module):
             raise ConfigError(f"the builder returned {type(model).__name__}, not an nn.Module")
         return model

@@ -43,6 +43,7 @@ from ..data import Split, Splits
 from ..errors import ConfigError
 from ..hardware import summary as hardware_summary
 from ..measure import artifact_bytes, counts, median_seconds
+from ..models.keras import torch_of
 from ..models.spec import derive, lineage_of
 from ..train import evaluate, predict
 from ..validate import check
@@ -94,6 +95,7 @@ def merge(
     ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
     at least one member, reloads bit-exactly) or ``merge`` raises; ``False`` skips it (recorded).
     """
+    models = torch_of(models)
     models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
                     repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
                     validate=validate)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import Split, Splits
 from ..errors import ConfigError
+from ..models.keras import torch_of
 from ..models.spec import derive, spec_of
 from ..train import evaluate, fit
 from ..validate import check
@@ -32,6 +33,7 @@ def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = 
 
     ``validate``: check the soup against its ingredients before returning it (it must agree with
     at least one; :mod:`slimfuse.validate`); ``False`` skips it (recorded in the lineage)."""
+    models = torch_of(models)
     if method not in ("uniform", "greedy"):
         raise ConfigError(f"unknown soup method {method!r}; choose uniform or greedy")
     models = list(models)
@@ -126,6 +128,7 @@ def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5,
     at a constant ``swa_lr`` (default: ``lr``), averaging the weights at the end of every epoch.
     BatchNorm statistics are then recomputed for the averaged weights.
     """
+    model = torch_of(model)
     if not 0 <= start < 1:
         raise ConfigError(f"swa: start must be a fraction in [0, 1), got {start}")
     first = round(epochs * start)

@@ -42,6 +42,7 @@ from ..limits import check_bytes
 from . import zoo
 from .calling import selector, set_output
 from .card_schema import validate_card
+from .keras import torch_of
 from .spec import attach, lineage_of, spec_of, task_of
 from .zoo import build, check_params, factory_spec
 
@@ -84,6 +85,7 @@ def save(model: nn.Module, path: str | Path, *, metrics: dict | None = None, cod
     never makes the artifact larger: when its tensors and card (the per-tensor layout counted) would
     take more bytes than the dense form, the dense form is written and the card says ``dense``.
     """
+    model = torch_of(model)
     spec = spec_of(model)
     if spec is None and type(model).__module__.startswith("transformers."):
         from .hf import is_hf, spec_for

@@ -34,7 +34,7 @@ PROVIDERS = {
     "ensemble": "slimfuse.fuse.combine", "minilm": "slimfuse.nlp.minilm", "mf": "slimfuse.recsys.models",
     "two-tower": "slimfuse.recsys.models", "qtables": "slimfuse.recsys.compress",
     "rec-ensemble": "slimfuse.recsys.ensemble", "half": "slimfuse.compress.quant_torch",
-    "sparse-kernels": "slimfuse.compress.sparse_kernel", "hf": "slimfuse.models.hf",
+    "sparse-kernels": "slimfuse.compress.sparse_kernel", "hf": "slimfuse.models.hf", "keras": "slimfuse.models.keras",
 }
 # Trust given to the outermost build() holds for the specs an architecture builds inside it
 # (e.g. a pruned or ensembled user model whose args hold the base spec).
