@@ -124,6 +124,30 @@ def test_batchnorm_in_forward_code_is_folded_where_it_keeps_the_function(digits,
     assert torch.equal(sf.predict(q, digits.test), sf.predict(loaded, digits.test))
 
 
+@sf.zoo.rebuildable
+class PadsByStride(nn.Module):
+    """TensorFlow-style padding computed in forward code from the convolution's own ``stride`` and
+    ``kernel_size`` (transformers' MobileNetV2 does this), on a conv -> BatchNorm -> ReLU chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(1, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.head = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        total = max(self.conv.kernel_size[0] - self.conv.stride[0], 0)
+        x = nn.functional.pad(x, (total // 2, total - total // 2) * 2)
+        return self.head(self.act(self.bn(self.conv(x))).flatten(1))
+
+
+def test_a_fold_is_tried_on_forward_code_that_reads_the_layers_attributes(digits):
+    torch.manual_seed(0)
+    model = sf.fit(PadsByStride(), digits, epochs=3, progress=False)
+    q = quantize(model, "int8-static", calib=digits.train)  # was: AttributeError 'Sequential' has no 'stride'
+    assert q.layers["conv"]["bn"] == "bn" and q.layers["conv"]["relu"] == "act"
+    assert sf.evaluate(q, digits.test)["accuracy"] >= sf.evaluate(model, digits.test)["accuracy"] - 0.03
+
+
 def test_int8_dynamic_that_would_not_shrink_a_cnn_is_refused_with_the_alternatives():
     model = sf.zoo.resnet(classes=10, widths=[16, 32])  # its one Linear holds 1% of the weights
     with pytest.raises(sf.ConfigError, match=r"would not be smaller .*use int8-static"):

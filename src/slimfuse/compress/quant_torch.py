@@ -197,9 +197,12 @@ def graph_chains(model: nn.Module, x) -> dict[str, tuple[str | None, str | None]
             for p in (bn, relu):
                 if p is not None:
                     trial.set_submodule(p, nn.Identity())
-            trial.set_submodule(path, nn.Sequential(*parts))
-        with torch.no_grad():
-            got = forward(trial, x)
+            trial.set_submodule(path, _Chain(*parts))
+        try:
+            with torch.no_grad():
+                got = forward(trial, x)
+        except (AttributeError, RuntimeError, TypeError):  # forward code that needs the layer itself: not folded
+            return False
         return got.shape == reference.shape and bool(torch.allclose(got, reference, rtol=1e-5, atol=1e-6))
 
     if not found or reproduces(found):
@@ -211,6 +214,21 @@ def graph_chains(model: nn.Module, x) -> dict[str, tuple[str | None, str | None]
                 kept[path] = chain
                 break
     return kept if reproduces(kept) else {}
+
+
+class _Chain(nn.Sequential):
+    """A layer followed by its BatchNorm / ReLU, standing in for the layer while a fold is tried; it answers for
+    the layer's attributes (``stride``, ``kernel_size`` ...), as the int8 layer replacing it does, because forward
+    code reads them (transformers' MobileNetV2 pads by ``convolution.stride``)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layers = self.__dict__.get("_modules") or {}
+            if name.startswith("_") or not layers:
+                raise
+            return getattr(next(iter(layers.values())), name)
 
 
 def _folds(conv: nn.Module, bn: nn.Module) -> bool:
