@@ -10,11 +10,13 @@ Usage: python benchmarks/models_matrix.py [--out docs/models.md]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+os.environ.setdefault("KERAS_BACKEND", "torch")  # the Keras peer models (tests/peer_models.py)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the peer models and their cells live with the tests
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peer_models import HF_PEERS, PEERS, Peer, TokenBag, digits_sequence, digits_tokens
+from peer_models import HF_PEERS, KERAS_PEERS, PEERS, Peer, TokenBag, digits_nhwc, digits_sequence, digits_tokens
 from torch import nn
 
 import slimfuse as sf
@@ -110,11 +110,12 @@ class Context:
 # Per data kind of a Peer: how its Splits are made from ``digits``, and the small model paired with it as the
 # teacher (distill-student) or student (distill-teacher). A new kind of data is one entry in each.
 DATA: dict[str, Callable[[sf.Splits], sf.Splits]] = {"digits": lambda d: d, "tokens": digits_tokens,
-                                                     "sequence": digits_sequence}
+                                                     "sequence": digits_sequence, "nhwc": digits_nhwc}
 PAIRED: dict[str, Callable[[sf.Splits, str], nn.Module]] = {
     "digits": lambda data, role: sf.zoo.for_task("mlp", data.task, hidden=[64 if role == "teacher" else 32]),
     "tokens": lambda data, role: TokenBag(dim=8 if role == "teacher" else 4),
     "sequence": lambda data, role: TokenBag(dim=8 if role == "teacher" else 4),
+    "nhwc": lambda data, role: sf.zoo.for_task("mlp", data.task, hidden=[64 if role == "teacher" else 32]),
 }
 
 
@@ -283,7 +284,7 @@ VERBS: dict[str, Callable[[Context, Peer], str]] = {
 }
 SLOW_VERBS = ("ensemble", "distill-teacher", "distill-student")  # the ones that train most
 
-EXTRA: list[Peer] = HF_PEERS  # models defined elsewhere (Hugging Face ...): one Peer each
+EXTRA: list[Peer] = HF_PEERS + KERAS_PEERS  # models defined elsewhere (Hugging Face, Keras): one Peer each
 
 
 def models() -> list[Peer]:

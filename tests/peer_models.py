@@ -434,6 +434,15 @@ def hf_resnet() -> nn.Module:
         num_labels=10, downsample_in_first_stage=False))
 
 
+def hf_convnext() -> nn.Module:
+    """A tiny ``ConvNextForImageClassification`` (patchify stem, depthwise 7x7, LayerNorm, GELU, layer scale)."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    return ConvNextForImageClassification(ConvNextConfig(
+        num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=8,
+        num_labels=10))
+
+
 def digits_sequence(digits: sf.Splits) -> sf.Splits:
     """``digits`` as one sequence of 64 token ids per image (the pixel levels 0..16), as text models take them."""
     tokens = digits_tokens(digits)
@@ -448,4 +457,57 @@ def digits_sequence(digits: sf.Splits) -> sf.Splits:
 HF_PEERS: list[Peer] = [
     Peer("hf-bert", "transformers BertForSequenceClassification", hf_bert, data="sequence", epochs=20),
     Peer("hf-resnet", "transformers ResNetForImageClassification", hf_resnet),
+    Peer("hf-convnext", "transformers ConvNextForImageClassification", hf_convnext),
+]
+
+
+# --------------------------------------------------------------------------- Keras 3 models (translated to torch)
+
+
+def _keras_seeded():
+    """Keras, its initialisers seeded from torch's seed (set by the caller), so a peer builds the same each run."""
+    import keras
+
+    keras.utils.set_random_seed(torch.initial_seed() % 2**31)
+    return keras
+
+
+def keras_cnn():
+    """A Keras ``Sequential`` CNN on channels-last images: Conv2D / BatchNormalization / MaxPooling2D /
+    Flatten / Dropout / Dense, as a Keras user writes it."""
+    keras = _keras_seeded()
+    from keras import layers
+
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), layers.Conv2D(8, 3, padding="same", activation="relu"), layers.BatchNormalization(),
+        layers.MaxPooling2D(), layers.Conv2D(16, 3, padding="same", activation="relu"), layers.Flatten(),
+        layers.Dropout(0.1), layers.Dense(10)])
+
+
+def keras_functional():
+    """A Keras functional model: a residual Add, a Concatenate, a depthwise convolution, a Flatten into Dense."""
+    keras = _keras_seeded()
+    from keras import layers
+
+    x = keras.Input((8, 8, 1))
+    h = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    r = layers.Add()([h, layers.Conv2D(8, 3, padding="same", activation="relu")(h)])
+    c = layers.Concatenate()([r, layers.DepthwiseConv2D(3, padding="same", activation="relu")(h)])
+    flat = layers.Flatten()(layers.MaxPooling2D()(c))
+    return keras.Model(x, layers.Dense(10)(layers.Dense(32, activation="gelu")(flat)))
+
+
+def digits_nhwc(digits: sf.Splits) -> sf.Splits:
+    """``digits`` as channels-last images (N, 8, 8, 1), as Keras models take them."""
+    def nhwc(s: sf.Split) -> sf.Split:
+        return sf.Split(s.x.permute(0, 2, 3, 1).contiguous(), s.y)
+
+    task = sf.Task("digits-nhwc", "classification", digits.task.num_classes, (8, 8, 1), digits.task.class_names)
+    return sf.Splits(nhwc(digits.train), nhwc(digits.val), nhwc(digits.test), task)
+
+
+KERAS_PEERS: list[Peer] = [
+    Peer("keras-cnn", "Keras 3 Sequential CNN", keras_cnn, data="nhwc"),
+    Peer("keras-functional", "Keras 3 functional (Add, Concatenate, depthwise)", keras_functional, data="nhwc",
+         epochs=12),
 ]
