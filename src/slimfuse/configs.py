@@ -43,6 +43,20 @@ Schedule = Literal["none", "cosine"]
 Widths = Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(min_length=1, max_length=64)]
 Names = Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]], Field(max_length=10_000)]
 
+DEVICES = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # slimfuse.devices.resolve turns one into a torch.device
+
+
+def _device(name: str) -> str:
+    if not DEVICES.fullmatch(name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+Device = Annotated[str, AfterValidator(_device),
+                   Field(max_length=16, description="where it trains and runs: auto (CUDA when torch sees a GPU, each "
+                                                    "torchrun rank its own, else the CPU), cpu, cuda or cuda:N; the "
+                                                    "result comes back on the CPU")]
+
 _STUDENT = re.compile(r"(mlp|lenet5|resnet):\d+(,\d+)*|cnn:\d+(,\d+)*(:\d+)?|width=[0-9.]+(,depth=\d+)?|depth=\d+")
 
 
@@ -137,11 +151,12 @@ class FineTune(Config):
     schedule: Annotated[Schedule, Field(description="learning-rate schedule: none or cosine")] = "none"
     patience: Annotated[int | None, Field(ge=1, le=100_000,
                                           description="early-stopping patience in epochs (default: none)")] = None
+    device: Device = "cpu"
 
     def fit_options(self) -> dict:
         """Keyword arguments of :func:`slimfuse.fit`."""
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
-                "schedule": self.schedule, "patience": self.patience}
+                "schedule": self.schedule, "patience": self.patience, "device": self.device}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +215,9 @@ class Prune(Config):
     lr: Annotated[LearningRate | None, Field(description="fine-tuning learning rate (default 1e-3, "
                                                          "structured 3e-3)")] = None
     batch_size: BatchSize = 64
+    device: Annotated[Device, Field(description="where fine-tuning runs: auto (CUDA when torch sees a GPU, else the "
+                                                "CPU), cpu, cuda or cuda:N; pruning steps and the result stay on the "
+                                                "CPU")] = "cpu"
     max_layer_sparsity: Annotated[float, Field(gt=0, lt=1, description="unstructured: most of a layer's weights "
                                                                         "set to zero (every layer keeps some)")] = 0.98
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
@@ -251,6 +269,9 @@ class Quantize(Config):
                                                          "(default 1e-4)")] = None
     batch_size: Annotated[BatchSize, Field(description="qat: samples per optimizer step")] = 64
     iters: Annotated[int, Field(ge=1, le=10_000, description="codebook: k-means iterations")] = 30
+    device: Annotated[Device, Field(description="qat / codebook: where fine-tuning runs (auto: CUDA when torch sees "
+                                                "a GPU, else the CPU; cpu; cuda[:N]); the quantized model runs on the "
+                                                "CPU")] = "cpu"
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
                                                 "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
     exclude: Annotated[Names | None, Field(description="layers kept in float: module paths (torch) or ONNX node "
@@ -303,6 +324,7 @@ class Distill(Config):
     lr: LearningRate = 1e-3
     optimizer: Annotated[Optimizer, Field(description="adam or sgd (momentum 0.9)")] = "adam"
     schedule: Annotated[Schedule, Field(description="learning-rate schedule: none or cosine")] = "none"
+    device: Device = "cpu"
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
                                                 "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
 
@@ -338,6 +360,9 @@ class Ensemble(Config):
                                            "cost) so the meta-learner reads the predictions it was trained on")] = False
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "
                                                           "split the meta-learner trains on")] = 1.0
+    device: Annotated[Device, Field(description="where the members run for their validation predictions: auto "
+                                                "(CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; "
+                                                "CPU-only members stay on the CPU")] = "cpu"
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
                                                 "collapsed, agrees with its input, reloads bit-exactly")] = True  # type: ignore[assignment]
 
@@ -364,6 +389,8 @@ class Merge(Config):
                         Field(description="distill: a merge worse than the best member is replaced by the ensemble "
                                           "distilled into one model")] = None
     distill_epochs: Annotated[Epochs, Field(description="fallback=distill: epochs")] = 10
+    device: Annotated[Device, Field(description="fallback=distill: where the distillation runs (auto: CUDA when "
+                                                "torch sees a GPU, else the CPU; cpu; cuda[:N])")] = "cpu"
     max_samples: Annotated[int, Field(ge=1, le=10**7, description="training samples for activation "
                                                                   "statistics")] = 2000
     validate: Annotated[bool, Field(description="check the result before returning it: it runs, is finite, has not "
@@ -385,6 +412,9 @@ class Measure(Config):
     split: Annotated[Literal["train", "val", "test"], Field(description="split measured")] = "test"
     threads: Annotated[int, Field(ge=1, le=1024, description="CPU threads of the timed runs")] = 2
     seconds: Annotated[float, Field(gt=0, le=3600, description="time spent timing each model, in seconds")] = 1.0
+    device: Annotated[Device, Field(description="where the models run and are timed: cpu (where results ship), "
+                                                "auto (CUDA when torch sees a GPU, else the CPU), cuda or cuda:N; "
+                                                "CPU-only models (ONNX Runtime, int8) stay on the CPU")] = "cpu"
 
 
 class Optimize(Config):
@@ -398,6 +428,9 @@ class Optimize(Config):
                                                                          "candidates, in seconds (measuring the "
                                                                          "input model comes first, uncounted)")] = 300.0
     ensemble: Annotated[bool, Field(description="also try an ensemble of compressed members")] = True
+    device: Annotated[Device, Field(description="where the moves that train run (auto: CUDA when torch sees a GPU, "
+                                                "else the CPU; cpu; cuda[:N]); candidates are measured on the "
+                                                "CPU")] = "cpu"
 
 
 VERBS: dict[str, type[Config]] = {

@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .devices import local_rank
 from .errors import ConfigError
 
 TIMEOUT_ENV = "SLIMFUSE_DIST_TIMEOUT"  # seconds a collective may wait for a peer (default 300)
@@ -40,6 +41,8 @@ def setup() -> bool:
         return False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # each rank drives its own GPU (NCCL needs the current device set first)
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
         dist.init_process_group(backend=backend, timeout=timeout)
         atexit.register(_teardown)
@@ -68,7 +71,7 @@ def all_reduce_mean(value: float) -> float:
     """Mean of a Python number over all ranks (the value itself outside torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_wire())
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
@@ -81,9 +84,28 @@ def broadcast_json(obj, src: int):
     """Send a JSON-able value from rank ``src`` to every rank (bytes, never a pickle)."""
     import json
 
-    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    wire = _wire()
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(wire)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=wire)
     dist.broadcast(size, src=src)
-    buf = payload if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8)
+    buf = payload if dist.get_rank() == src else torch.empty(int(size.item()), dtype=torch.uint8, device=wire)
     dist.broadcast(buf, src=src)
-    return json.loads(bytes(buf.tolist()).decode())
+    return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+def broadcast_tensor(t: torch.Tensor, src: int) -> None:
+    """Overwrite ``t`` on every rank with rank ``src``'s values (through this rank's GPU under NCCL)."""
+    wire = _wire()
+    if t.device == wire:
+        dist.broadcast(t, src=src)
+        return
+    buf = t.to(wire)
+    dist.broadcast(buf, src=src)
+    t.copy_(buf)
+
+
+def _wire() -> torch.device:
+    """Where collectives' tensors live: this rank's GPU under NCCL (it moves CUDA tensors only), else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -350,7 +350,8 @@ def evaluate(source: Source, cfg: configs.Measure, data: configs.DataRef | Split
         raise ConfigError(f"--json {json_out}: is a folder; give the path of the JSON file to write")
     m, ready = model(source, trust_factory=trust_factory), needed(data, "evaluate")
     name = name or (Path(source).name if not isinstance(source, nn.Module) else "model")
-    report = measure({name: m}, getattr(ready, cfg.split), threads=cfg.threads, seconds=cfg.seconds)
+    report = measure({name: m}, getattr(ready, cfg.split), threads=cfg.threads, seconds=cfg.seconds,
+                     device=cfg.device)
     if json_out is not None:
         write_text_atomic(Path(json_out), report.to_json() + "\n")
     return Done(None, report.to_markdown(), m, {cfg.split: report.rows[0]})

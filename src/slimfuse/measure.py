@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import configs, stats
+from . import configs, devices, stats
 from .data import Split
 from .data.feed import feed, n_samples, take
 from .errors import ConfigError
@@ -113,13 +113,17 @@ def median_seconds(fn, x, runs: int) -> float:
 
 
 def _timeit(model, x, *, seconds: float, min_runs: int) -> np.ndarray:
+    where = devices.where(x)
+    sync = torch.cuda.synchronize if where.type == "cuda" else (lambda *_: None)  # GPU work is asynchronous
     for _ in range(3):  # warm-up: allocator, kernels, lazy init
         call(model, x)
+    sync(where)
     times = []
     deadline = time.perf_counter() + seconds
     while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 10_000):
         t0 = time.perf_counter()
         call(model, x)
+        sync(where)
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
 
@@ -161,16 +165,35 @@ def flag_slower(rows: list[dict]) -> list[dict]:
 
 
 def measure_one(name: str, model: nn.Module, split, *, threads: int = 2, seconds: float = 1.0,
-                score: Score | None = None, batch: int = 256, samples: dict | None = None) -> dict:
+                score: Score | None = None, batch: int = 256, samples: dict | None = None,
+                device: str | torch.device | None = "cpu") -> dict:
     """One row. ``score(model, split) -> {metric: value}`` replaces the classification metrics
     (accuracy, NLL) for other tasks: embedding fidelity, ranking quality. With classification
     metrics, ``samples[name]`` (when a dict is given) receives the per-sample correctness and NLL
     that :meth:`Report.compare` pairs. ``split``: a :class:`Split`, or labelled data of any form
     :func:`slimfuse.data.feed.feed` reads (a DataLoader of dict batches, ...): accuracy and NLL are
-    streamed over all of it, MACs and latency use its first ``batch`` samples."""
+    streamed over all of it, MACs and latency use its first ``batch`` samples. ``device``: where the
+    model runs for its metrics and timings (a CPU-only model stays on the CPU; the row's ``device``
+    says where it ran); MACs and bytes are counted on the CPU."""
     row: dict = {"name": name, "runtime": getattr(model, "slimfuse_runtime", "torch")}
     x = split.x if isinstance(split, Split) else feed(split, batch_size=batch, labels=None,
                                                         where="the measurement data").head(batch).x
+    with devices.placed(model, devices.resolve(device)) as where:
+        row.update(_run_metrics(name, model, split, x, threads=threads, seconds=seconds, score=score, batch=batch,
+                                samples=samples, where=where))
+    row.update(counts(model))
+    row["macs"] = macs(model, x)
+    row["bytes"] = artifact_bytes(model)
+    row.update(row.pop("_latency"))
+    row["threads"] = threads
+    row["device"] = str(where)
+    row["lineage"] = lineage_str(lineage_of(model))
+    return row
+
+
+def _run_metrics(name, model, split, x, *, threads, seconds, score, batch, samples, where) -> dict:
+    """Accuracy and NLL (or ``score``) and the timings of ``model``, which is on ``where``."""
+    row: dict = {}
     if score is None:
         if isinstance(split, Split):
             check_fits(model, split)
@@ -185,17 +208,13 @@ def measure_one(name: str, model: nn.Module, split, *, threads: int = 2, seconds
             samples[name] = {"correct": per["correct"], "nll": per["nll"].astype(np.float32)}
     else:
         row.update(score(model, split))
-    row.update(counts(model))
-    row["macs"] = macs(model, x)
-    row["bytes"] = artifact_bytes(model)
-    row.update(latency(model, x, threads=threads, seconds=seconds, batch=batch))
-    row["threads"] = threads
-    row["lineage"] = lineage_str(lineage_of(model))
+    row["_latency"] = latency(model, devices.to(x, where), threads=threads, seconds=seconds, batch=batch)
     return row
 
 
 def measure(models: nn.Module | dict[str, nn.Module], split, *, threads: int = 2, seconds: float = 1.0,
-            score: Score | None = None, metric: str = "accuracy", batch: int = 256) -> Report:
+            score: Score | None = None, metric: str = "accuracy", batch: int = 256,
+            device: str | torch.device | None = "cpu") -> Report:
     """Measure one model or a dict ``{name: model}`` on ``split``; returns a :class:`Report`.
 
     ``split``: a :class:`Split` or labelled data of any form :func:`slimfuse.data.feed.feed` reads
@@ -203,7 +222,8 @@ def measure(models: nn.Module | dict[str, nn.Module], split, *, threads: int = 2
 
     ``score`` and ``metric`` (the higher-is-better key of ``score``'s result that plots and Pareto
     fronts use) adapt the report to tasks other than classification; ``batch`` is the large batch
-    timed for throughput."""
+    timed for throughput. ``device``: where the models run (default the CPU, where slimfuse's results
+    ship; ``auto``/``cuda[:N]`` time them on the GPU, synchronised; CPU-only models stay on the CPU)."""
     models = torch_of(models)
     configs.Measure.build(threads=threads, seconds=seconds)
     if isinstance(models, nn.Module):
@@ -211,8 +231,9 @@ def measure(models: nn.Module | dict[str, nn.Module], split, *, threads: int = 2
     if not models:
         raise ConfigError("nothing to measure: no models given")
     samples: dict = {}
-    rows = [measure_one(n, m, split, threads=threads, seconds=seconds, score=score, batch=batch, samples=samples)
-            for n, m in models.items()]
+    devices.resolve(device)  # a device that is not there: refused before any work
+    rows = [measure_one(n, m, split, threads=threads, seconds=seconds, score=score, batch=batch, samples=samples,
+                        device=device) for n, m in models.items()]
     if any(metric not in r for r in rows):
         raise ConfigError(f"the score has no metric {metric!r}; it gives {sorted(set(rows[0]) - {'name'})}")
     return Report(rows, metric=metric, samples=samples)

@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from . import configs
+from . import configs, devices
 from .data import Splits
 from .errors import ConfigError, SlimfuseError
 from .hardware import computes
@@ -42,14 +43,15 @@ OBJECTIVES = {  # objective -> (row key, lower is better, label); throughput tim
 }
 
 
-# task kind -> (fn(model, data, objective) -> (moves, score, metric), timed batch): the search space
+# task kind -> (fn(model, data, objective, device) -> (moves, score, metric), timed batch): the search space
 # and quality measure of tasks other than classification (registered by slimfuse.nlp, slimfuse.recsys)
 TASKS: dict[str, tuple[Callable, int]] = {}
 
 
 def register_task(kind: str, *, batch: int = 256):
-    """Register ``fn(model, data, objective) -> (moves, score, metric)`` for data of task ``kind``;
-    ``batch`` is the large batch timed for throughput (e.g. 32 sentences for an encoder)."""
+    """Register ``fn(model, data, objective, device) -> (moves, score, metric)`` for data of task ``kind``
+    (``device``: the name of the device the moves that train use, or refuse); ``batch`` is the large batch
+    timed for throughput (e.g. 32 sentences for an encoder)."""
 
     def deco(fn):
         TASKS[kind] = (fn, batch)
@@ -158,6 +160,7 @@ def optimize(
     seed: int = 0,
     seconds: float = 0.5,
     log: Callable[[str], None] | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> SearchResult:
     """Search compressed versions of ``model`` whose validation ``metric`` stays within ``max_drop``
     points (0.5 = half a point of accuracy) of ``model``'s, minimizing ``objective`` (``latency``:
@@ -165,9 +168,13 @@ def optimize(
     on disk). ``budget_s`` bounds the search's wall time after the input model is measured (a candidate is not started
     past it), so a slow baseline on a loaded machine does not use up a short budget before the first move.
     ``moves``/``score``/``metric`` adapt the search to other tasks (default: the classification moves
-    and accuracy, or the moves a task kind registered). Returns a :class:`SearchResult`.
+    and accuracy, or the moves a task kind registered). ``device``: where the moves that train run
+    (pruning fine-tunes, distillation, codebook fine-tuning; :func:`slimfuse.devices.resolve`); every
+    candidate is measured on the CPU. Returns a :class:`SearchResult`.
     """
     model = torch_of(model)
+    devices.resolve(device)  # a device that is not there: refused before any work
+    device = "auto" if device is None else str(device)  # a name the moves pass on
     configs.Optimize.build(max_drop=max_drop, objective=objective, budget_s=budget_s, ensemble=ensemble)
     if not isinstance(data, Splits):
         raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
@@ -178,7 +185,7 @@ def optimize(
         if kind not in TASKS:
             raise ConfigError(f"no search space for {kind!r} tasks (known: {', '.join(sorted(TASKS))})")
         space, batch = TASKS[kind]
-        moves, score, metric = space(model, data, objective)
+        moves, score, metric = space(model, data, objective, device)
     elif moves is None:
         raise ConfigError("a custom score= needs its own moves= (the registered search spaces bring both)")
     search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
@@ -317,12 +324,13 @@ class _Search:
 
 
 @register_task("classification")
-def classification_space(model: nn.Module, data: Splits, objective: str) -> tuple[list[Move], None, str]:
+def classification_space(model: nn.Module, data: Splits, objective: str,
+                         device: str = "cpu") -> tuple[list[Move], None, str]:
     """The classification search space: its moves, the default score (accuracy, NLL) and ``accuracy``."""
-    return classification_moves(model, data, objective), None, "accuracy"
+    return classification_moves(model, data, objective, device), None, "accuracy"
 
 
-def classification_moves(model: nn.Module, data: Splits, objective: str) -> list[Move]:
+def classification_moves(model: nn.Module, data: Splits, objective: str, device: str = "cpu") -> list[Move]:
     """Pruning (sparsity for bytes, channels for speed), distillation into 1/2- and 1/4-width
     students, and the finishing moves: ONNX export, int8 (ONNX Runtime static and dynamic, torch
     static), 5-bit codebooks (bytes)."""
@@ -336,20 +344,18 @@ def classification_moves(model: nn.Module, data: Splits, objective: str) -> list
     speed = ("latency", "throughput")
 
     def sparse(s):
-        return lambda m, seed: prune(m, s, data=data, epochs=4, seed=seed)
+        return lambda m, seed: prune(m, s, data=data, epochs=4, seed=seed, device=device)
 
     def channels(c):
-        return lambda m, seed: prune(m, channels=c, data=data, epochs=4, seed=seed)
+        return lambda m, seed: prune(m, channels=c, data=data, epochs=4, seed=seed, device=device)
 
     def student(width):
         def apply(m, seed):
-            import torch
-
             torch.manual_seed(seed)
             s = zoo.student(m, width=width)
             return distill(m, s, data, temperature=4.0, alpha=0.9, epochs=10, batch_size=128, lr=2e-3,
                            schedule="cosine", transfer="augment" if images else "train", copies=2,
-                           mixup=1.0, seed=seed, progress=False)
+                           mixup=1.0, seed=seed, progress=False, device=device)
         return apply
 
     def q(scheme, backend):
@@ -366,6 +372,6 @@ def classification_moves(model: nn.Module, data: Splits, objective: str) -> list
         # bf16 only where the CPU computes it (AMX-BF16 / AVX-512 BF16): elsewhere it is a storage format
         *([Move("bf16 (torch)", lambda m: quantize(m, "bf16", compute="half"), finishing=True, objectives=speed)]
           if computes("bf16") else []),
-        Move("codebook:5", lambda m: quantize(m, "codebook:5", data=data, epochs=1), finishing=True,
+        Move("codebook:5", lambda m: quantize(m, "codebook:5", data=data, epochs=1, device=device), finishing=True,
              objectives=("bytes",)),
     ]

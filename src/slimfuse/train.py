@@ -13,6 +13,7 @@ that train (pruning fine-tunes, distillation, QAT, ensemble members) call
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import configs, distributed
+from . import configs, devices, distributed
 from .checkpoint import Checkpoint, Resume, fingerprint, run_key
 from .data import Split, Splits, Task
 from .data.feed import Batches, describe, feed, infer_task, n_samples, take
@@ -75,6 +76,7 @@ def fit(
     parallel: bool | None = None,
     val=None,
     op: str | None = "train",
+    device: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """Train a copy of ``model`` on ``data.train`` (or ``train``) and return it.
 
@@ -107,6 +109,11 @@ def fit(
     fingerprinted); under torchrun each rank reads its own loader (give it a
     ``DistributedSampler``). A custom ``loss`` may get unlabelled batches (``batch.y`` None).
     ``val`` with Splits replaces ``data.val``.
+
+    ``device``: where training runs (:func:`slimfuse.devices.resolve`: ``auto`` is CUDA when torch sees a
+    GPU, each torchrun rank its own, else the CPU; ``cpu``; ``cuda[:N]``). The model and each batch
+    move there; hooks get batches on that device (``batch.index`` stays on the CPU). The trained model
+    is returned on the CPU, like every verb's result.
     """
     model = torch_of(model)
     if not isinstance(data, Splits):
@@ -118,13 +125,13 @@ def fit(
                            optimizer=optimizer, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
                            cycles=cycles, seed=seed, patience=patience, loss=loss, after_step=after_step,
                            transform=transform, on_epoch_end=on_epoch_end, progress=progress, history=history,
-                           checkpoint=checkpoint, parallel=parallel, op=op)
+                           checkpoint=checkpoint, parallel=parallel, op=op, device=device)
     if val is not None:
         data = Splits(data.train, feed(val, where="val").materialise("validation data"), data.test, data.task)
     return _fit(model, data, None, train=train, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                 weight_decay=weight_decay, momentum=momentum, schedule=schedule, cycles=cycles, seed=seed,
                 patience=patience, loss=loss, after_step=after_step, transform=transform, on_epoch_end=on_epoch_end,
-                progress=progress, history=history, checkpoint=checkpoint, parallel=parallel, op=op)
+                progress=progress, history=history, checkpoint=checkpoint, parallel=parallel, op=op, device=device)
 
 
 def _task_for(model, batches: Batches, loss) -> Task:
@@ -169,8 +176,9 @@ _EMPTY = Split(torch.empty(0, 1), torch.empty(0, dtype=torch.long))
 
 def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, optimizer, weight_decay, momentum,
          schedule, cycles, seed, patience, loss, after_step, transform, on_epoch_end, progress, history, checkpoint,
-         parallel, op, val_stream: Batches | None = None) -> nn.Module:
+         parallel, op, device, val_stream: Batches | None = None) -> nn.Module:
     train = data.train if train is None else train
+    dev = devices.resolve(device)
     schedule = None if schedule == "none" else schedule
     _check_fit_args(epochs, batch_size, lr, optimizer, schedule, patience, len(train) if stream is None else 1)
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1 or (epochs and epochs % cycles):
@@ -210,6 +218,11 @@ def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, 
             check_fits(model, train, data.task.num_classes)
         else:
             probe(model, train.x)
+        if dev != devices.of(model):
+            if not devices.movable(model):
+                raise ConfigError(f"{op or 'fit'}: this model runs on the CPU only (ONNX Runtime or int8 kernels); "
+                                  "train its float source, or pass device='cpu'")
+            model.to(dev)
         best: tuple[float, dict | None] = (-1.0, None)
         since_best, first_epoch, rows = 0, 1, []
         resumed = ckpt.load(model=model, opt=opt, sched=sched, gen=gen, extra=resume.state) if ckpt else None
@@ -221,7 +234,8 @@ def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, 
         # Under torchrun every rank takes its share of each global batch; DDP averages gradients.
         parallel = distributed.setup() if parallel is None else parallel and distributed.setup()
         rank, ranks = distributed.world() if parallel else (0, 1)
-        net = nn.parallel.DistributedDataParallel(model) if parallel else model
+        ids = [dev.index] if parallel and dev.type == "cuda" else None  # each rank's own GPU (NCCL)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids) if parallel else model
         with _Progress(progress if rank == 0 else False, total=epochs * steps_per_epoch, label=op or "fit") as bar:
             for epoch in range(first_epoch, epochs + 1):
                 model.train()
@@ -229,6 +243,7 @@ def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, 
                 for x, y, idx in _epoch(train, stream, n, batch_size, seed, epoch, parallel, rank, ranks):
                     if transform is not None:
                         x = transform(x, gen)
+                    x, y = devices.to(x, dev), devices.to(y, dev)
                     batch = Batch(x, y, idx)
                     if y is None and loss is cross_entropy:
                         raise DataError(f"{op or 'fit'}: a training batch has no labels")
@@ -275,7 +290,7 @@ def _fit(model, data, stream: Batches | None, *, train, epochs, batch_size, lr, 
         history.extend(rows)
     if ckpt is not None and distributed.is_main() and not resume.keep:
         ckpt.clear()
-    model.eval()
+    model.to(devices.CPU).eval()
     params_rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed}
     if stream is not None:  # the source batches itself
         params_rec.update(batch_size=getattr(stream.source, "batch_size", None), data="stream")
@@ -321,7 +336,7 @@ def probe(model: nn.Module, x, *, who: str = "the model") -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            out = forward(model, take(x, slice(0, 2)))
+            out = forward(model, devices.to(take(x, slice(0, 2)), devices.of(model)))
     except TypeError as e:  # e.g. a forward that takes several inputs, called with one tensor
         what = "one input tensor" if isinstance(x, torch.Tensor) else describe(x)
         raise DataError(f"{who} cannot be called with {what}{inputs_hint(model)}: "
@@ -375,11 +390,14 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logits") -> torch.Tensor:
-    """Batched inference in eval mode. ``output``: ``logits``, ``proba`` or ``label``.
+def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logits",
+            device: str | torch.device | None = None) -> torch.Tensor:
+    """Batched inference in eval mode; the result is on the CPU. ``output``: ``logits``, ``proba`` or ``label``.
 
     ``x``: a tensor, an array, a :class:`Split`, or any data :func:`slimfuse.data.feed.feed` reads (a
-    DataLoader of batches, a Dataset, ...; labels are not needed and are ignored), streamed."""
+    DataLoader of batches, a Dataset, ...; labels are not needed and are ignored), streamed. Batches
+    go to the device the model is on; ``device`` (``auto``, ``cpu``, ``cuda[:N]``) runs it there for
+    the call and puts it back after (a CPU-only model, ONNX Runtime or int8, stays on the CPU)."""
     model = torch_of(model)
     if output not in ("logits", "proba", "label"):
         raise ConfigError(f"unknown output {output!r}; choose logits, proba or label")
@@ -391,10 +409,12 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
     was_training = model.training
     model.eval()
     try:
-        if stream is None:
-            outs = [forward(model, take(x, slice(i, i + batch_size))) for i in range(0, n_samples(x), batch_size)]
-        else:
-            outs = [forward(model, inputs) for inputs, _ in stream]
+        with _placed(model, device) as dev:
+            if stream is None:
+                outs = [forward(model, devices.to(take(x, slice(i, i + batch_size)), dev)).cpu()
+                        for i in range(0, n_samples(x), batch_size)]
+            else:
+                outs = [forward(model, devices.to(inputs, dev)).cpu() for inputs, _ in stream]
     finally:
         model.train(was_training)
     logits = torch.cat(outs).float() if outs else torch.empty(0)
@@ -405,15 +425,15 @@ def predict(model: nn.Module, x, *, batch_size: int = 1024, output: str = "logit
     return logits
 
 
-def evaluate(model: nn.Module, split) -> dict[str, float]:
+def evaluate(model: nn.Module, split, *, device: str | torch.device | None = None) -> dict[str, float]:
     """Accuracy and mean negative log-likelihood on ``split`` (a :class:`Split`, or labelled data of any
-    form :func:`slimfuse.data.feed.feed` reads, streamed)."""
+    form :func:`slimfuse.data.feed.feed` reads, streamed); ``device`` as for :func:`predict`."""
     model = torch_of(model)
     if not isinstance(split, Split):
-        logits, y = predict_labelled(model, split)
+        logits, y = predict_labelled(model, split, device=device)
         return {"accuracy": (logits.argmax(-1) == y).float().mean().item(),
                 "nll": F.cross_entropy(logits, y).item()}
-    logits = predict(model, split)
+    logits = predict(model, split, device=device)
     return {
         "accuracy": (logits.argmax(-1) == split.y).float().mean().item(),
         "nll": F.cross_entropy(logits, split.y).item(),
@@ -421,23 +441,33 @@ def evaluate(model: nn.Module, split) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def predict_labelled(model: nn.Module, data, *, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32) and labels of labelled ``data`` of any form, streamed batch by batch."""
+def predict_labelled(model: nn.Module, data, *, batch_size: int = 1024,
+                     device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels of labelled ``data`` of any form, streamed batch by batch, on the CPU;
+    ``device`` as for :func:`predict`."""
     if isinstance(data, Split):
-        return predict(model, data, batch_size=batch_size), data.y
+        return predict(model, data, batch_size=batch_size, device=device), data.y
     stream = feed(data, batch_size=batch_size, labels=True, where="the evaluation data")
     was_training = model.training
     model.eval()
     outs, ys = [], []
     try:
-        for inputs, y in stream:
-            outs.append(forward(model, inputs).float())
-            ys.append(y)
+        with _placed(model, device) as dev:
+            for inputs, y in stream:
+                outs.append(forward(model, devices.to(inputs, dev)).float().cpu())
+                ys.append(y)
     finally:
         model.train(was_training)
     if not outs:
         raise DataError("the evaluation data has no batches")
     return torch.cat(outs), torch.cat(ys)
+
+
+def _placed(model: nn.Module, device):
+    """The model where it is (``device=None``), or on ``device`` for the block (:func:`devices.placed`)."""
+    if device is None:
+        return contextlib.nullcontext(devices.of(model))
+    return devices.placed(model, devices.resolve(device))
 
 
 class _Progress:

@@ -42,17 +42,19 @@ MIN_CODED = 64  # tensors smaller than this are stored raw
 
 @register_scheme("codebook", "torch")
 def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = None, epochs: int | None = None,
-             lr: float = 1e-4, iters: int = 30, seed: int = 0, checkpoint=None, **unknown) -> nn.Module:
+             lr: float = 1e-4, iters: int = 30, seed: int = 0, checkpoint=None,
+             device: str | torch.device | None = "cpu", **unknown) -> nn.Module:
     """Share each Linear/Conv layer's weights among ``2**N`` values (``scheme="codebook:N"``).
 
     ``data``: with training data the centroids are fine-tuned for ``epochs`` (default 2) at ``lr``.
     Parameters of other layer types (BatchNorm, embeddings...) and all biases stay float and are
     listed in the lineage step (``float_params``). ``checkpoint`` (a folder): the fine-tuning
-    resumes from it when rerun with the same arguments (see :func:`slimfuse.fit`).
+    resumes from it when rerun with the same arguments (see :func:`slimfuse.fit`). ``device``: where the
+    fine-tuning runs (:func:`slimfuse.devices.resolve`); the result comes back on the CPU.
     """
     if unknown:
         raise ConfigError(f"unknown option(s) for codebook: {', '.join(sorted(unknown))} "
-                          "(known: data, epochs, lr, iters, seed, checkpoint)")
+                          "(known: data, epochs, lr, iters, seed, checkpoint, device)")
     bits = _bits(arg)
     if not isinstance(model, nn.Module) or getattr(model, "slimfuse_runtime", "torch") != "torch":
         raise ConfigError("codebook works on torch modules; quantize an ONNX model with int8-static/int8-dynamic")
@@ -75,7 +77,7 @@ def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = No
     if epochs:
         resume = None if checkpoint is None else Resume(checkpoint, key={"op": "codebook", "bits": bits,
                                                                          "iters": iters})
-        q = fit(q, data, epochs=epochs, lr=lr, seed=seed, after_step=snap, op=None, checkpoint=resume)
+        q = fit(q, data, epochs=epochs, lr=lr, seed=seed, after_step=snap, op=None, checkpoint=resume, device=device)
     snap(q)
     coded = {f"{n}.weight" for n in layers}
     left = [n for n, _ in q.named_parameters() if n not in coded]
@@ -129,6 +131,7 @@ class _Snap:
     def __call__(self, model: nn.Module) -> None:
         for name, (idx, mask) in self.assign.items():
             w = model.get_submodule(name).weight.data
+            idx, mask = idx.to(w.device), mask.to(w.device)
             if idx.numel():
                 k = int(idx.max()) + 1
                 sums = torch.bincount(idx, weights=w[mask].double(), minlength=k)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import configs
+from .. import configs, devices
 from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..data.feed import Batches, feed, n_samples, take
@@ -184,8 +184,10 @@ def _as_inputs(x, data: Splits, what: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Sequence[str] = (),
-                    batch_size: int = 1024) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The teacher's logits on ``x`` (batched, eval mode, no grad) and its features at ``layers``.
+                    batch_size: int = 1024, device: torch.device = devices.CPU
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The teacher's logits on ``x`` (batched, eval mode, no grad, run on ``device``) and its features at
+    ``layers``, on the CPU.
 
     Probabilities (non-negative rows summing to 1) are turned into log-probabilities. Raises
     ConfigError when ``teacher`` is not a predictor with ``num_classes`` outputs.
@@ -198,12 +200,13 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
         teacher.eval()
     logits, feats = [], [[] for _ in layers]
     try:
-        for start in range(0, n_samples(x), batch_size):
-            out = _check_output(_call(teacher, take(x, slice(start, start + batch_size))), num_classes)
-            logits.append(out)
-            if taps is not None:
-                for acc, f in zip(feats, taps.take()):
-                    acc.append(f.float())
+        with devices.placed(teacher, device):
+            for start in range(0, n_samples(x), batch_size):
+                out = _check_output(_call(teacher, take(x, slice(start, start + batch_size))), num_classes)
+                logits.append(out)
+                if taps is not None:
+                    for acc, f in zip(feats, taps.take()):
+                        acc.append(f.float().cpu())
     finally:
         if taps is not None:
             taps.remove()
@@ -213,16 +216,19 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
 
 
 def _as_logits(z: torch.Tensor) -> torch.Tensor:
-    if (z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(-1), torch.ones(len(z)), atol=1e-4):
+    if (z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(-1), torch.ones(len(z), device=z.device), atol=1e-4):
         # probabilities -> log-probabilities (same softened targets)
         z = z.clamp_min(torch.finfo(torch.float32).tiny).log()
     return z
 
 
 def _call(teacher, x):
-    """The teacher's output on inputs of any form (``models/calling.py``)."""
+    """The teacher's output on inputs of any form (``models/calling.py``), run where the teacher is and
+    returned on the inputs' device."""
+    home = devices.where(x)
     try:
-        return select(call(teacher, x), selector(teacher))
+        out = select(call(teacher, devices.to(x, devices.of(teacher))), selector(teacher))
+        return out.to(home) if isinstance(out, torch.Tensor) else out  # anything else: refused by the caller
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         what = f"of shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else "of this form"
         raise ConfigError(
@@ -359,6 +365,7 @@ def distill(
     checkpoint: str | Path | None = None,
     config: configs.Distill | None = None,
     validate: bool = True,
+    device: str | torch.device | None = "cpu",
     **fit_options,
 ) -> nn.Module:
     """Train a copy of ``student`` to imitate ``teacher`` on a fixed transfer set; return it.
@@ -384,11 +391,14 @@ def distill(
     ``config``: a :class:`slimfuse.configs.Distill` instead of the keywords (they are its shorthand).
     ``validate``: check the trained student against the teacher before returning it (crash, NaN,
     collapse, bit-exact reload; :mod:`slimfuse.validate`); ``False`` skips it (recorded).
+    ``device``: where the teacher runs and the student trains (:func:`slimfuse.devices.resolve`); the
+    student comes back on the CPU.
     """
     teacher, student = torch_of(teacher), torch_of(student)
     if config is not None:  # the config; the keywords are its shorthand
         return distill(teacher, student, data, seed=seed, progress=progress, history=history, checkpoint=checkpoint,
                        **{**config.model_dump(), **fit_options})
+    dev = devices.resolve(device)
     if not isinstance(student, nn.Module):
         raise ConfigError(f"the student must be an nn.Module, got {type(student).__name__}")
     configs.Distill.build(  # one set of names and bounds
@@ -400,7 +410,7 @@ def distill(
         return _distill_stream(teacher, student, data, temperature=temperature, alpha=alpha, epochs=epochs,
                                transfer=transfer, hints=hints, batch_size=batch_size, lr=lr, seed=seed,
                                progress=progress, history=history, checkpoint=checkpoint, validate=validate,
-                               **fit_options)
+                               device=dev, **fit_options)
     if "transform" in fit_options:
         raise ConfigError("distill caches the teacher's outputs on a fixed transfer set, so on-the-fly transforms "
                           "cannot be used; use transfer='augment' (fixed augmented copies) instead")
@@ -414,9 +424,11 @@ def distill(
         raise DataError(f"transfer labels go up to {int(transfer_split.y.max())} "
                         f"but the task has {num_classes} classes")
     _check_student(student, transfer_split.x[:2], num_classes)
-    teacher_logits, teacher_feats = teacher_outputs(teacher, transfer_split.x, num_classes, layers=list(hints.values()))
+    teacher_logits, teacher_feats = teacher_outputs(teacher, transfer_split.x, num_classes, layers=list(hints.values()),
+                                                    device=dev)
     t = float(temperature)
-    log_p_t = F.log_softmax(teacher_logits / t, -1)
+    log_p_t = F.log_softmax(teacher_logits / t, -1).to(dev)  # the loss reads rows by batch.index (on the CPU)
+    feats_on = [f.to(dev) for f in teacher_feats]
 
     model: nn.Module = student
     if hints:
@@ -427,7 +439,7 @@ def distill(
 
         def loss(z, batch: Batch):
             hint = sum(F.mse_loss(f, tf[batch.index].flatten(1).view_as(f))
-                       for f, tf in zip(shared.features, teacher_feats))
+                       for f, tf in zip(shared.features, feats_on))
             return _loss(z, log_p_t[batch.index], batch.y, t, alpha) + hint_weight * hint
     else:
         def loss(z, batch: Batch):
@@ -439,7 +451,7 @@ def distill(
                                              "teacher": [teacher_logits, *teacher_feats]})
     trained = fit(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
                   train=transfer_split, progress=progress, history=history, op=None, checkpoint=checkpoint,
-                  **fit_options)
+                  device=dev, **fit_options)
     if hints:
         trained = trained.student  # the projections are discarded
         trained.eval()
@@ -455,7 +467,7 @@ def distill(
 
 
 def _distill_stream(teacher, student, data, *, temperature, alpha, epochs, transfer, hints, batch_size, lr, seed,
-                    progress, history, checkpoint, validate, **fit_options) -> nn.Module:
+                    progress, history, checkpoint, validate, device, **fit_options) -> nn.Module:
     """``distill`` on streamed data (a DataLoader, ...): the stream is the transfer set and the teacher's
     outputs are computed batch by batch as training reads it (eval mode, no grad), nothing cached."""
     if transfer not in ("augment", "train"):
@@ -486,7 +498,7 @@ def _distill_stream(teacher, student, data, *, temperature, alpha, epochs, trans
         def loss(z, batch: Batch):
             with torch.no_grad():
                 zt = _as_logits(_check_output(_call(teacher, batch.x), num_classes))
-            y = batch.y if batch.y is not None else torch.full((len(z),), UNLABELED, dtype=torch.long)
+            y = batch.y if batch.y is not None else torch.full((len(z),), UNLABELED, dtype=torch.long, device=z.device)
             if alpha == 0 and not (y != UNLABELED).any():
                 raise ConfigError("alpha=0 trains on labels only, but a transfer batch has no labels")
             if (y != UNLABELED).any() and int(y.max()) >= num_classes:
@@ -494,8 +506,9 @@ def _distill_stream(teacher, student, data, *, temperature, alpha, epochs, trans
                                 "classes")
             return _loss(z, F.log_softmax(zt / t, -1), y, t, float(alpha))
 
-        trained = fit(student, stream, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                      progress=progress, history=history, op=None, **fit_options)
+        with devices.placed(teacher, device):
+            trained = fit(student, stream, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
+                          progress=progress, history=history, op=None, device=device, **fit_options)
     finally:
         if isinstance(teacher, nn.Module):
             teacher.train(was_training)

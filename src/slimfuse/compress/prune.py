@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import configs
+from .. import configs, devices
 from ..checkpoint import Area, Resume, fingerprint, run_key
 from ..data import Splits
 from ..data.feed import feed
@@ -83,6 +83,7 @@ def prune(
     checkpoint: str | Path | None = None,
     max_layer_sparsity: float = MAX_LAYER_SPARSITY,
     validate: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """Prune a copy of ``model``; pass exactly one of ``sparsity`` and ``channels`` (or a
     :class:`slimfuse.configs.Prune` as ``sparsity``, of which the keywords are a shorthand).
@@ -117,11 +118,14 @@ def prune(
     layer whose weights are all small; the zeros a capped layer cannot take go to the others.
     ``validate``: check the result (crash, NaN, collapse, bit-exact reload; see
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
+    ``device``: where fine-tuning runs (:func:`slimfuse.devices.resolve`); tracing and the pruning steps
+    run on the CPU, and the result comes back there.
     """
     model = torch_of(model)
     if isinstance(sparsity, configs.Prune):
         return prune(model, data=data, seed=seed, progress=progress, on_step=on_step, checkpoint=checkpoint,
                      **sparsity.given())
+    devices.resolve(device)  # a device that is not there: refused before any work
     given = {"sparsity": sparsity, "channels": channels, "scope": scope, "schedule": schedule, "steps": steps,
              "importance": importance, "round_to": round_to, "exclude": exclude, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "max_layer_sparsity": max_layer_sparsity}
@@ -146,7 +150,8 @@ def prune(
         probe(model, sample)  # a model that cannot take the data's inputs: one clear error before any tracing
     if lr is None:
         lr = DEFAULT_LR[kind]
-    fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine"}
+    fit_kw = {"lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress, "schedule": "cosine",
+              "device": device}
     on_step = on_step or (lambda info: None)
     if kind == "sparsity":
         result = _unstructured(model, amount, scope=scope or "global", schedule=schedule, steps=steps, data=data,
@@ -271,7 +276,7 @@ class _Masker:
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         for n, w in self._weights(model).items():
-            w.masked_fill_(~self.masks[n], 0.0)  # +0.0, never -0.0: zeros are zeros on disk too
+            w.masked_fill_(~self.masks[n].to(w.device), 0.0)  # +0.0, never -0.0: zeros are zeros on disk too
 
     @torch.no_grad()
     def advance(self, model: nn.Module, *, final: bool = False) -> None:
@@ -291,7 +296,7 @@ class _Masker:
 
     # saved with every fine-tuning epoch's checkpoint (``Resume(state=masker)``)
     def state_dict(self) -> dict:
-        return {"masks": dict(self.masks), "done": self.done, "t": self.t}
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()}, "done": self.done, "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks, self.done, self.t = dict(state["masks"]), state["done"], state["t"]
@@ -423,7 +428,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     if checkpoint is not None and epochs:
         params = {"op": "prune", "channels": ratio, "scope": scope, "importance": importance, "steps": steps,
                   "round_to": round_to, "epochs": epochs, "excluded": excluded,
-                  "fit": {k: v for k, v in fit_kw.items() if k != "progress"},
+                  "fit": {k: v for k, v in fit_kw.items() if k not in ("progress", "device")},
                   "data": fingerprint(data.train.x, data.train.y, data.val.x, data.val.y)}
         area = Area(checkpoint, run_key(work, params))
     for step, step_epochs in enumerate(_epochs_per_step(epochs, steps), start=1):

@@ -52,6 +52,8 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Int8Layer(nn.Module):
     """Shared state and lazy packing of an int8 Linear / Conv2d."""
 
+    slimfuse_cpu_only = True  # fbgemm kernels: the layer runs on the CPU only (slimfuse.devices.movable)
+
     def __init__(self, weight_shape: tuple[int, ...], bias: bool, *, mode: str, relu: bool,
                  quant_input: bool, dequant_output: bool):
         super().__init__()

@@ -516,11 +516,12 @@ def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile",
 @_scheme("qat")
 def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
         samples: int = 512, seed: int = 0, progress: bool | None = None,
-        checkpoint: str | Path | None = None) -> nn.Module:
+        checkpoint: str | Path | None = None, device: str | torch.device | None = "cpu") -> nn.Module:
     """Quantization-aware fine-tuning (fake-quant through ``fit``), then a real int8-static model.
 
     ``checkpoint`` (a folder): the fine-tuning is checkpointed there every epoch and a rerun with
-    the same arguments resumes from it (see :func:`slimfuse.fit`); removed when done."""
+    the same arguments resumes from it (see :func:`slimfuse.fit`); removed when done. ``device``: where
+    the fine-tuning runs (:func:`slimfuse.devices.resolve`); the int8 model runs on the CPU."""
     _check_source(model)
     if not isinstance(calib, Splits):
         raise ConfigError("qat fine-tunes the model, so it needs the data set's Splits as calib= (CLI: --data)")
@@ -543,7 +544,7 @@ def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batc
                 fq.set_submodule(other, nn.Identity())
     resume = None if checkpoint is None else Resume(checkpoint, key={"op": "qat", "samples": samples})
     trained = fit(fq, calib, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None,
-                  checkpoint=resume)
+                  checkpoint=resume, device=device)
     weights, trained_ranges = {}, {}
     for g in groups:
         m = trained.get_submodule(g.path)

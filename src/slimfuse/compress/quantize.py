@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import configs
+from .. import configs, devices
 from ..errors import ConfigError
 from ..models.keras import torch_of
 from ..models.spec import lineage_of
@@ -69,6 +69,8 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
     if not isinstance(scheme, str) or not scheme:
         raise ConfigError(f"scheme must be a name like 'int8-dynamic', got {scheme!r}")
     runtime = {k: options.pop(k) for k in ("checkpoint", "progress", "seed", "sample", "data") if k in options}
+    if "device" in options:  # a torch.device too; the config checks the name
+        options["device"] = str(devices.resolve(options["device"]))
     configs.Quantize.build(scheme=scheme, backend=backend, auto_batch=auto_batch, auto_max_drop=auto_max_drop,
                            **options)  # the one set of names and bounds
     name, _, arg = scheme.partition(":")

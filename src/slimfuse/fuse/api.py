@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import configs
+from .. import configs, devices
 from ..data import Split, Splits
 from ..data.feed import feed, infer_task, take
 from ..errors import ConfigError
@@ -22,9 +22,9 @@ from .combine import Ensemble, make
 from .stacking import blend_oof, fit_meta
 
 
-def member_probas(members, split: Split | torch.Tensor) -> np.ndarray:
-    """Cached member predictions: probabilities (K, N, C) as float64."""
-    return np.stack([predict(m, split, output="proba").double().numpy() for m in members])
+def member_probas(members, split: Split | torch.Tensor, device: str | torch.device | None = None) -> np.ndarray:
+    """Cached member predictions: probabilities (K, N, C) as float64 (each member run on ``device``)."""
+    return np.stack([predict(m, split, output="proba", device=device).double().numpy() for m in members])
 
 
 def ensemble(
@@ -47,6 +47,7 @@ def ensemble(
     bag: bool = False,
     seed: int = 0,
     validate: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> Ensemble:
     """Combine trained ``members`` (any architectures, one class count) into an :class:`Ensemble`.
 
@@ -69,6 +70,8 @@ def ensemble(
     the lineage; stacking's meta-training provenance is ``ens.oof``. ``validate``: check the
     ensemble (it must agree with at least one member, and save -> load -> rerun bit-exactly;
     :mod:`slimfuse.validate`) before returning it; ``False`` skips it (recorded in the lineage).
+    ``device``: where the members run for their validation predictions (:func:`slimfuse.devices.resolve`;
+    members that run on the CPU only stay there); the ensemble comes back on the CPU.
 
     ``data``: Splits, or labelled validation data of any form :func:`slimfuse.data.feed.feed` reads
     (a DataLoader of tuple or dict batches, arrays ...). Weight fitting, temperature, the fallback check
@@ -81,6 +84,7 @@ def ensemble(
     configs.Ensemble.build(method=method, rounds=rounds, metric=metric, refine=refine, meta=meta, blend=blend, bag=bag,
                            bags=bags, prior=prior, temperature=temperature, fallback=fallback, folds=folds,
                            validate=validate)  # the one set of names and bounds
+    devices.resolve(device)  # a device that is not there: refused before any work
     if isinstance(members, nn.Module) or not hasattr(members, "__iter__"):
         raise ConfigError("members must be a list of trained modules")
     members_list = list(members)
@@ -95,7 +99,7 @@ def ensemble(
     step: dict = {"method": method, "members": [lineage_str(lineage_of(m)) for m in members_list]}
     extra: dict = {}
     if method == "weighted" and weights is None:
-        probas = member_probas(members_list, data.val)
+        probas = member_probas(members_list, data.val, device)
         y = data.val.y.numpy()
 
         def fit_weights(p, t):
@@ -128,7 +132,8 @@ def ensemble(
     elif method == "stacking":
         oof = getattr(members, "oof", None)
         if oof is None:
-            oof = blend_oof(members_list, data, trained_on=getattr(members, "trained_on", None), blend=blend, seed=seed)
+            oof = blend_oof(members_list, data, trained_on=getattr(members, "trained_on", None), blend=blend, seed=seed,
+                            device=device)
         net, meta_spec = fit_meta(oof, classes, kind=meta, hidden=meta_hidden, seed=seed)
         step.update(scheme=oof.scheme, meta=meta_spec)
         fold_sets = getattr(members, "fold_models", None)

@@ -97,7 +97,7 @@ def train_members(
     run = _Runner(builders, data, k, diversity, epochs, seed, fit_options)
     if checkpoint is not None:
         key = {"op": "members", "k": k, "diversity": diversity, "epochs": epochs, "folds": folds, "seed": seed,
-               "fit": {o: v for o, v in fit_options.items() if o != "progress"},
+               "fit": {o: v for o, v in fit_options.items() if o not in ("progress", "device")},
                "data": [data.train.x, data.train.y, data.val.x, data.val.y],
                "init": [dict(run.fresh(i, seed + i).state_dict()) for i in range(len(builders))]}
         run.area = Area(checkpoint, fingerprint(key))
@@ -214,7 +214,6 @@ def share_modules(models: list, owner) -> None:
     so nothing is pickled between processes.
     """
     import torch
-    import torch.distributed as dist
 
     from ..models.spec import ATTR
 
@@ -222,7 +221,7 @@ def share_modules(models: list, owner) -> None:
         src = owner(i)
         with torch.no_grad():
             for t in model.state_dict().values():
-                dist.broadcast(t, src=src)
+                distributed.broadcast_tensor(t, src)
         meta = distributed.broadcast_json(getattr(model, ATTR, None), src)
         if meta is not None:
             object.__setattr__(model, ATTR, meta)

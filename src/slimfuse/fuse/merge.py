@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import configs, stats
+from .. import configs, devices, stats
 from ..compress.distill import distill
 from ..data import Split, Splits
 from ..errors import ConfigError
@@ -78,6 +78,7 @@ def merge(
     max_samples: int = 2000,
     seed: int = 0,
     validate: bool = True,
+    device: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """Merge ``models`` (one architecture) into one module of that architecture; never mutates them.
 
@@ -94,8 +95,11 @@ def merge(
     statistics use at most ``max_samples`` training samples; ``seed`` fixes DARE and the samples.
     ``validate``: the result passes :func:`slimfuse.validate.check` (it runs, is finite, agrees with
     at least one member, reloads bit-exactly) or ``merge`` raises; ``False`` skips it (recorded).
+    ``device``: where the distillation of ``fallback="distill"`` runs (:func:`slimfuse.devices.resolve`);
+    the merge itself is arithmetic on the CPU.
     """
     models = torch_of(models)
+    devices.resolve(device)  # a device that is not there: refused before any work
     models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
                     repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
                     validate=validate)
@@ -123,7 +127,7 @@ def merge(
         if ver["verdict"] == "worse":
             _warn_worse(method, ver, fallback)
             if fallback == "distill":  # distill validated its student
-                return _distill_fallback(result, models, data, ver, epochs=distill_epochs, seed=seed)
+                return _distill_fallback(result, models, data, ver, epochs=distill_epochs, seed=seed, device=device)
         result = _record(result, ver)
     return check(result, f"merge({method})", reference=models, data=data, validate=validate,
                  fix="fallback='distill' with data=, method='rebasin' for independently trained models, or an "
@@ -404,12 +408,13 @@ def _record(model: nn.Module, ver: dict) -> nn.Module:
     return model
 
 
-def _distill_fallback(merged: nn.Module, models, data: Splits, ver: dict, *, epochs: int, seed: int) -> nn.Module:
+def _distill_fallback(merged: nn.Module, models, data: Splits, ver: dict, *, epochs: int, seed: int,
+                      device) -> nn.Module:
     from .api import ensemble
 
     teacher = ensemble(models, "mean", data)
     best = models[ver["best_member"]["index"]]
-    student = distill(teacher, copy.deepcopy(best), data, epochs=epochs, seed=seed, progress=False)
+    student = distill(teacher, copy.deepcopy(best), data, epochs=epochs, seed=seed, progress=False, device=device)
     after = _verify(student, models, data)
     ver = dict(ver, fallback={"method": "distill", "epochs": epochs, **{k: after[k] for k in ("merged", "vs_best",
                                                                                                   "verdict")}})

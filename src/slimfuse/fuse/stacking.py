@@ -56,8 +56,10 @@ class OutOfFold:
         return out
 
 
-def blend_oof(members, data: Splits, *, trained_on=None, blend: float = 1.0, seed: int = 0) -> OutOfFold:
-    """Meta-training set for pretrained members: their predictions on (a fraction of) ``data.val``."""
+def blend_oof(members, data: Splits, *, trained_on=None, blend: float = 1.0, seed: int = 0,
+              device=None) -> OutOfFold:
+    """Meta-training set for pretrained members: their predictions on (a fraction of) ``data.val`` (run on
+    ``device``)."""
     from .api import member_probas
 
     if not 0 < blend <= 1:
@@ -71,7 +73,7 @@ def blend_oof(members, data: Splits, *, trained_on=None, blend: float = 1.0, see
     if trained_on is None:
         trained_on = [np.arange(n_train)] * len(members)
     return OutOfFold(
-        features=member_probas(members, split).transpose(1, 0, 2),
+        features=member_probas(members, split, device).transpose(1, 0, 2),
         y=split.y.numpy(),
         sample_ids=n_train + idx,
         fold=np.zeros(len(idx), dtype=np.int64),

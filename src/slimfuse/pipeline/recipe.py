@@ -396,7 +396,7 @@ class RecipeRun:
         if not names:
             raise ConfigError("no model step before this measure step")
         report = measure({n: self.model(n) for n in names}, getattr(self.splits, step.split),
-                         threads=step.threads, seconds=step.seconds)
+                         threads=step.threads, seconds=step.seconds, device=step.device)
         title = step.title or f"slimfuse run: {self.recipe.data} ({step.split} split)"
         paths = write_report(report, self.out, title=title, stem=step.name)
         self.log(report.to_markdown())

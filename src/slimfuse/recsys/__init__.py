@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..devices import cpu_only
 from ..errors import ConfigError
 from ..models import zoo
 from ..models.spec import spec_of
@@ -64,10 +65,12 @@ def optimize_space(model: nn.Module, data: Interactions, *, seed: int = 0,
 
 
 @register_task("recommendation")
-def search_space(model: nn.Module, data: Interactions, objective: str):
+def search_space(model: nn.Module, data: Interactions, objective: str, device: str = "cpu"):
     """``slimfuse.optimize``'s space for recommenders: int8/int4 tables as finishing moves (bytes only:
     dequantizing on lookup costs latency), dimension pruning and a distilled student as structural
-    moves (the search applies the finishing moves to those itself), judged on NDCG@10."""
+    moves (the search applies the finishing moves to those itself), judged on NDCG@10. Its training
+    runs on the CPU: another ``device`` is refused."""
+    cpu_only(device, "the recommender search space")
     moves = []
     for name, fn in optimize_space(model, data):
         if "+" in name:  # combinations: the search composes structural and finishing moves itself
