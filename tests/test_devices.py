@@ -108,6 +108,22 @@ def test_cpu_only_models_stay_on_the_cpu(digits, digits_mlp):
     assert row["device"] == "cpu"
 
 
+def test_onnx_runtime_takes_its_cuda_provider_only_where_installed(monkeypatch, digits, digits_mlp):
+    import onnxruntime as ort
+
+    from slimfuse import runtime
+
+    here = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtime.providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert runtime.providers() == ["CPUExecutionProvider"]
+    monkeypatch.undo()
+    onnx = to_onnx(digits_mlp)
+    expected = "cuda" if "CUDAExecutionProvider" in here else "cpu"
+    assert sf.measure(onnx, digits.test, seconds=0.1).rows[0]["device"] == expected
+
+
 def test_a_training_hook_sees_batches_on_the_training_device(digits):
     seen = []
 

@@ -4,7 +4,8 @@ Every row is measured, never estimated: bytes are the size of the artifact
 folder ``slimfuse.save`` writes, latency is wall-clock time after warm-up with
 a fixed thread count. A predictor can refine what is measured by defining
 optional methods: ``slimfuse_artifact_bytes()``, ``slimfuse_counts()``
-(``{"params": n, "nonzeros": n}``), ``slimfuse_macs()``; and the attribute
+(``{"params": n, "nonzeros": n}``), ``slimfuse_macs()``, ``slimfuse_device()`` (where it runs, for a
+runtime that picks its own device); and the attribute
 ``slimfuse_runtime`` (default ``"torch"``).
 """
 
@@ -186,7 +187,7 @@ def measure_one(name: str, model: nn.Module, split, *, threads: int = 2, seconds
     row["bytes"] = artifact_bytes(model)
     row.update(row.pop("_latency"))
     row["threads"] = threads
-    row["device"] = str(where)
+    row["device"] = model.slimfuse_device() if hasattr(model, "slimfuse_device") else str(where)
     row["lineage"] = lineage_str(lineage_of(model))
     return row
 

@@ -48,6 +48,16 @@ _QPARAM_INPUTS = {
 _INPUT_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
 
 
+def providers() -> list[str]:
+    """ONNX Runtime's execution providers for a session: its CUDA provider first when the installed build has
+    it (``onnxruntime-gpu``; nodes it lacks fall back to the CPU), else the CPU alone."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 # op domains ONNX Runtime implements itself: the standard ones and its own contrib ops (which its
 # quantizer and transformer optimizer emit); anything else is a custom op library
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -257,7 +267,7 @@ class OnnxPredictor(nn.Module):
             opts.log_severity_level = 3
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
-                self._sessions[n] = ort.InferenceSession(self.model_bytes(), opts, providers=["CPUExecutionProvider"])
+                self._sessions[n] = ort.InferenceSession(self.model_bytes(), opts, providers=providers())
             except Exception as e:  # ORT rejects a checked model: unsupported op or opset
                 raise _ort_error(e, "to create a session for this model") from None
         return self._sessions[n]
@@ -287,6 +297,10 @@ class OnnxPredictor(nn.Module):
         return y.to(x.device) if isinstance(x, torch.Tensor) else y
 
     # -- measurement hooks ------------------------------------------------------------------------
+    def slimfuse_device(self) -> str:
+        """Where the session runs: ``cuda`` when its first provider is ONNX Runtime's CUDA one, else ``cpu``."""
+        return "cuda" if self.session().get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
     def slimfuse_artifact_bytes(self) -> int:
         """Bytes of the ``.onnx`` file this predictor deploys as."""
         return int(self.onnx_model.numel())
