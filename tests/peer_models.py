@@ -443,6 +443,17 @@ def hf_convnext() -> nn.Module:
         num_labels=10))
 
 
+def hf_gpt2() -> nn.Module:
+    """A tiny ``GPT2ForSequenceClassification`` (Conv1D attention, causal, read at the last token) over the
+    digits' pixels as a 64-token sequence; its padding id is one the pixels never take."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    return GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=18, n_positions=64, n_embd=32, n_layer=2, n_head=4, num_labels=10, pad_token_id=17,
+        bos_token_id=17, eos_token_id=17, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="eager"))
+
+
 def digits_sequence(digits: sf.Splits) -> sf.Splits:
     """``digits`` as one sequence of 64 token ids per image (the pixel levels 0..16), as text models take them."""
     tokens = digits_tokens(digits)
@@ -458,6 +469,7 @@ HF_PEERS: list[Peer] = [
     Peer("hf-bert", "transformers BertForSequenceClassification", hf_bert, data="sequence", epochs=20),
     Peer("hf-resnet", "transformers ResNetForImageClassification", hf_resnet),
     Peer("hf-convnext", "transformers ConvNextForImageClassification", hf_convnext),
+    Peer("hf-gpt2", "transformers GPT2ForSequenceClassification", hf_gpt2, data="sequence", epochs=12),
 ]
 
 

@@ -26,7 +26,9 @@ from torch import nn
 from . import configs
 from .data import Split
 from .errors import ArtifactError, ConfigError
+from .models import hf
 from .models.artifact import write_bytes_atomic
+from .models.calling import forward, select, selector
 from .models.keras import torch_of
 from .models.spec import derive, spec_of, task_of
 from .runtime import OnnxPredictor, from_proto, load_onnx, parse_onnx, write_metadata
@@ -92,6 +94,8 @@ def to_onnx(model, *, sample=None, opset: int = 17, atol: float = 1e-4, rtol: fl
 def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) -> onnx.ModelProto:
     """Export with the TorchScript exporter: dynamic batch axis, weights embedded, checked."""
     net = copy.deepcopy(model).eval()  # never touch the caller's module (train/eval flag included)
+    if hf.is_hf(net):
+        net = _TokensIn(net) if not example.is_floating_point() else net
     buf = io.BytesIO()
     axes = {0: "batch"}
     if not example.is_floating_point() and example.ndim == 2:  # token ids: any sequence length
@@ -108,6 +112,25 @@ def torch_to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = 17) 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot export this model to ONNX: {first}") from None
     return parse_onnx(buf.getvalue(), where="exported model")
+
+
+class _TokensIn(nn.Module):
+    """A ``transformers`` model as the exporter sees it: token ids in with an all-ones attention mask (what
+    no mask means: a decoder without one takes a packed-sequence detection path, ``aten::diff``, that ONNX
+    lacks), no key/value cache, the selected logits out."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        if getattr(net.config, "use_cache", False):
+            net.config.use_cache = False  # a decoder's cache (GPT-2) is no graph output
+
+    def forward(self, ids):
+        import inspect
+
+        if "attention_mask" not in inspect.signature(self.net.forward).parameters:
+            return forward(self.net, ids)
+        return select(self.net(input_ids=ids, attention_mask=torch.ones_like(ids)), selector(self.net))
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ from ..models.shrunk import (
 from ..models.spec import derive, task_of
 from ..train import fit, probe
 from ..validate import check
+from .conv1d import Conv1DPruner
 from .sparse import CODEC
 
 DEFAULT_FINETUNE_EPOCHS = 8
@@ -196,7 +197,8 @@ def _scope(model: nn.Module, exclude: list[str] | None, sample) -> tuple[dict[st
     if unknown:
         raise ConfigError(f"exclude names modules the model does not have: {', '.join(unknown)}")
     skipped = {id(m) for e in exclude for m in modules[e].modules()}
-    layers = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and id(m) not in skipped}
+    layers = {n: m for n, m in modules.items()
+              if (isinstance(m, PRUNABLE) or hf.is_conv1d(m)) and id(m) not in skipped}  # GPT-2's Conv1D too
     return layers, list(exclude)
 
 
@@ -374,6 +376,14 @@ def _taylor_gradients(model: nn.Module, data: Splits, batch_size: int = 256, bat
             F.cross_entropy(forward(model, x), y).backward()
 
 
+def _has_groups(pruner, layers) -> bool:
+    """Whether the pruner found anything to remove (Torch-Pruning: a group outside the ignored layers)."""
+    if isinstance(pruner, Conv1DPruner):
+        return bool(pruner)
+    return bool(layers) and any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                                       root_module_types=pruner.root_module_types))
+
+
 def _epochs_per_step(epochs: int, steps: int) -> list[int]:
     """Split the fine-tuning budget over the steps; the remainder goes to the last steps."""
     base, extra = divmod(epochs, steps)
@@ -396,7 +406,7 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     ignored = [modules[e] for e in excluded]
     with torch.no_grad():
         expected = forward(work, sample).shape
-    extra = {}
+    extra, pruner = {}, None
     if hf.is_hf(work):  # attention heads go as units; the residual stream (embeddings, LayerNorms) stays whole
         skipped = {id(m) for e in excluded for m in modules[e].modules()}
         odd = [n for n in hf.unknown_attention(work) if id(modules[n.split(" ")[0]]) not in skipped]
@@ -405,21 +415,25 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
                               "heads, so it cannot remove whole heads; exclude= those layers "
                               f"({', '.join(o.split(' ')[0] for o in odd[:3])}{' ...' if len(odd) > 3 else ''}) "
                               "or prune with sparsity=")
-        setup = hf.pruning_setup(work)
-        ignored += setup["ignored"]
-        if setup["num_heads"]:
-            extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
-                     "head_pruning_ratio": ratio}
-    try:
-        pruner = tp.pruner.BasePruner(
-            work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
-            ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
-            output_transform=select, **extra,
-        )
-    except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
-        raise tp_failure(e, work) from None
-    if not layers or not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                                     root_module_types=pruner.root_module_types)):
+        if hf.conv1d_attention(work) or hf.conv1d_mlps(work):  # GPT-2's Conv1D blocks: pruned here, not traced
+            pruner = Conv1DPruner(work, ratio=ratio, steps=steps, importance=importance, scope=scope,
+                                  round_to=round_to, skip=skipped)
+        else:
+            setup = hf.pruning_setup(work)
+            ignored += setup["ignored"]
+            if setup["num_heads"]:
+                extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
+                         "head_pruning_ratio": ratio}
+    if pruner is None:
+        try:
+            pruner = tp.pruner.BasePruner(
+                work, sample, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
+                ignored_layers=ignored, round_to=round_to, global_pruning=scope == "global",
+                output_transform=select, **extra,
+            )
+        except TP_ERRORS as e:  # Torch-Pruning could not trace the graph
+            raise tp_failure(e, work) from None
+    if not _has_groups(pruner, layers):
         raise ConfigError(f"nothing to prune: the model has no channels outside exclude={excluded} that can be "
                           f"removed (e.g. its only Linear/Conv layer is the output layer){_unpruned(work)}")
     # A rerun replays the pruning steps; each finished step's fine-tuning is kept in the area,

@@ -335,12 +335,40 @@ def attention_heads(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def is_conv1d(m) -> bool:
+    """``transformers``' ``Conv1D`` (GPT-2's linear layer, weight stored ``(in, out)``)."""
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.ndim == 2 and isinstance(getattr(m, "bias", None), nn.Parameter)
+            and (m.__dict__.get("nx"), m.__dict__.get("nf")) == tuple(m.weight.shape))
+
+
+def conv1d_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """GPT-2-family self-attention (a fused ``c_attn`` Conv1D of query, key, value blocks of ``split_size``
+    features each, ``c_proj``, ``num_heads`` x ``head_dim``) by name: their heads are pruned as units."""
+    found = {}
+    for name, m in model.named_modules():
+        c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+        heads, size, split = (m.__dict__.get(a) for a in ("num_heads", "head_dim", "split_size"))
+        if (is_conv1d(c_attn) and is_conv1d(c_proj) and all(isinstance(v, int) for v in (heads, size, split))
+                and not getattr(m, "is_cross_attention", False) and not hasattr(m, "q_attn")
+                and heads * size == split and c_attn.nf == 3 * split and c_proj.nx == split):
+            found[name] = m
+    return found
+
+
+def conv1d_mlps(model: nn.Module) -> dict[str, nn.Module]:
+    """GPT-2-family MLPs (``c_fc`` Conv1D into the hidden width, ``c_proj`` Conv1D back) by name."""
+    return {name: m for name, m in model.named_modules()
+            if is_conv1d(getattr(m, "c_fc", None)) and is_conv1d(getattr(m, "c_proj", None))
+            and m.c_fc.nf == m.c_proj.nx and not hasattr(m, "c_attn")}
+
+
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 
 
 def unknown_attention(model: nn.Module) -> list[str]:
     """Modules that split their features into heads in a layout slimfuse does not prune as units."""
-    known = {id(m) for m in attention_heads(model).values()}
+    known = {id(m) for m in [*attention_heads(model).values(), *conv1d_attention(model).values()]}
     out = []
     for name, m in model.named_modules():
         if id(m) in known or isinstance(m, nn.MultiheadAttention) or not name:
