@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import slimfuse as sf
-from slimfuse import ConfigError
 
 T = pytest.importorskip("transformers")
 T.logging.set_verbosity_error()
@@ -173,6 +172,21 @@ def test_excluded_gpt2_attention_keeps_its_heads_and_the_mlps_shrink():
     pruned = sf.prune(model, channels=0.25, data=token_splits(), epochs=0, exclude=exclude, validate=False)
     assert [b.attn.num_heads for b in pruned.transformer.h] == [4, 4]
     assert [b.mlp.c_fc.nf for b in pruned.transformer.h] == [48, 48]
+
+
+def test_a_gpt2_teacher_gets_a_narrower_gpt2_student(tmp_path):
+    teacher, data = gpt2_classifier(), token_splits()
+    student = sf.zoo.student(teacher, width=0.5, example_inputs=data.train.x[:2])
+    assert type(student) is type(teacher)
+    assert [b.attn.num_heads for b in student.transformer.h] == [2, 2]
+    assert [b.mlp.c_fc.nf for b in student.transformer.h] == [32, 32]
+    w0, w1 = teacher.transformer.h[0].mlp.c_proj.weight, student.transformer.h[0].mlp.c_proj.weight
+    assert not torch.equal(w1, w0[:32])  # re-initialised, not copied
+    out = sf.distill(teacher, student, data, epochs=1, transfer="train", validate=False)
+    sf.save(out, tmp_path / "s")
+    again = sf.load(tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(again(data.test.x).logits, out(data.test.x).logits)
 
 
 def test_multihead_attention_model_pruned_reloads(tmp_path):

@@ -39,6 +39,7 @@ from ..data.feed import feed
 from ..errors import ConfigError
 from ..models import hf
 from ..models.calling import forward, select
+from ..models.conv1d import Conv1DPruner
 from ..models.keras import torch_of
 from ..models.shrunk import (
     PRUNABLE,
@@ -51,7 +52,6 @@ from ..models.shrunk import (
 from ..models.spec import derive, task_of
 from ..train import fit, probe
 from ..validate import check
-from .conv1d import Conv1DPruner
 from .sparse import CODEC
 
 DEFAULT_FINETUNE_EPOCHS = 8

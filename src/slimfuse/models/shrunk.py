@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import ArtifactError, ConfigError
 from .calling import call, forward, select
-from .hf import after_pruning, is_hf, pruning_setup, unknown_attention
+from .conv1d import Conv1DPruner
+from .hf import after_pruning, conv1d_attention, conv1d_mlps, is_hf, pruning_setup, unknown_attention
 from .spec import attach, spec_of, task_of
 from .zoo import build, factory_spec, register
 
@@ -182,6 +183,11 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
             if odd:
                 raise ConfigError(f"zoo.student: cannot narrow {odd[0]}: its attention heads are laid out in a "
                                   "way slimfuse does not prune as units")
+            if conv1d_attention(work) or conv1d_mlps(work):  # GPT-2's Conv1D blocks: narrowed without tracing
+                Conv1DPruner(work, ratio=1 - width, steps=1, importance="l1", scope="layer", round_to=None,
+                             skip={id(m) for m in ignored}).step()
+                check_still_runs(work, example_inputs, expected)
+                return _attached(teacher, work)
             setup = pruning_setup(work)
             ignored += setup["ignored"]
             if setup["num_heads"]:
@@ -203,6 +209,11 @@ def student_of(teacher: nn.Module, width: float, *, example_inputs: torch.Tensor
         del pruner
         work.zero_grad(set_to_none=True)
         check_still_runs(work, example_inputs, expected)
+    return _attached(teacher, work)
+
+
+def _attached(teacher: nn.Module, work: nn.Module) -> nn.Module:
+    """``work`` (a narrowed copy of ``teacher``) with the spec that rebuilds it, where one can be recorded."""
     base = spec_of(teacher)
     if base is None:
         try:  # a user's own module: its class and constructor arguments, if they can be recorded

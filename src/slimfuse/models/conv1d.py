@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import hf
+from . import hf
 
 
 class Conv1DPruner:
