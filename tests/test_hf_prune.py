@@ -96,6 +96,34 @@ def test_pruned_bert_fine_tunes_through_prune():
     assert [s["op"] for s in sf.lineage_of(tuned)] == ["prune"]
 
 
+def test_embeddings_true_narrows_the_residual_stream_and_reloads_bit_exactly(tmp_path):
+    model, data = bert(), token_splits()
+    pruned = sf.prune(model, channels=0.25, data=data, epochs=0, embeddings=True, validate=False)
+    emb, layer = pruned.bert.embeddings, pruned.bert.encoder.layer[0]
+    assert emb.word_embeddings.embedding_dim == emb.position_embeddings.embedding_dim == 12
+    assert emb.LayerNorm.normalized_shape == (12,) and layer.output.LayerNorm.normalized_shape == (12,)
+    assert layer.attention.self.query.in_features == 12 and layer.output.dense.out_features == 12
+    assert layer.attention.self.num_attention_heads == 3 and layer.attention.self.attention_head_size == 4
+    assert pruned.bert.pooler.dense.out_features == pruned.classifier.in_features == 12
+    assert pruned.config.hidden_size == 16  # the config is the base; the structure is recorded beside it
+    assert sf.lineage_of(pruned)[-1]["params"]["embeddings"] is True
+    sf.save(pruned, tmp_path / "p")
+    again = sf.load(tmp_path / "p")
+    with torch.no_grad():
+        assert torch.equal(again(data.test.x).logits, pruned(data.test.x).logits)
+    default = sf.prune(model, channels=0.25, data=data, epochs=0, validate=False)
+    assert default.bert.embeddings.word_embeddings.embedding_dim == 16  # by default the stream stays whole
+
+
+def test_embeddings_true_is_refused_where_it_does_not_apply(digits_mlp, digits):
+    with pytest.raises(sf.ConfigError, match="'embeddings' apply to structured pruning"):
+        sf.prune(bert(), sparsity=0.5, embeddings=True, data=token_splits(), epochs=0)
+    with pytest.raises(sf.ConfigError, match="narrows a transformers model's embedding dimension"):
+        sf.prune(digits_mlp, channels=0.25, embeddings=True, data=digits, epochs=0)
+    with pytest.raises(sf.ConfigError, match="not supported for GPT-2-family"):
+        sf.prune(gpt2_classifier(), channels=0.25, embeddings=True, data=token_splits(), epochs=0)
+
+
 def gpt2_classifier():
     torch.manual_seed(0)
     return T.GPT2ForSequenceClassification(T.GPT2Config(vocab_size=60, n_positions=16, n_embd=16, n_layer=2, n_head=4,
@@ -249,6 +277,11 @@ def test_head_pruned_bert_keeps_its_accuracy_on_the_sentence_topics(tmp_path):
     again = sf.load(tmp_path / "bert")
     with torch.no_grad():
         assert torch.equal(again(data.test.x).logits, tuned(data.test.x).logits)
+    # the embedding dimension too (32 -> 24): 31,976 -> 20,720 parameters here
+    narrow = sf.prune(model, channels=0.25, data=data, epochs=2, lr=1e-3, embeddings=True)
+    assert narrow.bert.embeddings.word_embeddings.embedding_dim == 24
+    narrow_acc = sf.evaluate(narrow, data.test)["accuracy"]
+    assert narrow_acc >= base - 0.01, (base, narrow_acc)
 
 
 @pytest.mark.slow

@@ -208,6 +208,9 @@ class Prune(Config):
                           Field(description="structured: l1, l2 or taylor (default l1)")] = None
     round_to: Annotated[int | None, Field(ge=1, le=4096, description="structured: keep widths multiples of "
                                                                      "this")] = None
+    embeddings: Annotated[bool, Field(description="structured, transformers models: also narrow the embedding "
+                                                  "dimension (the residual stream: embeddings, LayerNorms, every "
+                                                  "block's input and output, the pooler)")] = False
     exclude: Annotated[Names | None, Field(description="module names never pruned (default: the output "
                                                        "layer)")] = None
     epochs: Annotated[FineTuneEpochs | None, Field(description="total fine-tuning epochs (default 8 with data, "
@@ -227,8 +230,10 @@ class Prune(Config):
     def _one_kind(self):
         if (self.sparsity is None) == (self.channels is None):
             raise ValueError("give exactly one of 'sparsity' (unstructured) or 'channels' (structured)")
-        if self.sparsity is not None and (self.importance is not None or self.round_to is not None):
-            raise ValueError("'importance' and 'round_to' apply to structured pruning (channels), not sparsity")
+        if self.sparsity is not None and (self.importance is not None or self.round_to is not None
+                                          or self.embeddings):
+            raise ValueError("'importance', 'round_to' and 'embeddings' apply to structured pruning (channels), "
+                             "not sparsity")
         if self.channels is not None and self.schedule != "agp":
             raise ValueError("'schedule' applies to unstructured pruning (sparsity); structured pruning uses steps")
         return self

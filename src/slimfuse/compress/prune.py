@@ -73,6 +73,7 @@ def prune(
     steps: int | None = None,
     importance: str | None = None,
     round_to: int | None = None,
+    embeddings: bool = False,
     data=None,
     epochs: int | None = None,
     exclude: list[str] | None = None,
@@ -98,6 +99,9 @@ def prune(
     (``scope="layer"``, default) or across the network (``scope="global"``). ``importance``:
     ``l1`` (default), ``l2`` or ``taylor`` (first-order, needs ``data``). ``steps``: pruning
     steps with fine-tuning between them (default 1). ``round_to``: keep widths multiples of it.
+    ``embeddings`` (a ``transformers`` model): also narrow its embedding dimension, the residual stream
+    every block reads and writes (embeddings, LayerNorms, the pooler), by the same fraction; by default
+    it keeps the config's ``hidden_size``. Other models' residual streams are pruned with their layers.
 
     ``data``: the ``Splits`` fine-tuning trains on, or data of any form :func:`slimfuse.data.feed.feed`
     reads (a ``DataLoader`` of tuple or dict batches, a ``Dataset``, arrays ``(X, y)``): streamed by
@@ -129,6 +133,7 @@ def prune(
     devices.resolve(device)  # a device that is not there: refused before any work
     given = {"sparsity": sparsity, "channels": channels, "scope": scope, "schedule": schedule, "steps": steps,
              "importance": importance, "round_to": round_to, "exclude": exclude, "epochs": epochs, "lr": lr,
+             "embeddings": embeddings or None,
              "batch_size": batch_size, "max_layer_sparsity": max_layer_sparsity}
     configs.Prune.build(**{k: v for k, v in given.items() if v is not None})  # one set of names and bounds
     kind = "sparsity" if sparsity is not None else "channels"
@@ -162,7 +167,7 @@ def prune(
         return check(result, f"prune(sparsity={amount})", reference=model, data=data, validate=validate, fix=fix)
     result = _structured(model, amount, scope=scope or "layer", importance=importance or "l1", steps=steps or 1,
                          round_to=round_to, data=data, epochs=epochs, exclude=exclude, fit_kw=fit_kw,
-                         on_step=on_step, checkpoint=checkpoint)
+                         on_step=on_step, checkpoint=checkpoint, embeddings=embeddings)
     fix = "fewer channels, scope='layer', more steps= or fine-tuning (data=, epochs=), or exclude= the layer"
     return check(result, f"prune(channels={amount})", reference=model, data=data, validate=validate, fix=fix)
 
@@ -391,7 +396,7 @@ def _epochs_per_step(epochs: int, steps: int) -> list[int]:
 
 
 def _structured(model, ratio, *, scope, importance, steps, round_to, data, epochs, exclude, fit_kw, on_step,
-                checkpoint):
+                checkpoint, embeddings=False):
     import torch_pruning as tp
 
     _check_choice("scope", scope, ("layer", "global"))
@@ -407,7 +412,10 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     with torch.no_grad():
         expected = forward(work, sample).shape
     extra, pruner = {}, None
-    if hf.is_hf(work):  # attention heads go as units; the residual stream (embeddings, LayerNorms) stays whole
+    if embeddings and not hf.is_hf(work):
+        raise ConfigError("embeddings=True narrows a transformers model's embedding dimension; other models' "
+                          "residual streams are pruned with their layers already (leave it unset)")
+    if hf.is_hf(work):  # attention heads go as units; the residual stream stays whole unless embeddings=True
         skipped = {id(m) for e in excluded for m in modules[e].modules()}
         odd = [n for n in hf.unknown_attention(work) if id(modules[n.split(" ")[0]]) not in skipped]
         if odd:
@@ -416,10 +424,13 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
                               f"({', '.join(o.split(' ')[0] for o in odd[:3])}{' ...' if len(odd) > 3 else ''}) "
                               "or prune with sparsity=")
         if hf.conv1d_attention(work) or hf.conv1d_mlps(work):  # GPT-2's Conv1D blocks: pruned here, not traced
+            if embeddings:
+                raise ConfigError("embeddings=True is not supported for GPT-2-family (Conv1D) models: their heads "
+                                  "and MLP widths are pruned, their embedding dimension stays")
             pruner = Conv1DPruner(work, ratio=ratio, steps=steps, importance=importance, scope=scope,
                                   round_to=round_to, skip=skipped)
         else:
-            setup = hf.pruning_setup(work)
+            setup = hf.pruning_setup(work, embeddings=embeddings)
             ignored += setup["ignored"]
             if setup["num_heads"]:
                 extra = {"num_heads": setup["num_heads"], "prune_num_heads": True, "prune_head_dims": False,
@@ -469,4 +480,4 @@ def _structured(model, ratio, *, scope, importance, steps, round_to, data, epoch
     work.eval()
     spec = shrunk_spec(model, work)
     return derive(model, work, "prune", spec=spec, channels=ratio, importance=importance, scope=scope, steps=steps,
-                  round_to=round_to, epochs=epochs, excluded=excluded)
+                  round_to=round_to, epochs=epochs, excluded=excluded, embeddings=embeddings or None)

@@ -379,9 +379,10 @@ def unknown_attention(model: nn.Module) -> list[str]:
     return out
 
 
-def pruning_setup(model: nn.Module) -> dict:
+def pruning_setup(model: nn.Module, *, embeddings: bool = False) -> dict:
     """Torch-Pruning arguments that prune a ``transformers`` model's attention heads as units and keep its
-    residual stream (embeddings, LayerNorms) whole: ``num_heads``, ``ignored`` modules."""
+    residual stream (embeddings, LayerNorms) whole, or with ``embeddings`` let it narrow too:
+    ``num_heads``, ``ignored`` modules."""
     heads = attention_heads(model)
     num_heads = {}
     for m in heads.values():
@@ -389,8 +390,8 @@ def pruning_setup(model: nn.Module) -> dict:
             num_heads[p] = m.num_attention_heads
     # the residual stream and the pooler keep the config's hidden_size: embeddings, LayerNorms and the
     # pooler's output are what other heads built on this model (and its config) expect
-    ignored = [m for n, m in model.named_modules()
-               if isinstance(m, (nn.LayerNorm, nn.Embedding)) or n.rpartition(".")[2] == "pooler"]
+    ignored = [] if embeddings else [m for n, m in model.named_modules()
+                                     if isinstance(m, (nn.LayerNorm, nn.Embedding)) or n.rpartition(".")[2] == "pooler"]
     return {"num_heads": num_heads, "ignored": ignored}
 
 
