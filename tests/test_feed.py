@@ -164,6 +164,22 @@ def test_quantize_calibration_from_a_loader_equals_the_split():
     assert sf.lineage_of(a)[-1]["validation"]["ran"]
 
 
+@pytest.mark.parametrize("scheme", ["qat", "codebook:4"])
+def test_schemes_that_fine_tune_train_on_a_whole_loader(scheme, digits):
+    torch.manual_seed(0)
+    model = fit(sf.zoo.for_task("mlp", digits.task, hidden=[32]), digits, epochs=4, progress=False)
+    base = sf.evaluate(model, digits.test)["accuracy"]
+    loader = DataLoader(TensorDataset(digits.train.x, digits.train.y), batch_size=64)
+    options = {"epochs": 2, "lr": 1e-3}
+    streamed = sf.quantize(model, scheme, calib=loader, **options)
+    in_memory = sf.quantize(model, scheme, calib=digits, **options)
+    got, want = sf.evaluate(streamed, digits.test)["accuracy"], sf.evaluate(in_memory, digits.test)["accuracy"]
+    assert got >= base - 0.03 and abs(got - want) <= 0.03, (base, got, want)
+    assert sf.lineage_of(streamed)[-1]["params"]["finetune_epochs" if scheme != "qat" else "epochs"] == 2
+    with pytest.raises(DataError, match="no labels|label"):  # fine-tuning needs labelled batches
+        sf.quantize(model, scheme, calib=DataLoader(TensorDataset(digits.train.x), batch_size=64), **options)
+
+
 def test_ensemble_validation_data_from_a_loader_equals_the_split():
     x, y = blobs(n=240)
     task = Task("blobs", "classification", 2, (6,))

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import Resume
 from ..data import Splits
+from ..data.feed import feed
 from ..errors import ArtifactError, ConfigError
 from ..limits import check_bytes
 from ..models.artifact import register_codec
@@ -60,8 +61,8 @@ def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = No
         raise ConfigError("codebook works on torch modules; quantize an ONNX model with int8-static/int8-dynamic")
     if data is None and isinstance(calib, Splits):  # quantize(model, "codebook:N", calib=splits)
         data = calib
-    if data is not None and not isinstance(data, Splits):
-        raise ConfigError(f"data must be Splits (slimfuse.datasets.load(...)), got {type(data).__name__}")
+    if data is not None and not isinstance(data, Splits):  # a DataLoader ...: fine-tuned on it, streamed
+        data = feed(data, labels=True, where="the fine-tuning data")
     epochs = (2 if data is not None else 0) if epochs is None else epochs
     if epochs and data is None:
         raise ConfigError("codebook fine-tuning needs data=(Splits); pass data or epochs=0")

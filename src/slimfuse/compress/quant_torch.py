@@ -516,15 +516,19 @@ def int8_static(model: nn.Module, *, calib=None, calibrator: str = "percentile",
 @_scheme("qat")
 def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batch_size: int = 64,
         samples: int = 512, seed: int = 0, progress: bool | None = None,
-        checkpoint: str | Path | None = None, device: str | torch.device | None = "cpu") -> nn.Module:
+        checkpoint: str | Path | None = None, device: str | torch.device | None = "cpu", data=None) -> nn.Module:
     """Quantization-aware fine-tuning (fake-quant through ``fit``), then a real int8-static model.
 
     ``checkpoint`` (a folder): the fine-tuning is checkpointed there every epoch and a rerun with
     the same arguments resumes from it (see :func:`slimfuse.fit`); removed when done. ``device``: where
-    the fine-tuning runs (:func:`slimfuse.devices.resolve`); the int8 model runs on the CPU."""
+    the fine-tuning runs (:func:`slimfuse.devices.resolve`); the int8 model runs on the CPU. ``data``: the
+    training data when ``calib`` is only a sample of it (``quantize`` passes a streamed source here and its
+    first samples as ``calib``)."""
     _check_source(model)
-    if not isinstance(calib, Splits):
-        raise ConfigError("qat fine-tunes the model, so it needs the data set's Splits as calib= (CLI: --data)")
+    train = calib if isinstance(calib, Splits) else data
+    if train is None:
+        raise ConfigError("qat fine-tunes the model, so it needs training data: the data set's Splits or a "
+                          "DataLoader of labelled batches as calib= (CLI: --data)")
     source, groups, ranges, _ = _calibrated(model, calib, "qat", calibrator="minmax", samples=samples,
                                          seed=seed)
     fq = copy.deepcopy(source)
@@ -543,7 +547,7 @@ def qat(model: nn.Module, *, calib=None, epochs: int = 3, lr: float = 1e-4, batc
             if other is not None:
                 fq.set_submodule(other, nn.Identity())
     resume = None if checkpoint is None else Resume(checkpoint, key={"op": "qat", "samples": samples})
-    trained = fit(fq, calib, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None,
+    trained = fit(fq, train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, op=None,
                   checkpoint=resume, device=device)
     weights, trained_ranges = {}, {}
     for g in groups:

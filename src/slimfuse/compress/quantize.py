@@ -47,7 +47,8 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
 
     ``calib``: calibration data (a ``Split``, ``Splits`` or tensor) for schemes that need it, or data of
     any form :func:`slimfuse.data.feed.feed` reads (a ``DataLoader`` of tuple or dict batches, a
-    ``Dataset``, ...): only its first ``samples`` samples (at least 256) are read, labels optional.
+    ``Dataset``, ...): only its first ``samples`` samples (at least 256) are read, labels optional; the
+    schemes that fine-tune (``qat``, ``codebook``) also train on all of it, streamed, labels needed.
     Calibration inputs that are not one tensor (keyword inputs of a Hugging Face model) make
     ``backend="auto"`` the torch backend, since the ONNX export takes one tensor input.
     ``backend``: ``torch``, ``onnxruntime`` or ``auto``: where the scheme has several backends (and
@@ -75,6 +76,10 @@ def quantize(model: nn.Module, scheme: str | configs.Quantize, calib=None, *, ba
                            **options)  # the one set of names and bounds
     name, _, arg = scheme.partition(":")
     have = sorted(b for s, b in SCHEMES if s == name)
+    if name in TRAINING_SCHEMES and "data" not in runtime and _streamed(calib):  # fine-tuned on all of it
+        from ..data.feed import feed
+
+        runtime["data"] = feed(calib, labels=True, where="the fine-tuning data")
     calib = _calibration(calib, options.get("samples"))
     _probe(model, calib)
     if backend == "auto" and _several_inputs(calib) and (name, "torch") in SCHEMES:
@@ -100,6 +105,15 @@ def _probe(model, calib) -> None:
     x = calib.train.x if isinstance(calib, Splits) else calib.x if isinstance(calib, Split) else calib
     if isinstance(model, nn.Module) and isinstance(x, torch.Tensor) and len(x):
         probe(model, x)
+
+
+TRAINING_SCHEMES = ("qat", "codebook")  # schemes that fine-tune: streamed data is their training data too
+
+
+def _streamed(calib) -> bool:
+    from ..data import Split, Splits
+
+    return calib is not None and not isinstance(calib, (Splits, Split, torch.Tensor, np.ndarray))
 
 
 def _calibration(calib, samples):
