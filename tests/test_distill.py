@@ -150,6 +150,38 @@ def test_hint_distillation_discards_its_projection(digits, teacher):
         sf.distill(teacher, student, digits, epochs=1, hints={"fc1": "nope"})
 
 
+def test_teacher_features_over_the_memory_budget_go_to_disk_and_train_the_same(digits, teacher, monkeypatch):
+    from slimfuse import limits
+    from slimfuse.compress import distill as D
+
+    student = _mlp([24], seed=4)
+    kw = {"epochs": 2, "seed": 0, "transfer": "train", "hints": {"fc1": "fc2"}, "hint_weight": 0.5}
+    in_memory = sf.distill(teacher, student, digits, **kw)
+    files = []
+    real = D._file_backed
+    monkeypatch.setattr(D, "_file_backed", lambda *a: files.append(a) or real(*a))
+    features = len(digits.train) * teacher.fc2.out_features * 4
+    with limits.cap(features - 1):  # the features alone are over the budget; everything else fits
+        on_disk = sf.distill(teacher, student, digits, **kw)
+    assert len(files) == 1 and files[0][1] == features
+    assert all(torch.equal(a, b) for a, b in zip(in_memory.state_dict().values(), on_disk.state_dict().values()))
+
+
+def test_a_full_disk_for_teacher_features_is_one_clear_error(digits, teacher, monkeypatch):
+    import errno
+    import os
+
+    from slimfuse import limits
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    features = len(digits.train) * teacher.fc2.out_features * 4
+    with limits.cap(features - 1), pytest.raises(sf.DataError, match="fc2 features .* has no room for them; free disk"):
+        sf.distill(teacher, _mlp([24], seed=4), digits, epochs=1, transfer="train", hints={"fc1": "fc2"})
+
+
 def test_augmented_and_unlabeled_transfer_sets(digits, teacher):
     aug = transfer_set(digits, "augment", copies=2, mixup=0.5, seed=1)
     n = len(digits.train)

@@ -60,12 +60,17 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{int(n):,} bytes"
 
 
+def budget() -> int:
+    """The bytes a step may hold in memory now: :func:`max_bytes`, lowered by any :func:`cap` in force."""
+    return max_bytes() if _CAP.get() is None else min(max_bytes(), _CAP.get())
+
+
 def check_bytes(need: float, what: str, error: type[SlimfuseError]) -> None:
     """Raise ``error`` when ``need`` bytes exceed the budget; ``what`` names the thing that needs them."""
-    budget = max_bytes() if _CAP.get() is None else min(max_bytes(), _CAP.get())
-    if need > budget:
+    budget_now = budget()
+    if need > budget_now:
         raise error(
-            f"{what} needs {gib(need)} of memory, over the limit of {gib(budget)} "
+            f"{what} needs {gib(need)} of memory, over the limit of {gib(budget_now)} "
             f"(set {ENV} to allow more)"
         )
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import configs, devices
+from .. import configs, devices, limits
 from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..data.feed import Batches, feed, n_samples, take
@@ -187,7 +188,10 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
                     batch_size: int = 1024, device: torch.device = devices.CPU
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The teacher's logits on ``x`` (batched, eval mode, no grad, run on ``device``) and its features at
-    ``layers``, on the CPU.
+    ``layers``, on the CPU. Features that would not fit the memory budget (:func:`slimfuse.limits.budget`,
+    ``SLIMFUSE_MAX_BYTES``) are written to a file-backed array in the temp folder instead (read back a
+    batch of rows at a time; the file is gone once the tensors are); a disk without room for them is
+    one ``DataError``.
 
     Probabilities (non-negative rows summing to 1) are turned into log-probabilities. Raises
     ConfigError when ``teacher`` is not a predictor with ``num_classes`` outputs.
@@ -198,21 +202,64 @@ def teacher_outputs(teacher, x: torch.Tensor, num_classes: int, *, layers: Seque
     was_training = getattr(teacher, "training", None)
     if isinstance(teacher, nn.Module):
         teacher.eval()
-    logits, feats = [], [[] for _ in layers]
+    n = n_samples(x)
+    logits, feats = [], [_Rows(n, f"the teacher's {p} features") for p in layers]
     try:
         with devices.placed(teacher, device):
-            for start in range(0, n_samples(x), batch_size):
+            for start in range(0, n, batch_size):
                 out = _check_output(_call(teacher, take(x, slice(start, start + batch_size))), num_classes)
                 logits.append(out)
                 if taps is not None:
                     for acc, f in zip(feats, taps.take()):
-                        acc.append(f.float().cpu())
+                        acc.add(f.float().cpu())
     finally:
         if taps is not None:
             taps.remove()
         if isinstance(teacher, nn.Module):
             teacher.train(was_training)
-    return _as_logits(torch.cat(logits)), [torch.cat(f) for f in feats]
+    return _as_logits(torch.cat(logits)), [f.tensor() for f in feats]
+
+
+class _Rows:
+    """Per-sample outputs gathered batch by batch: in memory, or, when all ``n`` rows would not fit the
+    memory budget, in an unlinked temporary file mapped as an array (space reserved up front)."""
+
+    def __init__(self, n: int, what: str):
+        self.n, self.what, self.parts, self.array, self.filled = n, what, [], None, 0
+
+    def add(self, t: torch.Tensor) -> None:
+        if self.array is None and not self.parts:
+            need = self.n * t[0].numel() * t.element_size()
+            if need > limits.budget():
+                self.array = _file_backed((self.n, *t.shape[1:]), need, self.what)
+        if self.array is None:
+            self.parts.append(t)
+        else:
+            self.array[self.filled : self.filled + len(t)] = t.numpy()
+            self.filled += len(t)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.array is not None
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.array) if self.array is not None else torch.cat(self.parts)
+
+
+def _file_backed(shape: tuple, nbytes: int, what: str) -> np.ndarray:
+    """A float32 array of ``shape`` in a temporary file (unlinked at once: it lives as long as the array)."""
+    import errno
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(prefix="slimfuse-teacher-") as f:  # the mapping keeps the file once closed
+            os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))  # no room: an error now, not a SIGBUS later
+            return np.memmap(f, dtype=np.float32, mode="r+", shape=shape)
+    except OSError as e:
+        room = "no room for" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror})"
+        raise DataError(f"{what} ({limits.gib(nbytes)}) exceed the memory budget and the temp folder "
+                        f"({tempfile.gettempdir()}) has {room} them; free disk space, set TMPDIR, or raise "
+                        f"{limits.ENV}") from None
 
 
 def _as_logits(z: torch.Tensor) -> torch.Tensor:
@@ -428,7 +475,6 @@ def distill(
                                                     device=dev)
     t = float(temperature)
     log_p_t = F.log_softmax(teacher_logits / t, -1).to(dev)  # the loss reads rows by batch.index (on the CPU)
-    feats_on = [f.to(dev) for f in teacher_feats]
 
     model: nn.Module = student
     if hints:
@@ -438,8 +484,8 @@ def distill(
         shared = model.shared
 
         def loss(z, batch: Batch):
-            hint = sum(F.mse_loss(f, tf[batch.index].flatten(1).view_as(f))
-                       for f, tf in zip(shared.features, feats_on))
+            hint = sum(F.mse_loss(f, tf[batch.index].to(f.device).flatten(1).view_as(f))
+                       for f, tf in zip(shared.features, teacher_feats))
             return _loss(z, log_p_t[batch.index], batch.y, t, alpha) + hint_weight * hint
     else:
         def loss(z, batch: Batch):
