@@ -180,6 +180,18 @@ def test_schemes_that_fine_tune_train_on_a_whole_loader(scheme, digits):
         sf.quantize(model, scheme, calib=DataLoader(TensorDataset(digits.train.x), batch_size=64), **options)
 
 
+def test_export_checks_parity_on_a_loaders_first_samples(digits, digits_mlp):
+    from slimfuse.export import to_onnx
+
+    loader = DataLoader(TensorDataset(digits.val.x, digits.val.y), batch_size=32)
+    streamed, in_memory = to_onnx(digits_mlp, sample=loader), to_onnx(digits_mlp, sample=digits.val)
+    assert torch.equal(streamed(digits.test.x), in_memory(digits.test.x))
+    parity = sf.lineage_of(streamed)[-1]["params"]["parity"]
+    assert parity == sf.lineage_of(in_memory)[-1]["params"]["parity"]  # the same 256 samples checked
+    with pytest.raises(sf.ConfigError, match="one input tensor"):
+        to_onnx(digits_mlp, sample=DataLoader([{"a": x, "b": x} for x in digits.val.x[:8]], batch_size=4))
+
+
 def test_ensemble_validation_data_from_a_loader_equals_the_split():
     x, y = blobs(n=240)
     task = Task("blobs", "classification", 2, (6,))

@@ -96,7 +96,9 @@ def movable(model) -> bool:
 def to(inputs, device: torch.device):
     """A tensor, a tuple/list or a dict of tensors (a batch's inputs) on ``device``; other values as they are."""
     if isinstance(inputs, torch.Tensor):
-        return inputs if inputs.device == device else inputs.to(device, non_blocking=True)
+        if inputs.device == device:
+            return inputs
+        return inputs.to(device, non_blocking=device.type == "cuda")  # to the host: blocking, so it is there
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(to(v, device) for v in inputs)
     if isinstance(inputs, dict):

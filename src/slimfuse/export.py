@@ -25,6 +25,7 @@ from torch import nn
 
 from . import configs
 from .data import Split
+from .data.feed import feed
 from .errors import ArtifactError, ConfigError
 from .models import hf
 from .models.artifact import write_bytes_atomic
@@ -151,7 +152,8 @@ def _mha_fastpath_off():
 
 def sample_inputs(model: nn.Module, sample=None, *, n: int = 64) -> torch.Tensor:
     """Inputs for parity checks: ``sample`` as a float tensor (integer token ids stay int64), or uniform
-    noise shaped like the task."""
+    noise shaped like the task. ``sample`` may be a Split, a tensor, an array, or any data
+    :func:`slimfuse.data.feed.feed` reads (a DataLoader ...: its first 256 samples, labels ignored)."""
     if isinstance(sample, Split):
         return sample.x[:256]
     if isinstance(sample, np.ndarray):
@@ -160,7 +162,11 @@ def sample_inputs(model: nn.Module, sample=None, *, n: int = 64) -> torch.Tensor
     if isinstance(sample, torch.Tensor):
         return (sample.long() if not sample.is_floating_point() else sample.float())[:256]
     if sample is not None:
-        raise ConfigError(f"sample must be a Split, tensor or array, got {type(sample).__name__}")
+        x = feed(sample, labels=None, where="the export sample").head(256).x
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError("ONNX export takes one input tensor; this sample's batches hold several inputs or "
+                              "keyword inputs")
+        return sample_inputs(model, x)
     shape = input_shape(model)
     if shape is None:
         raise ConfigError("cannot tell this model's input shape; pass sample=(a few inputs, e.g. data.val)")
