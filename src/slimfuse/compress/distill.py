@@ -238,10 +238,6 @@ class _Rows:
             self.array[self.filled : self.filled + len(t)] = t.numpy()
             self.filled += len(t)
 
-    @property
-    def on_disk(self) -> bool:
-        return self.array is not None
-
     def tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.array) if self.array is not None else torch.cat(self.parts)
 

@@ -118,10 +118,9 @@ def _streamed(calib) -> bool:
 
 def _calibration(calib, samples):
     """In-memory calibration data as it is; any other form (a DataLoader, ...): its first samples, read once."""
-    from ..data import Split, Splits
     from ..data.feed import feed
 
-    if calib is None or isinstance(calib, (Splits, Split, torch.Tensor, np.ndarray)):
+    if not _streamed(calib):
         return calib
     return feed(calib, labels=None, where="the calibration data").head(max(int(samples or 512), SAMPLES))
 
