@@ -6,6 +6,9 @@
    the pick, and the pick vs torch eager fp32 at batch 256, with the accuracy drop.
 3. torch CSR sparse matmul vs dense Linear at batch 256: the crossover sparsity per layer size.
 4. ``slimfuse.sparse_kernels`` on a 90%-sparse 1024-wide MLP vs its dense self at batch 256.
+5. A ResNet-8 (mnist5k) with 50% of its channels pruned (``sf.prune(channels=0.5)``, fine-tuned) vs
+   its dense input at batch 256, in torch eager and in ONNX Runtime fp32, with the paired accuracy
+   interval on the test split.
 
     python benchmarks/hardware.py [--rounds 7] [--quick]   # writes benchmarks/out/hardware.{json,md}
 """
@@ -129,6 +132,41 @@ def sparse_mlp(rounds: int, quick: bool) -> dict:
     return row
 
 
+def resnet_channels(rounds: int, quick: bool) -> dict:
+    """ResNet-8 (widths 16/32/64) trained on mnist5k, 50% of its channels pruned and fine-tuned, against
+    its dense input: accuracy with the paired interval, and batch-256 speed in both runtimes."""
+    from slimfuse.export import to_onnx
+    from slimfuse.stats import paired_bootstrap, per_sample, verdict
+
+    data = sf.datasets.load("mnist5k")
+    torch.manual_seed(0)
+    epochs, tune = (2, 1) if quick else (6, 4)
+    dense = sf.fit(sf.zoo.for_task("resnet", data.task), data, epochs=epochs, progress=False)
+    pruned = sf.prune(dense, channels=0.5, data=data, epochs=tune, progress=False)
+    x = data.test.x[:256].contiguous()
+    variants = {"torch dense": dense, "torch pruned": pruned, "onnxruntime dense": to_onnx(dense, sample=x[:64]),
+                "onnxruntime pruned": to_onnx(pruned, sample=x[:64])}
+    times = interleaved(variants, x, rounds=rounds, runs=5)
+    correct = {n: per_sample(sf.predict(m, data.test.x), data.test.y)["correct"]
+               for n, m in (("dense", dense), ("pruned", pruned))}
+    interval = paired_bootstrap(correct["pruned"], correct["dense"])
+    return {
+        "epochs": epochs, "fine_tune_epochs": tune,
+        "widths": {"dense": sf.spec_of(dense)["args"]["widths"], "pruned": sf.spec_of(pruned)["args"]["widths"]},
+        "params": {"dense": sum(p.numel() for p in dense.parameters()),
+                   "pruned": sum(p.numel() for p in pruned.parameters())},
+        "accuracy": {n: float(c.mean()) for n, c in correct.items()},
+        "pruned_minus_dense_points": [100 * interval.diff, 100 * interval.lo, 100 * interval.hi],
+        "accuracy_verdict": verdict(interval),
+        # the target, a drop of at most 0.5 pt: met when the whole interval is above -0.5 pt
+        "within_half_point": "met" if interval.lo > -0.005 else "missed" if interval.hi < -0.005 else "tie",
+        "speed": [ratio_row(f"ResNet-8, 50% channels pruned vs dense, {rt}", times[f"{rt} dense"],
+                            times[f"{rt} pruned"]) for rt in ("torch", "onnxruntime")],
+        "onnxruntime_vs_torch_dense": ratio_row("ResNet-8 dense, onnxruntime vs torch", times["torch dense"],
+                                                times["onnxruntime dense"]),
+    }
+
+
 def to_markdown(result: dict) -> str:
     hw = result["hardware"]
     load = ", ".join(f"{v:.1f}" for v in result["load_average"])
@@ -154,7 +192,23 @@ def to_markdown(result: dict) -> str:
                        f"(dense {r['base_ms']:.2f} ms, sparse {r['ms']:.2f} ms; layers run as CSR: "
                        f"{', '.join(r['layers']) or 'none'}); per layer CSR/dense: "
                        + ", ".join(f"{p} {t['speedup']:.2f}x" for p, t in r["per_layer"].items()))]
+    if "resnet_channels" in result:
+        lines += _resnet_md(result["resnet_channels"])
     return "\n".join(lines) + "\n"
+
+
+def _resnet_md(r: dict) -> list[str]:
+    d, lo, hi = r["pruned_minus_dense_points"]
+    lines = ["", (f"ResNet-8 on mnist5k ({r['epochs']} epochs), widths {r['widths']['dense']} -> "
+                  f"{r['widths']['pruned']} ({r['params']['dense']:,} -> {r['params']['pruned']:,} params, "
+                  f"{r['fine_tune_epochs']} fine-tuning epochs): test accuracy {r['accuracy']['dense']:.4f} -> "
+                  f"{r['accuracy']['pruned']:.4f}, {d:+.2f} pt [{lo:+.2f}, {hi:+.2f}] ({r['accuracy_verdict']}; "
+                  f"drop <= 0.5 pt: {r['within_half_point']})"), "",
+             "| case | dense ms | pruned ms | speed-up | spread |", "|---|---|---|---|---|"]
+    for row in [*r["speed"], r["onnxruntime_vs_torch_dense"]]:
+        lines.append(f"| {row['case']} | {row['base_ms']:.2f} | {row['ms']:.2f} | {row['speedup']:.2f}x | "
+                     f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f} |")
+    return lines
 
 
 def _auto_md(a: dict) -> list[str]:
@@ -173,7 +227,8 @@ def _auto_md(a: dict) -> list[str]:
     return lines
 
 
-PARTS = {"half": half_precision, "auto": auto_backend, "sparse": sparse_crossover, "sparse_mlp": sparse_mlp}
+PARTS = {"half": half_precision, "auto": auto_backend, "sparse": sparse_crossover, "sparse_mlp": sparse_mlp,
+         "resnet_channels": resnet_channels}
 
 
 def main() -> None:
