@@ -199,6 +199,26 @@ def test_clear_errors(mlp, digits):
         quantize(quantize(mlp, "int8-dynamic"), "int8-dynamic")
 
 
+def test_a_torch_without_int8_kernels_gets_one_clear_error_and_auto_takes_onnxruntime(mlp, digits, tmp_path,
+                                                                                     monkeypatch):
+    """torch deprecates the quantized ops the torch backend runs on. Where a build lacks them, quantizing
+    with backend='torch' and loading a torch-int8 artifact each say so and name ONNX Runtime; 'auto'
+    records the torch candidate as failed and returns an ONNX Runtime model; float schemes still work."""
+    from slimfuse.compress import qmodules
+
+    saved = sf.save(quantize(mlp, "int8-static", calib=digits), tmp_path / "int8")
+    monkeypatch.setattr(qmodules, "KERNELS", (*qmodules.KERNELS, "a_kernel_this_torch_lacks"))
+    for scheme in INT8:
+        with pytest.raises(sf.ConfigError, match="no int8 kernels .*backend='onnxruntime'"):
+            quantize(mlp, scheme, calib=digits, epochs=1) if scheme == "qat" else quantize(mlp, scheme, calib=digits)
+    with pytest.raises(sf.ArtifactError, match="cannot load this torch-int8 artifact.*backend='onnxruntime'"):
+        sf.load(saved)
+    auto = sf.quantize(mlp, "int8-static", calib=digits)
+    assert auto.slimfuse_runtime == "onnxruntime"
+    assert "no int8 kernels" in sf.lineage_of(auto)[-1]["params"]["chosen_by"]["candidates"]["torch"]["error"]
+    assert sf.evaluate(quantize(mlp, "bf16"), digits.test)["accuracy"] > 0.9
+
+
 def test_cli_quantize(mlp, tmp_path):
     runner = CliRunner()
     sf.save(mlp, tmp_path / "fp32")

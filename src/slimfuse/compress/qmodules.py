@@ -29,6 +29,23 @@ from torch import nn
 
 QMAX_ACT = 127  # activations: uint8 grid with 7-bit scales (reduce_range)
 QMAX_W = 127  # weights: symmetric int8
+# the quantized ops these layers call; torch deprecates them (quint8/qint8 tensors, pytorch#184982)
+KERNELS = ("linear_prepack", "linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic", "conv2d_prepack",
+           "conv2d", "conv2d_relu")
+
+
+def missing_kernels() -> list[str]:
+    """The ``torch.ops.quantized`` kernels this torch build lacks (none on torch 2.13); once torch
+    removes them, torch-int8 models cannot run and the callers say so instead of failing mid-call."""
+    if not hasattr(torch, "quint8"):
+        return ["the quint8 dtype", *KERNELS]
+    return [k for k in KERNELS if not hasattr(torch.ops.quantized, k)]
+
+
+def no_kernels_message(missing: list[str]) -> str:
+    return (f"this torch build ({torch.__version__}) has no int8 kernels for slimfuse's torch backend (missing "
+            f"quantized::{', quantized::'.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); quantize the "
+            "float model with backend='onnxruntime' (ONNX Runtime's int8 kernels) or 'auto'")
 
 
 def activation_qparams(lo: float, hi: float, qmax: int = QMAX_ACT) -> tuple[float, int]:

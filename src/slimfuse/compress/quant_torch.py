@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..checkpoint import Resume
 from ..data import Split, Splits
 from ..data.feed import n_samples, take
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 from ..measure import artifact_bytes
 from ..models.artifact import register_codec
 from ..models.calling import forward
@@ -46,12 +46,13 @@ from ..models.spec import derive, spec_of, task_of
 from ..models.zoo import build, register
 from ..train import evaluate, fit
 from .calibrate import check_calibrator, observe
-from .qmodules import FakeQuant, QConv2d, QLinear, _Int8Layer
+from .qmodules import FakeQuant, QConv2d, QLinear, _Int8Layer, missing_kernels, no_kernels_message
 from .schemes import register_scheme
 
 # run in float on quantized and float tensors alike: they never end a quantized region
 TRANSPARENT = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 INT8 = ("int8-dynamic", "int8-static")
+INT8_SCHEMES = (*INT8, "qat", "mixed")  # the schemes that run torch's int8 kernels (mixed: to measure layers)
 TIMING_BATCH = 256  # fp16/bf16 compute="auto" with data: the batch both ways of computing are timed at
 
 
@@ -343,6 +344,10 @@ class QuantizedModel(nn.Module):
 @register("quantized")
 def quantized(base: dict, scheme: str, layers: dict) -> QuantizedModel:
     """Architecture of a quantized model: the ``base`` architecture with the layer plan applied."""
+    missing = missing_kernels()
+    if missing and any(isinstance(e, dict) and e.get("precision") in INT8 for e in layers.values()):
+        raise ArtifactError(f"cannot load this torch-int8 artifact: {no_kernels_message(missing)}, from the float "
+                            "model it was made from")
     return QuantizedModel(apply_plan(build(base), layers), scheme, layers)
 
 
@@ -355,6 +360,9 @@ def _scheme(name: str):
 
         @functools.wraps(fn)
         def checked(model, *, arg=None, **kwargs):
+            missing = missing_kernels() if name in INT8_SCHEMES else []
+            if missing:
+                raise ConfigError(f"{name}: {no_kernels_message(missing)}")
             if arg is not None:
                 raise ConfigError(f"scheme {name!r} takes no parameter, got {name}:{arg}")
             try:
