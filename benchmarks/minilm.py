@@ -25,11 +25,12 @@ from pathlib import Path
 
 import onnx
 import torch
-from slimfuse.data.sentences import sentences
 
 import slimfuse as sf
 from slimfuse import nlp
 from slimfuse.export import to_onnx
+from slimfuse.hardware import summary
+from slimfuse.nlp.sentences import sentences
 from slimfuse.runtime import OnnxPredictor
 
 OUT = Path(__file__).parent / "out"
@@ -76,9 +77,23 @@ def main() -> None:
     student = timed("distill 3 layers", lambda: nlp.distill_layers(teacher, splits, layers=3, epochs=args.epochs,
                                                                      seed=args.seed))
     student_graph = nlp.ort_transformer(student, calib)
+    refused: dict[str, str] = {}  # rows whose step refused its result (the validation gate), with its reason
+
+    def build(name, fn):
+        try:
+            return fn()
+        except sf.SlimfuseError as e:
+            refused[name] = str(e)
+            return None
+
     built = {
+        # half precision computed natively where the CPU has the unit (AMX-BF16, AVX512-FP16), timed against
+        # fp32 on the calibration sentences by quantize itself (the lineage's ``compute``)
+        "slimfuse torch bf16": sf.quantize(teacher, "bf16", calib=calib),
+        "slimfuse torch fp16": sf.quantize(teacher, "fp16", calib=calib),
         "slimfuse torch int8-dynamic": nlp.int8(teacher, backend="torch"),
-        "slimfuse torch int8-static": nlp.int8(teacher, calib, backend="torch", mode="static"),
+        "slimfuse torch int8-static": build("slimfuse torch int8-static",
+                                            lambda: nlp.int8(teacher, calib, backend="torch", mode="static")),
         "slimfuse onnxruntime int8-dynamic": nlp.int8(teacher, calib, graph=graph),
         "slimfuse onnxruntime int8-static": nlp.int8(teacher, calib, mode="static", graph=graph),
         f"slimfuse onnxruntime mixed (cos>={TARGET_COSINE} on val)": mixed,
@@ -87,6 +102,7 @@ def main() -> None:
                                                                        graph=student_graph),
         "slimfuse 3-layer distilled onnxruntime int8-dynamic": nlp.int8(student, calib, graph=student_graph),
     }
+    built = {n: m for n, m in built.items() if m is not None}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, model) in enumerate(list(built.items())):  # measure what is deployed: the reloaded artifact
             sf.save(model, Path(tmp) / str(i))
@@ -108,6 +124,8 @@ def main() -> None:
         r["speedup_b32"] = r["throughput_b32"] / base
         r["meets_target"] = bool(r["speedup_b32"] >= TARGET_SPEEDUP and r["mean_cosine"] >= TARGET_COSINE)
     keep = mixed.slimfuse["lineage"][-1]["params"]["keep"]
+    compute = {n: sf.lineage_of(built[n])[-1]["params"]["compute"]
+               for n in ("slimfuse torch bf16", "slimfuse torch fp16")}
     lines = ["| model | b1 sent/s | b32 sent/s | x torch fp32 (b32) | bytes | mean cos | min cos | top-10 agree | "
              "Spearman | topic 1-NN | target |", "|" + "---|" * 11]
     for r in report.rows:
@@ -116,11 +134,13 @@ def main() -> None:
                      f"{r['topk_agreement']:.3f} | {r['spearman']:.4f} | {r['topic_knn_accuracy']:.3f} | "
                      f"{'met' if r['meets_target'] else 'missed'} |")
     lines += ["", f"{len(splits.test)} test sentences (padded to {splits.test.x.shape[1]} tokens), 2 threads. Mixed "
-              f"precision kept in float: {', '.join(keep)}. Stage seconds: {timings}; total "
-              f"{time.perf_counter() - t0:.0f} s."]
+              f"precision kept in float: {', '.join(keep)}. Half precision computed in: {compute}. Stage seconds: "
+              f"{timings}; total {time.perf_counter() - t0:.0f} s."]
+    lines += [f"Refused by its step: {n}: {why}" for n, why in refused.items()]
     OUT.mkdir(exist_ok=True)
     (OUT / "minilm.md").write_text("\n".join(lines) + "\n")
-    result = {"rows": report.rows, "timings": timings, "mixed_keep": keep}
+    result = {"rows": report.rows, "timings": timings, "mixed_keep": keep, "half_compute": compute, "refused": refused,
+              "hardware": summary()}
     (OUT / "minilm.json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
 
