@@ -89,6 +89,23 @@ def test_weighted_keeps_a_combination_that_beats_its_best_member_out_of_sample(d
     assert sf.evaluate(ens, data.test)["nll"] < best
 
 
+def test_weighted_selects_and_checks_on_out_of_fold_rows_when_members_have_them(data):
+    """k-fold members carry predictions of their fold models on every training row; weighted selection
+    and its fallback check use those rows with the validation rows (180 validation rows alone on digits
+    cannot show a gain of the size ensembles give), and the lineage says so. A plain list has none."""
+    mem = train_members(small_mlp(), data, 4, "seed", epochs=4, lr=3e-3, folds=3)
+    n_train, n_val = len(data.train), len(data.val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # whether it falls back is not the point here
+        ens = ensemble(mem, "weighted", data)
+        plain = ensemble(list(mem), "weighted", data)
+    step = sf.lineage_of(ens)[-1]["params"]
+    assert step["selected_on"] == {"out_of_fold_rows": n_train, "validation_rows": n_val}
+    assert step["check"]["nll_diff"]["n"] == n_train + n_val
+    assert "selected_on" not in sf.lineage_of(plain)[-1]["params"]
+    assert sf.lineage_of(plain)[-1]["params"]["check"]["nll_diff"]["n"] == n_val
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(2, 6), st.integers(5, 40), st.integers(2, 5), st.integers(0, 10_000))
 def test_caruana_on_cached_arrays_keeps_the_best_point_of_its_trajectory(k, n, c, seed):

@@ -56,10 +56,12 @@ def ensemble(
     ``metric``, run on ``bags`` bootstrap resamples of the validation rows and averaged (``bags=0``:
     one plain run); ``refine=True`` then minimizes validation NLL over the simplex with a pull of
     ``prior`` pseudo-samples toward equal weights; ``temperature=True`` fits one temperature of the
-    combined probabilities on validation NLL; with ``fallback=True`` a ``folds``-fold
-    cross-validation over the validation rows checks that the combination beats the best member
-    out of sample (one-sided 95% paired test on ``metric``, accuracy not worse beyond noise), and when it
-    does not, warns and returns the best member alone (one-hot weights, recorded in the lineage)) or
+    combined probabilities on validation NLL; members from ``train_members(..., folds=k)`` add their
+    out-of-fold predictions on the training rows to the validation rows for all of this (the lineage's
+    ``selected_on``); with ``fallback=True`` a ``folds``-fold cross-validation over those rows checks
+    that the combination beats the best member out of sample (one-sided 95% paired test on ``metric``,
+    accuracy not worse beyond noise), and when it does not, warns and returns the best member alone
+    (one-hot weights, recorded in the lineage)) or
     ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
     k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
     fraction of ``data.val``; the meta-learner is applied to the members, or with k-fold members and
@@ -101,6 +103,15 @@ def ensemble(
     if method == "weighted" and weights is None:
         probas = member_probas(members_list, data.val, device)
         y = data.val.y.numpy()
+        oof = getattr(members, "oof", None)
+        if oof is not None and oof.scheme == "k-fold" and oof.features.shape[1] == len(members_list) \
+                and not oof.leaks():
+            # k-fold members: their out-of-fold predictions on every training row join the validation rows
+            # (as AutoGluon selects on out-of-fold predictions), so weights and the check see N_train more
+            # held-out rows than the small validation split alone
+            probas = np.concatenate([oof.features.transpose(1, 0, 2), probas], axis=1)
+            y = np.concatenate([oof.y, y])
+            step["selected_on"] = {"out_of_fold_rows": len(oof.y), "validation_rows": len(data.val)}
 
         def fit_weights(p, t):
             return select.select(p, t, rounds=rounds, metric=metric, bags=bags, refine_nll=refine, prior=prior,
