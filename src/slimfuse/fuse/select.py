@@ -201,10 +201,10 @@ class Check:
 
 def check(probas, y, fit, *, metric: str = "nll", folds: int = 5, seed: int = 0, level: float = 0.90) -> Check:
     """Cross-validate ``fit(probas, y) -> Selection`` over the rows: out-of-fold combined
-    probabilities vs the best member's. ``beats`` when the paired ``level`` interval of the
-    difference on ``metric`` (NLL or error) lies wholly on the ensemble's side (the default 90%
-    two-sided interval is the one-sided 95% test of the directional claim "beats") and its accuracy
-    is not worse beyond noise."""
+    probabilities vs those of the member best on the same training folds. ``beats`` when the paired
+    ``level`` interval of the difference on ``metric`` (NLL or error) lies wholly on the ensemble's
+    side (the default 90% two-sided interval is the one-sided 95% test of the directional claim
+    "beats") and its accuracy is not worse beyond noise."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     probas, y = _check(probas, y)
@@ -214,12 +214,15 @@ def check(probas, y, fit, *, metric: str = "nll", folds: int = 5, seed: int = 0,
     folds = max(2, min(folds, len(y)))
     cv = (StratifiedKFold(folds, shuffle=True, random_state=seed) if counts[counts > 0].min() >= folds
           else KFold(folds, shuffle=True, random_state=seed))
-    oof = np.zeros(probas.shape[1:])
+    # both procedures out of fold: the combination fitted on the other folds, and the member that is
+    # best on the other folds (picking it on all rows would hand it an in-sample advantage)
+    oof, oof_best = np.zeros(probas.shape[1:]), np.zeros(probas.shape[1:])
     for tr, te in cv.split(np.zeros(len(y)), y):
         sel = fit(probas[:, tr], y[tr])
         oof[te] = combined(probas[:, te], sel.weights, sel.temperature)
+        oof_best[te] = probas[int(np.argmin([loss_fn(p[tr], y[tr]) for p in probas])), te]
     ens, one = (stats.per_sample(np.log(np.clip(oof, EPS, None)), y),
-                stats.per_sample(np.log(np.clip(probas[best], EPS, None)), y))
+                stats.per_sample(np.log(np.clip(oof_best, EPS, None)), y))
     d_nll = stats.paired_bootstrap(ens["nll"], one["nll"], level=level, seed=seed)
     d_acc = stats.paired_bootstrap(ens["correct"], one["correct"], level=level, seed=seed)
     gain = d_nll.hi < 0 if metric == "nll" else d_acc.lo > 0
