@@ -346,8 +346,7 @@ def quantized(base: dict, scheme: str, layers: dict) -> QuantizedModel:
     """Architecture of a quantized model: the ``base`` architecture with the layer plan applied."""
     missing = missing_kernels()
     if missing and any(isinstance(e, dict) and e.get("precision") in INT8 for e in layers.values()):
-        raise ArtifactError(f"cannot load this torch-int8 artifact: {no_kernels_message(missing)}, from the float "
-                            "model it was made from")
+        raise ArtifactError(f"cannot load this torch-int8 artifact: {no_kernels_message(missing)}")
     return QuantizedModel(apply_plan(build(base), layers), scheme, layers)
 
 
