@@ -188,7 +188,11 @@ def test_a_recipe_killed_again_and_again_ends_with_the_weights_of_an_uninterrupt
         return _step_hashes(out)
 
     first = killed(tmp_path / "killed")
-    if first != straight:  # once is not the resume (the kills land at the same steps): see tests/killing.py
-        assert killed(tmp_path / "killed-again") == straight, (first, straight)
-        warnings.warn(f"one of two killed recipe runs hashed apart from the uninterrupted run: {first} vs {straight}",
+    if first != straight:  # a lone odd process is not the resume (the kills land at the same steps): killing.py
+        second = killed(tmp_path / "killed-again")
+        if second != straight:
+            assert second == first, (first, second, straight)
+            subprocess.run(command(tmp_path / "straight-again"), check=True, capture_output=True)
+            assert _step_hashes(tmp_path / "straight-again") == first, (first, straight)
+        warnings.warn(f"one of three recipe runs hashed apart from the two that agree: {first} vs {straight}",
                       stacklevel=1)
