@@ -65,7 +65,8 @@ def codebook(model: nn.Module, *, arg=None, calib=None, data: Splits | None = No
         data = feed(data, labels=True, where="the fine-tuning data")
     epochs = (2 if data is not None else 0) if epochs is None else epochs
     if epochs and data is None:
-        raise ConfigError("codebook fine-tuning needs data=(Splits); pass data or epochs=0")
+        raise ConfigError("codebook fine-tuning needs data= (Splits, or a DataLoader of labelled batches); pass "
+                          "data or epochs=0")
     q = copy.deepcopy(model).eval()
     layers = {name: m for name, m in q.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
     if not layers:
