@@ -18,6 +18,7 @@ from torch import nn
 import slimfuse as sf
 from slimfuse.cli import app
 from slimfuse.fuse import caruana, ensemble, refine, soup, swa, train_members
+from slimfuse.fuse.combine import Ensemble
 from slimfuse.fuse.select import nll
 from slimfuse.fuse.stacking import OutOfFold, fit_meta
 
@@ -236,6 +237,76 @@ def test_fused_mlp_members_equal_the_loop_and_export_as_one_wide_graph(tmp_path,
     got = session.run(None, {session.get_inputs()[0].name: data.test.x.numpy()})[0]
     ens.fuse = False
     np.testing.assert_allclose(got, sf.predict(ens, data.test).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _fresh(ens, x):
+    """The fused output and the loop's, on the members as they are now."""
+    with torch.no_grad():
+        fused = ens(x)
+        path = ens.last_path
+        ens.fuse = False
+        loop = ens(x)
+        ens.fuse = True
+    return fused, path, loop
+
+
+@pytest.mark.parametrize("change", ["in-place", "new parameter", ".data", "new layer", "new member", "load_state_dict",
+                                    "hook"])
+def test_the_fused_copy_follows_every_change_to_the_members(data, change):
+    torch.manual_seed(0)
+    group = [sf.zoo.mlp(64, [16], 10) for _ in range(3)]
+    ens = ensemble(group, "mean")
+    x = data.test.x[:16]
+    before, path, _ = _fresh(ens, x)
+    assert path == "fused"
+    m = ens.members[1]
+    with torch.no_grad():
+        if change == "in-place":
+            m.out.weight.mul_(3.0)
+        elif change == "new parameter":
+            m.out.weight = torch.nn.Parameter(m.out.weight * 3.0)
+        elif change == ".data":
+            m.out.weight.data = m.out.weight.data * 3.0
+        elif change == "new layer":
+            m.out = torch.nn.Linear(m.out.in_features, 10)
+        elif change == "new member":
+            ens.members[1] = sf.zoo.mlp(64, [16], 10)
+        elif change == "load_state_dict":
+            m.load_state_dict(sf.zoo.mlp(64, [16], 10).state_dict())
+        else:
+            m.out.register_forward_hook(lambda mod, inp, out: out * 3.0)
+    after, path, loop = _fresh(ens, x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, loop, rtol=1e-5, atol=1e-6)
+    assert path == ("loop" if change == "hook" else "fused")  # a member with hooks runs as itself
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted", "mean-logits"])
+def test_combining_equals_the_float64_formula_with_and_without_gradients(method):
+    torch.manual_seed(0)
+    k, b, c = 4, 7, 10
+    logits = torch.randn(k, b, c) * 40  # log-probabilities down to about -300: nothing may underflow to -inf
+    weights = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    ens = Ensemble([torch.nn.Identity()] * k, method, classes=c, weights=weights, temperature=0.7)
+    z = logits.double()
+    if method == "mean-logits":
+        want = torch.log_softmax(z.mean(0), -1)
+    else:
+        lse = torch.logsumexp(torch.log_softmax(z, -1) + weights.double().log()[:, None, None], 0)
+        want = torch.log_softmax(lse / 0.7, -1)
+    with torch.no_grad():
+        got = ens.combine(logits)
+    assert got.shape == (b, c) and got.is_contiguous() and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    leaf = logits.clone().requires_grad_()
+    with_grad = ens.combine(leaf)
+    torch.testing.assert_close(with_grad.detach(), got)  # the in-place (no-gradient) form computes the same
+    with_grad[:, 0].sum().backward()
+    z64 = z.clone().requires_grad_()
+    ref = (torch.log_softmax(z64.mean(0), -1) if method == "mean-logits" else torch.log_softmax(
+        torch.logsumexp(torch.log_softmax(z64, -1) + weights.double().log()[:, None, None], 0) / 0.7, -1))
+    ref[:, 0].sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), z64.grad, rtol=1e-4, atol=1e-5)
 
 
 # ---- artifacts and export -----------------------------------------------------------------------
