@@ -16,9 +16,10 @@ Plus the vectorized-inference check: 5 members at batch 1 through vmap vs the lo
 
 Over seeds: per data set and seed, 5 MLP members of different widths; the best member (by
 validation NLL), mean, plain Caruana and the default weighted ensemble, each selected on the
-validation rows alone and on them plus the members' 3-fold out-of-fold rows, and stacking (blended on the
-validation split; on 3-fold out-of-fold predictions applied to the refitted members, the default;
-and the same applied to the fold models as a bag) on the test split;
+validation rows alone and on them plus the members' 3-fold out-of-fold rows, and stacking (a log-linear
+pool blended on the validation split; a logistic regression and the log-linear pool, the default, on the
+3-fold out-of-fold rows plus the members' validation rows, applied to the refitted members; the pool on
+the out-of-fold rows applied to the fold models as a bag) on the test split;
 mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
 all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
 the loop, interleaved, medians of 5 rounds.
@@ -181,8 +182,8 @@ def run_dataset(name: str, seed: int = 0) -> dict:
     for label, method, opts in [("mean of probabilities", "mean", {}), ("majority vote", "vote", {}),
                                 ("weighted (Caruana)", "weighted", {}),
                                 ("weighted (Caruana + NLL refine)", "weighted", {"refine": True}),
-                                ("stacking (blend on val, LR)", "stacking", {"members": list(members)}),
-                                (f"stacking ({folds}-fold OOF, LR)", "stacking", {})]:
+                                ("stacking (blend on val)", "stacking", {"members": list(members)}),
+                                (f"stacking ({folds}-fold OOF + val rows)", "stacking", {})]:
         group = opts.pop("members", members)
         start = time.perf_counter()
         ens = ensemble(group, method, data, seed=seed, **opts)
@@ -259,9 +260,10 @@ VARIANTS = [  # label, method, options; "plain_list": the members as a plain lis
      {"bags": 0, "refine": False, "temperature": False, "fallback": False}),
     ("weighted (val + OOF rows, bagged + prior + temperature, unchecked)", "weighted", {"fallback": False}),
     (DEFAULT_WEIGHTED, "weighted", {}),
-    ("stacking (blend on val, LR)", "stacking", {"plain_list": True}),
-    ("stacking (3-fold OOF, LR, refitted members: default)", "stacking", {}),
-    ("stacking (3-fold OOF, LR, fold bag)", "stacking", {"bag": True}),
+    ("stacking (blend on val, log-linear pool)", "stacking", {"plain_list": True}),
+    ("stacking (3-fold OOF + val rows, LR: the previous default's meta-learner)", "stacking", {"meta": "linear"}),
+    ("stacking (3-fold OOF + val rows, log-linear pool, refitted members: default)", "stacking", {}),
+    ("stacking (3-fold OOF, log-linear pool, fold bag)", "stacking", {"bag": True}),
 ]
 
 

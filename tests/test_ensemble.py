@@ -18,7 +18,7 @@ from torch import nn
 import slimfuse as sf
 from slimfuse.cli import app
 from slimfuse.fuse import caruana, ensemble, refine, soup, swa, train_members
-from slimfuse.fuse.combine import Ensemble
+from slimfuse.fuse.combine import Ensemble, LogLinearPool
 from slimfuse.fuse.select import nll
 from slimfuse.fuse.stacking import OutOfFold, fit_meta
 
@@ -152,7 +152,12 @@ def test_stacking_meta_features_are_out_of_fold(data):
     assert torch.allclose(ens(x), expected, atol=1e-5)
     refit = ensemble(mem, "stacking", data)  # by default on the members refitted on all rows
     assert refit.bag == 1 and len(refit.members) == 2 and "bag" not in sf.lineage_of(refit)[-1]["params"]
-    assert torch.equal(refit.meta.weight, ens.meta.weight)
+    # ... trained on the out-of-fold rows plus the refitted members' own validation rows, leak-free
+    rows = refit.oof
+    assert len(rows.y) == n + len(data.val) and rows.leaks() == [] and np.array_equal(rows.features[:n], oof.features)
+    assert sorted(rows.sample_ids[n:].tolist()) == list(range(n, n + len(data.val)))
+    assert sf.lineage_of(refit)[-1]["params"]["meta_rows"] == {"out_of_fold_rows": n, "validation_rows": len(data.val)}
+    assert not torch.equal(refit.meta.weight, ens.meta.weight)
 
 
 def test_stacking_on_pretrained_members_uses_the_held_out_validation_split(data, members):
@@ -163,7 +168,34 @@ def test_stacking_on_pretrained_members_uses_the_held_out_validation_split(data,
     assert np.array_equal(oof.y, data.val.y.numpy())
     best = max(sf.evaluate(m, data.test)["accuracy"] for m in members)
     assert sf.evaluate(ens, data.test)["accuracy"] >= best - 0.05
-    assert isinstance(ens.meta, torch.nn.Linear)  # the meta-learner lives in tensors, not a pickle
+    assert isinstance(ens.meta, LogLinearPool)  # the default meta-learner lives in tensors, not a pickle
+    assert ens.meta.weight.shape == (len(members),) and ens.meta.bias.shape == (10,)
+    assert isinstance(ensemble(members, "stacking", data, meta="linear").meta, torch.nn.Linear)
+
+
+def test_the_loglinear_pool_trusts_the_informative_member_and_beats_it_out_of_sample():
+    rng = np.random.default_rng(0)
+    n, c = 1200, 5
+    y = rng.integers(0, c, n)
+    good = np.full((n, c), 0.3 / (c - 1))
+    good[np.arange(n), y] = 0.7
+    good = np.where(rng.random((n, 1)) < 0.2, rng.dirichlet(np.ones(c), n), good)  # wrong now and then
+    sharp = good ** 2 / (good ** 2).sum(1, keepdims=True)  # the same member, over-confident
+    noise = rng.dirichlet(np.ones(c), n)
+    features = np.stack([sharp, noise, noise[::-1]], axis=1).astype(np.float32)  # (N, K, C)
+    half = n // 2
+    oof = OutOfFold(features[:half], y[:half], np.arange(half), np.zeros(half, dtype=np.int64),
+                    [[np.array([], dtype=np.int64)]] * 3, "blend")
+    net, spec = fit_meta(oof, c)
+    assert spec["kind"] == "loglinear" and spec["l2"] in (1e-3, 1e-2, 1e-1)
+    w = net.weight.detach().numpy()
+    assert w[0] > 2 * np.abs(w[1:]).max()  # the informative member dominates
+    with torch.no_grad():
+        logp = torch.log_softmax(net(torch.from_numpy(features[half:].reshape(n - half, -1))), -1).numpy()
+    pooled = -logp[np.arange(n - half), y[half:]].mean()
+    alone = -np.log(sharp[half:][np.arange(n - half), y[half:]]).mean()
+    assert pooled < alone - 0.01  # it also tempers the over-confident member
+    assert 0.3 < w[0] < 0.8  # by about the square root it was sharpened with
 
 
 def test_stacking_refuses_meta_features_from_a_member_that_saw_the_label(members, data):
@@ -316,6 +348,8 @@ def test_ensemble_save_load_is_bit_exact(tmp_path, data, members):
     cases = {
         "weighted": ensemble(members, "weighted", data),
         "stacking-mlp": ensemble(members, "stacking", data, meta="mlp", meta_hidden=[16]),
+        "stacking-loglinear": ensemble(members, "stacking", data),
+        "stacking-linear": ensemble(members, "stacking", data, meta="linear"),
         "vote": ensemble(members, "vote", data),
         "mean-logits-hetero": ensemble(hetero, "mean-logits", data),
     }

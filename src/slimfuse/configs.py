@@ -360,7 +360,9 @@ class Ensemble(Config):
     fallback: Annotated[bool, Field(description="weighted: when a cross-validated check finds no confident gain "
                                                 "over the best member, return the best member alone")] = True
     folds: Annotated[int, Field(ge=2, le=100, description="weighted: folds of that check")] = 5
-    meta: Annotated[Literal["linear", "mlp"], Field(description="stacking meta-learner")] = "linear"
+    meta: Annotated[Literal["loglinear", "linear", "mlp"], Field(
+        description="stacking meta-learner: loglinear (an exponent per member on its log-probabilities, a bias per "
+                    "class), linear (logistic regression on all probabilities) or mlp")] = "loglinear"
     bag: Annotated[bool, Field(description="stacking with k-fold members: run the fold models (k x the members' "
                                            "cost) so the meta-learner reads the predictions it was trained on")] = False
     blend: Annotated[float, Field(gt=0, le=1, description="stacking without folds: fraction of the validation "

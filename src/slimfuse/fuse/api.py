@@ -19,7 +19,7 @@ from ..train import predict, probe
 from ..validate import check
 from . import select
 from .combine import Ensemble, make
-from .stacking import blend_oof, fit_meta
+from .stacking import blend_oof, fit_meta, with_validation
 
 
 def member_probas(members, split: Split | torch.Tensor, device: str | torch.device | None = None) -> np.ndarray:
@@ -41,7 +41,7 @@ def ensemble(
     temperature: bool = True,
     fallback: bool = True,
     folds: int = 5,
-    meta: str = "linear",
+    meta: str = "loglinear",
     meta_hidden: list[int] | None = None,
     blend: float = 1.0,
     bag: bool = False,
@@ -62,8 +62,10 @@ def ensemble(
     that the combination beats the best member out of sample (one-sided 95% paired test on ``metric``,
     accuracy not worse beyond noise), and when it does not, warns and returns the best member alone
     (one-hot weights, recorded in the lineage)) or
-    ``stacking`` (a ``meta`` = ``linear`` | ``mlp`` meta-learner on out-of-fold predictions:
-    k-fold when ``members`` come from ``train_members(..., folds=k)``, else the ``blend``
+    ``stacking`` (a ``meta`` meta-learner on out-of-fold predictions: ``loglinear``, one exponent per
+    member on its log-probabilities and a bias per class; ``linear``, a logistic regression on all the
+    probabilities; ``mlp``. Trained on k-fold out-of-fold rows plus the members' own predictions on
+    ``data.val`` when ``members`` come from ``train_members(..., folds=k)``, else on the ``blend``
     fraction of ``data.val``; the meta-learner is applied to the members, or with k-fold members and
     ``bag=True`` to the k x K fold models, each member's probabilities averaged over its k fold
     models: the predictions it was trained on, at k times the inference cost, which measured no
@@ -142,12 +144,16 @@ def ensemble(
         extra = {"selection": sel, "kept": keep, "check": checked}
     elif method == "stacking":
         oof = getattr(members, "oof", None)
+        fold_sets = getattr(members, "fold_models", None)
         if oof is None:
             oof = blend_oof(members_list, data, trained_on=getattr(members, "trained_on", None), blend=blend, seed=seed,
                             device=device)
+        elif oof.scheme == "k-fold" and len(data.val) and not (bag and fold_sets):
+            n_oof = len(oof.y)  # the refitted members' validation predictions join the fold models' rows
+            oof = with_validation(oof, members_list, data, getattr(members, "trained_on", None), device)
+            step["meta_rows"] = {"out_of_fold_rows": n_oof, "validation_rows": len(data.val)}
         net, meta_spec = fit_meta(oof, classes, kind=meta, hidden=meta_hidden, seed=seed)
         step.update(scheme=oof.scheme, meta=meta_spec)
-        fold_sets = getattr(members, "fold_models", None)
         if bag and oof.scheme == "k-fold" and fold_sets:
             runs = [copy.deepcopy(m).eval() for fold in fold_sets for m in fold]
             step["bag"] = len(fold_sets)

@@ -372,8 +372,32 @@ def same_architecture(members: list[nn.Module]) -> bool:
     return all(type(m) is type(first) and repr(m) == repr(first) and layout(m) == want for m in members[1:])
 
 
+class LogLinearPool(nn.Module):
+    """Stacking meta-learner: ``log_softmax(sum_k a_k log p_k + b)`` over K members' probabilities, one
+    learned exponent per member and a bias per class (K + C numbers; a product of experts, where the
+    logistic regression on all K x C probabilities learns K x C x C). Probabilities are floored at
+    ``FLOOR`` so one member's confident zero cannot veto a class."""
+
+    FLOOR = 1e-7
+
+    def __init__(self, members: int, classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((members,), 1.0 / members))
+        self.bias = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, K*C) probabilities -> (B, C) logits
+        logp = features.clamp_min(self.FLOOR).log().view(features.shape[0], self.weight.shape[0], -1)
+        return (logp * self.weight[:, None]).sum(1) + self.bias
+
+
 def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None = None) -> nn.Module:
-    """The stacking meta-learner's architecture: ``linear`` or ``mlp`` (one hidden ReLU layer per width)."""
+    """The stacking meta-learner's architecture: ``loglinear`` (:class:`LogLinearPool`), ``linear``
+    (logistic regression on the probabilities) or ``mlp`` (one hidden ReLU layer per width)."""
+    if kind == "loglinear":
+        if features % classes:
+            raise ArtifactError(f"a loglinear meta-learner needs members x classes features, got {features} "
+                                f"for {classes} classes")
+        return LogLinearPool(features // classes, classes)
     if kind == "linear":
         return nn.Linear(features, classes)
     if kind == "mlp":
@@ -382,7 +406,7 @@ def meta_module(kind: str, features: int, classes: int, hidden: list[int] | None
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         return nn.Sequential(*layers, nn.Linear(width, classes))
-    raise ConfigError(f"unknown meta-learner {kind!r}; choose linear (logistic regression) or mlp")
+    raise ConfigError(f"unknown meta-learner {kind!r}; choose loglinear, linear (logistic regression) or mlp")
 
 
 @zoo.register("ensemble")

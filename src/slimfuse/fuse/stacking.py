@@ -13,9 +13,17 @@ to fit when it is not empty.
   members never trained on (members without a record of what they saw are taken
   to have seen exactly ``data.train``).
 
-The meta-learner is scikit-learn's ``LogisticRegressionCV`` (regularization chosen
-by cross-validation on the meta-features) converted to a ``torch.nn.Linear``, or
-a small MLP trained with :func:`slimfuse.fit`; either way it is stored as tensors.
+With k-fold members the meta-training rows are their out-of-fold rows plus the members' own
+predictions on ``data.val`` (:func:`with_validation`).
+
+The meta-learner (stored as tensors either way) is by default a log-linear pool
+(:class:`slimfuse.fuse.combine.LogLinearPool`: one exponent per member on its
+log-probabilities and a bias per class, the pull of the exponents toward 1/K chosen by
+cross-validated NLL), or scikit-learn's ``LogisticRegressionCV`` on the probabilities
+(regularization chosen by cross-validation) converted to a ``torch.nn.Linear``, or a small
+MLP trained with :func:`slimfuse.fit`. On the benchmark's members the logistic regression
+(K x C x C weights) lost to the best member on test NLL; the pool (K + C) did not
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -82,7 +90,75 @@ def blend_oof(members, data: Splits, *, trained_on=None, blend: float = 1.0, see
     )
 
 
-def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "linear", data: Splits | None = None,
+def with_validation(oof: OutOfFold, members, data: Splits, trained_on, device=None) -> OutOfFold:
+    """``oof`` plus the members' own predictions on ``data.val`` as one more fold: rows the members never
+    trained on, with the confidence of the members the meta-learner is applied to (the fold models that
+    made ``oof`` saw less data and are less sure)."""
+    from .api import member_probas
+
+    n_train, n_val = len(data.train), len(data.val)
+    folds = int(oof.fold.max()) + 1 if len(oof.fold) else 0
+    seen = [np.arange(n_train)] * len(members) if trained_on is None else trained_on
+    return OutOfFold(
+        features=np.concatenate([oof.features, member_probas(members, data.val, device).transpose(1, 0, 2)]),
+        y=np.concatenate([oof.y, data.val.y.numpy()]),
+        sample_ids=np.concatenate([oof.sample_ids, n_train + np.arange(n_val)]),
+        fold=np.concatenate([oof.fold, np.full(n_val, folds, dtype=oof.fold.dtype)]),
+        trained_on=[[*per_fold, np.asarray(s)] for per_fold, s in zip(oof.trained_on, seen, strict=True)],
+        scheme=oof.scheme,
+    )
+
+
+LOGLINEAR_L2 = (1e-3, 1e-2, 1e-1)  # the pull of a loglinear meta-learner's exponents toward 1/K, chosen by CV
+
+
+def _fit_loglinear(logp: np.ndarray, y: np.ndarray, classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exponents (K,) and class biases (C,) minimizing mean NLL + l2 * |a - 1/K|^2 (L-BFGS, exact gradient)."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+
+    n, k, _ = logp.shape
+    rows = np.arange(n)
+
+    def loss(t):
+        a, b = t[:k], t[k:]
+        z = log_softmax(np.einsum("nkc,k->nc", logp, a) + b, axis=1)
+        g = np.exp(z)
+        g[rows, y] -= 1.0
+        g /= n  # d(mean NLL) / d(logits)
+        pull = a - 1.0 / k
+        value = -z[rows, y].mean() + l2 * pull @ pull
+        return value, np.concatenate([np.einsum("nkc,nc->k", logp, g) + 2 * l2 * pull, g.sum(0)])
+
+    start = np.concatenate([np.full(k, 1.0 / k), np.zeros(classes)])
+    t = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+    return t[:k], t[k:]
+
+
+def _loglinear_meta(oof: OutOfFold, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pull chosen by 5-fold cross-validated NLL on the meta-training rows, then a fit on all of them."""
+    from .combine import LogLinearPool
+
+    logp = np.log(np.clip(oof.features.astype(np.float64), LogLinearPool.FLOOR, 1.0))
+    y = oof.y.astype(np.int64)
+    smallest = np.bincount(y)[np.unique(y)].min()
+    cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
+          else KFold(min(5, len(y)), shuffle=True, random_state=seed))
+    scores = []
+    for l2 in LOGLINEAR_L2:
+        held = []
+        for tr, va in cv.split(logp, y):
+            a, b = _fit_loglinear(logp[tr], y[tr], classes, l2)
+            z = np.einsum("nkc,k->nc", logp[va], a) + b
+            z -= z.max(1, keepdims=True)
+            held.append(np.log(np.exp(z).sum(1)) - z[np.arange(len(va)), y[va]])
+        scores.append(np.concatenate(held).mean())
+    l2 = LOGLINEAR_L2[int(np.argmin(scores))]
+    a, b = _fit_loglinear(logp, y, classes, l2)
+    return a, b, l2
+
+
+def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "loglinear", data: Splits | None = None,
              hidden: list[int] | None = None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """Fit the meta-learner on ``oof``; returns (module, spec of its architecture)."""
     leaks = oof.leaks()
@@ -97,6 +173,15 @@ def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "linear", data: Splits
         raise ConfigError("stacking needs at least two classes among the meta-training samples")
     spec = {"kind": kind, "features": k * c}
     net = meta_module(kind, k * c, classes, hidden)
+    if kind == "loglinear":
+        if c != classes:
+            raise ConfigError(f"the meta-features hold {c} classes per member, the ensemble predicts {classes}")
+        a, b, l2 = _loglinear_meta(oof, classes, seed)
+        with torch.no_grad():
+            net.weight.copy_(torch.from_numpy(a).float())
+            net.bias.copy_(torch.from_numpy(b).float())
+        spec["l2"] = l2
+        return net, spec
     if kind == "linear":
         smallest = np.bincount(oof.y)[np.unique(oof.y)].min()
         cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
