@@ -7,8 +7,8 @@ measured, saved, exported, quantized and distilled like any model. Combiners:
 - ``mean-logits``: softmax of the average member logits;
 - ``vote``: majority vote; probabilities are ``(votes + mean probability) / (K + 1)``, so the
   argmax is the majority (ties broken by mean probability) and the NLL stays finite;
-- ``stacking``: a meta-learner (a ``Linear`` or small MLP, stored as tensors) on the
-  concatenated member probabilities.
+- ``stacking``: a meta-learner (a :class:`LogLinearPool`, a ``Linear`` or a small MLP, stored as
+  tensors) on the concatenated member probabilities.
 
 Members of one architecture made of Linear / ReLU / Flatten / Dropout layers (the zoo's MLPs) are
 *fused* at inference: one wider network whose first layer is one matmul over the members' weights
@@ -343,7 +343,8 @@ def stack_features(logits: torch.Tensor, bag: int = 1) -> torch.Tensor:
     over the sets.
 
     Probabilities rather than log-probabilities: bounded, and less sensitive to the confidence
-    gap between fold models (meta-training) and the members refitted on all rows (inference).
+    gap between fold models (meta-training) and the members refitted on all rows (inference);
+    :class:`LogLinearPool` takes the log of them itself, floored.
     """
     n, b, c = logits.shape
     p = F.softmax(logits.transpose(1, 2).contiguous(), dim=1)  # class-major (see Ensemble.combine)
