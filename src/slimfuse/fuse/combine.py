@@ -75,10 +75,10 @@ class Ensemble(nn.Module):
         self.vectorize: bool | None = None
         # fuse same-architecture MLP members into one wider network when gradients are off (default)
         self.fuse: bool = True
-        self._fused = None  # (signature, FusedMLP or None when the members cannot be fused)
-        self._stacked = None  # (signature, (batched fn, params, buffers) or None when only the loop is valid)
+        self._fused = None  # (_state(), FusedMLP or None when the members cannot be fused)
+        self._stacked = None  # (_state(), (batched fn, params, buffers) or None when only the loop is valid)
         self._tree = None  # the module-tree dicts _watched reads
-        self.last_path = None  # "vmap" or "loop": how the last forward ran the members
+        self.last_path = None  # "fused", "vmap" or "loop": how the last forward ran the members
 
     def slimfuse_counts(self) -> dict[str, int]:
         """Parameters of every member (ONNX Runtime members included) and of the meta-learner."""
