@@ -22,7 +22,7 @@ pool blended on the validation split; a logistic regression and the log-linear p
 the out-of-fold rows applied to the fold models as a bag) on the test split;
 mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
 all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
-the loop, interleaved, medians of 5 rounds.
+the loop in torch eager, and fused vs one member in ONNX Runtime, interleaved per call, medians.
 
 torchensemble is optional (``make bench-deps`` installs it with --no-deps); its row is skipped
 when it is missing.
@@ -314,7 +314,8 @@ def calls_per_batch(x) -> int:
 def fused_latency() -> list[dict]:
     """5 members of one MLP architecture: one member vs fused vs the loop in torch eager, and one member vs
     the fused ensemble in ONNX Runtime (slimfuse's predictor, and its bare session), 2 threads,
-    interleaved call by call; medians (and 10th percentiles) of the per-call times."""
+    interleaved call by call within each pass (torch; each ONNX Runtime session); medians (and 10th
+    percentiles) of the per-call times."""
     from slimfuse.export import to_onnx
 
     rows = []
