@@ -109,6 +109,14 @@ def with_validation(oof: OutOfFold, members, data: Splits, trained_on, device=No
     )
 
 
+def _meta_cv(y: np.ndarray, seed: int):
+    """The 5-fold split a meta-learner's regularization is chosen on: stratified when every class has
+    two rows."""
+    smallest = np.bincount(y)[np.unique(y)].min()
+    return (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
+            else KFold(min(5, len(y)), shuffle=True, random_state=seed))
+
+
 LOGLINEAR_L2 = (1e-3, 1e-2, 1e-1)  # the pull of a loglinear meta-learner's exponents toward 1/K, chosen by CV
 
 
@@ -137,21 +145,19 @@ def _fit_loglinear(logp: np.ndarray, y: np.ndarray, classes: int, l2: float) -> 
 
 def _loglinear_meta(oof: OutOfFold, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """The pull chosen by 5-fold cross-validated NLL on the meta-training rows, then a fit on all of them."""
+    from scipy.special import log_softmax
+
     from .combine import LogLinearPool
 
     logp = np.log(np.clip(oof.features.astype(np.float64), LogLinearPool.FLOOR, 1.0))
     y = oof.y.astype(np.int64)
-    smallest = np.bincount(y)[np.unique(y)].min()
-    cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
-          else KFold(min(5, len(y)), shuffle=True, random_state=seed))
     scores = []
     for l2 in LOGLINEAR_L2:
         held = []
-        for tr, va in cv.split(logp, y):
+        for tr, va in _meta_cv(y, seed).split(logp, y):
             a, b = _fit_loglinear(logp[tr], y[tr], classes, l2)
-            z = np.einsum("nkc,k->nc", logp[va], a) + b
-            z -= z.max(1, keepdims=True)
-            held.append(np.log(np.exp(z).sum(1)) - z[np.arange(len(va)), y[va]])
+            z = log_softmax(np.einsum("nkc,k->nc", logp[va], a) + b, axis=1)
+            held.append(-z[np.arange(len(va)), y[va]])
         scores.append(np.concatenate(held).mean())
     l2 = LOGLINEAR_L2[int(np.argmin(scores))]
     a, b = _fit_loglinear(logp, y, classes, l2)
@@ -183,9 +189,7 @@ def fit_meta(oof: OutOfFold, classes: int, *, kind: str = "loglinear", data: Spl
         spec["l2"] = l2
         return net, spec
     if kind == "linear":
-        smallest = np.bincount(oof.y)[np.unique(oof.y)].min()
-        cv = (StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2
-              else KFold(min(5, n), shuffle=True, random_state=seed))
+        cv = _meta_cv(oof.y, seed)
         # standardized features (folded back into the Linear below) keep lbfgs well conditioned
         mean, std = x.mean(0), x.std(0)
         std = np.where(std > 1e-6, std, 1.0)
