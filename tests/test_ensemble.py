@@ -313,10 +313,42 @@ def test_the_fused_copy_follows_every_change_to_the_members(data, change):
     assert path == ("loop" if change == "hook" else "fused")  # a member with hooks runs as itself
 
 
-@pytest.mark.parametrize("method", ["mean", "weighted", "mean-logits"])
-def test_combining_equals_the_float64_formula_with_and_without_gradients(method):
+@pytest.mark.parametrize("where", ["member forward hook", "member pre-hook", "global forward hook"])
+def test_hooks_set_before_the_first_call_fire_on_every_call(data, where):
     torch.manual_seed(0)
-    k, b, c = 4, 7, 10
+    group = [sf.zoo.mlp(64, [16], 10).eval() for _ in range(3)]
+    seen = []
+    if where == "member forward hook":  # on a member other than the first, which the fusing test reads
+        handle = group[2].fc1.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    elif where == "member pre-hook":
+        handle = group[1].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, inp, out: seen.append(out.shape) if isinstance(mod, torch.nn.Linear) else None)
+    ens = Ensemble(group, "mean", classes=10).eval()  # the members themselves, not copies
+    x = data.test.x[:4]
+    try:
+        with torch.no_grad():
+            want = ens._loop(x)
+            for _ in range(3):
+                seen.clear()
+                got = ens(x)
+                assert ens.last_path == "loop" and seen, where  # the hooks saw this call
+                torch.testing.assert_close(torch.stack([ens.members[i](x) for i in range(3)]), want)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        seen.clear()
+        again = ens(x)
+    assert ens.last_path == "fused" and not seen  # hooks gone: fused again, the same outputs
+    torch.testing.assert_close(again, got, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [7, 33])  # fewer than 16 rows: classes last; more: class-major
+@pytest.mark.parametrize("method", ["mean", "weighted", "mean-logits"])
+def test_combining_equals_the_float64_formula_with_and_without_gradients(method, b):
+    torch.manual_seed(0)
+    k, c = 4, 10
     logits = torch.randn(k, b, c) * 40  # log-probabilities down to about -300: nothing may underflow to -inf
     weights = torch.tensor([0.5, 0.0, 0.3, 0.2])
     ens = Ensemble([torch.nn.Identity()] * k, method, classes=c, weights=weights, temperature=0.7)

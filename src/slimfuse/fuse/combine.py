@@ -38,6 +38,8 @@ from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
 _VERSION = attrgetter("_version")
+# torch's module-wide forward hooks (``register_module_forward_hook`` / ``..._pre_hook``), dicts kept in place
+_GLOBAL_HOOKS = [torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks]
 
 
 class Ensemble(nn.Module):
@@ -91,21 +93,25 @@ class Ensemble(nn.Module):
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits, stacked: (K, B, C). ``x``: a tensor, or a tuple/dict of tensors (members
         called by ``models/calling.py``; only the member loop runs them)."""
+        return self._members(x)[0]
+
+    def _members(self, x):
+        """(member logits (K, B, C), the log weights (K, 1, 1) cached with a fused or vmapped path or None)."""
         if not isinstance(x, torch.Tensor):
             self._ran("loop")
-            return self._loop(x)
+            return self._loop(x), None
         if self._use_fused():
             fused = self._fused_net(x)
             if fused is not None:
                 self._ran("fused")
-                return fused.forward(x)  # no hooks on this private module: skip __call__'s overhead
+                return fused.forward(x), self._fused[2]  # no hooks on this private module: skip __call__
         if self._use_vmap():
             stacked = self._stacked_state(x)
             if stacked is not None:
                 self._ran("vmap")
-                return self._vmap(stacked, x)
+                return self._vmap(stacked, x), self._stacked[2]
         self._ran("loop")
-        return self._loop(x)
+        return self._loop(x), None
 
     def _ran(self, path: str) -> None:
         if self.last_path != path:  # nn.Module.__setattr__ costs microseconds per call
@@ -150,50 +156,56 @@ class Ensemble(nn.Module):
             return self._fused[1]
         sig = self._state()
         net = None
-        if FusedMLP.supports(list(self.members)):
+        if not sig[0][1] and FusedMLP.supports(list(self.members)):  # hooks fire only in the loop
             net = FusedMLP(list(self.members))
             tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
             # trust the fused network only once it reproduces the loop on real inputs
             if not tracing and not torch.allclose(net(x), self._loop(x), rtol=1e-4, atol=1e-5):
                 net = None
-        self._fused = (sig, net)
+        self._fused = (sig, net, self._log_weights())
         return net
 
     # A fused or vmapped path is a copy of the members' weights, so before every call it checks that
     # the members are as when it was built: every ``_modules`` / ``_parameters`` / ``_buffers`` dict
-    # from the ensemble down (anything attached anywhere in the tree changes one of them), the number
-    # of forward hooks on every module (a hook makes the members run one by one again), then the
-    # version counter and storage of every tensor (in-place updates). C-level maps only: this runs
-    # on every call, where a batch-1 forward takes tens of microseconds.
-    def _watched(self):
-        """(ids of everything in the watched dicts, hook counts), and those objects."""
+    # from the ensemble down (anything attached anywhere in the tree changes one of them), then the
+    # version counter and storage of every tensor (in-place updates and ``.data`` swaps). A forward
+    # hook on any member module, or a global one (``register_module_forward_hook``), makes the
+    # members run one by one, where the hooks fire. C-level maps over views made once: this runs on
+    # every call, where a batch-1 forward takes tens of microseconds.
+    def _watched(self) -> tuple[tuple[int, ...], bool]:
+        """(ids of everything in the watched dicts, whether any forward hook is set)."""
         if self._tree is None:
-            subs = [self, *self.members.modules()]
-            self._tree = ([d for s in subs for d in (s._modules, s._parameters, s._buffers)],
-                          [d for s in subs for d in (s._forward_hooks, s._forward_pre_hooks)])
-        values = list(chain.from_iterable(map(dict.values, self._tree[0])))
-        return (tuple(map(id, values)), tuple(map(len, self._tree[1]))), values
+            subs = list(self.members.modules())
+            self._tree = ([d.values() for s in (self, *subs) for d in (s._modules, s._parameters, s._buffers)],
+                          [d for s in subs for d in (s._forward_hooks, s._forward_pre_hooks)] + _GLOBAL_HOOKS)
+        return tuple(map(id, chain.from_iterable(self._tree[0]))), any(map(len, self._tree[1]))
 
     def _state(self):
         """What :meth:`_unchanged` compares against; holds the watched objects, so none of their ids can
         be handed on to a replacement."""
         self._tree = None  # re-read the module tree
-        ids, values = self._watched()
+        key = self._watched()
+        values = list(chain.from_iterable(self._tree[0]))
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        return ids, tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)), tensors, values
+        return key, tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)), tensors, values
 
     def _unchanged(self, state) -> bool:
-        ids, versions, pointers, tensors, _ = state
-        return (self._watched()[0] == ids  # the same objects, so ``tensors`` are the members' tensors
+        key, versions, pointers, tensors, _ = state
+        return (self._watched() == key  # the same objects, so ``tensors`` are the members' tensors
                 and tuple(map(_VERSION, tensors)) == versions
                 and tuple(map(torch.Tensor.data_ptr, tensors)) == pointers)
+
+    def _log_weights(self) -> torch.Tensor:
+        """log(weights) as (K, 1, 1), kept beside a fused or vmapped path (``weights`` is watched with it)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self.weights.log().view(-1, 1, 1)
 
     def _stacked_state(self, x):
         if self._stacked is not None and self._unchanged(self._stacked[0]):
             return self._stacked[1]
         sig = self._state()
         stacked = None
-        if same_architecture(list(self.members)):
+        if not sig[0][1] and same_architecture(list(self.members)):
             with torch.inference_mode(False), torch.no_grad():
                 params, buffers = stack_module_state(list(self.members))
                 params = {k: v.detach() for k, v in params.items()}
@@ -209,7 +221,7 @@ class Ensemble(nn.Module):
                     stacked = candidate
             except Exception:  # an op without a batching rule, a member that inspects its tensors ...
                 stacked = None
-        self._stacked = (sig, stacked)
+        self._stacked = (sig, stacked, self._log_weights())
         return stacked
 
     # ---- combiner ------------------------------------------------------------------------------
@@ -218,31 +230,39 @@ class Ensemble(nn.Module):
             x = kwargs if x is None and not args else (x, *args) if not kwargs else None
             if x is None:
                 raise ConfigError("an ensemble passes on either positional or keyword inputs, not both")
-        return self.combine(self.member_logits(x))
+        return self.combine(*self._members(x))
 
-    def combine(self, logits: torch.Tensor) -> torch.Tensor:
-        """Combine member logits (K, B, C) into log-probabilities (B, C).
+    def combine(self, logits: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Combine member logits (K, B, C) into log-probabilities (B, C) (``log_weights``: log(weights)
+        as (K, 1, 1), when already at hand).
 
-        In torch, ``mean``, ``weighted`` and ``mean-logits`` work class-major, (K, C, B): torch's CPU
-        softmax over a last dimension of a few classes runs one short row at a time (log_softmax of
-        (5, 256, 10): 107 us over the classes last, 6 us class-major, on this project's 2-core Xeon), and
-        the logsumexp over the members is spelled out (``torch.logsumexp`` is several kernels). An ONNX
-        export (a trace) keeps the classes last: ONNX Runtime's LogSoftmax and ReduceLogSumExp ran that
-        graph faster (batch 1: 13.5 vs 17.1 us for five 64-32-10 members)."""
+        In torch, ``mean``, ``weighted`` and ``mean-logits`` on 16 rows or more work class-major,
+        (K, C, B): torch's CPU softmax over a last dimension of a few classes runs one short row at a
+        time (log_softmax of (5, 256, 10): 107 us over the classes last, 6 us class-major, on this
+        project's 2-core Xeon); on fewer rows each kernel call costs more than its work, and the
+        transposes are left out. The logsumexp over the members is spelled out (``torch.logsumexp`` is
+        several kernels: 7.7-8.3 us for (5, 1, 10), the six spelled out 6.4 us). An ONNX export (a trace) keeps
+        the classes last: ONNX Runtime's LogSoftmax and ReduceLogSumExp ran that graph faster (batch 1:
+        13.5 vs 17.1 us for five 64-32-10 members)."""
         graph = torch.jit.is_tracing() or torch.compiler.is_compiling()  # 0.2 us; is_in_onnx_export: 1 us
         if self.method in ("mean", "weighted", "mean-logits") and not graph:
-            cm = logits.transpose(1, 2).contiguous()
+            rows = logits.shape[1] < 16  # classes last, (K, B, C); else class-major (K, C, B)
+            z = logits if rows else logits.transpose(1, 2).contiguous()
             if self.method == "mean-logits":
-                return F.log_softmax(cm.mean(0), dim=0).t().contiguous()
-            logp = F.log_softmax(cm, dim=1) + self.weights.log().view(-1, 1, 1)
-            top = logp.detach().amax(0)  # the shift cancels in the gradient
-            if torch.is_grad_enabled():  # log of the weighted mean probability, (C, B)
-                out = (logp - top).exp().sum(0).log() + top
-            else:  # in place: a batch-1 call is mostly per-tensor overhead
-                out = logp.sub_(top).exp_().sum(0).log_().add_(top)
-            if self.temperature != 1.0:
-                out = F.log_softmax(out / self.temperature, dim=0)
-            return out.t().contiguous()
+                out = F.log_softmax(z.mean(0), dim=1 if rows else 0)
+            else:
+                logw = self.weights.log().view(-1, 1, 1) if log_weights is None else log_weights
+                logp = F.log_softmax(z, dim=2 if rows else 1)
+                if torch.is_grad_enabled():  # log of the weighted mean probability
+                    logp = logp + logw
+                    top = logp.detach().amax(0)  # the shift cancels in the gradient
+                    out = (logp - top).exp().sum(0).log() + top
+                else:  # in place: a batch-1 call is mostly per-kernel overhead
+                    top = logp.add_(logw).amax(0)
+                    out = logp.sub_(top).exp_().sum(0).log_().add_(top)
+                if self.temperature != 1.0:
+                    out = F.log_softmax(out / self.temperature, dim=1 if rows else 0)
+            return out if rows else out.t().contiguous()
         logp = F.log_softmax(logits, dim=-1)
         if self.method == "mean-logits":
             return F.log_softmax(logits.mean(0), dim=-1)
