@@ -22,7 +22,7 @@ pool blended on the validation split; a logistic regression and the log-linear p
 the out-of-fold rows applied to the fold models as a bag) on the test split;
 mean and spread over seeds and the paired 95% bootstrap interval over the pooled test samples of
 all seeds (plus each seed's own verdict). Then 5 members of one architecture fused vs one member vs
-the loop in torch eager, and fused vs one member in ONNX Runtime, interleaved per call, medians.
+the loop in torch eager, and fused vs one member in ONNX Runtime, interleaved in short blocks of calls, medians.
 
 torchensemble is optional (``make bench-deps`` installs it with --no-deps); its row is skipped
 when it is missing.
@@ -311,11 +311,14 @@ def calls_per_batch(x) -> int:
     return 2000 if len(x) == 1 else 200
 
 
+BLOCK = 50  # consecutive calls of one variant at batch 1 (10 at batch 256) before the next takes its turn
+
+
 def fused_latency() -> list[dict]:
     """5 members of one MLP architecture: one member vs fused vs the loop in torch eager, and one member vs
     the fused ensemble in ONNX Runtime (slimfuse's predictor, and its bare session), 2 threads,
-    interleaved call by call within each pass (torch; each ONNX Runtime session); medians (and 10th
-    percentiles) of the per-call times."""
+    interleaved in short blocks of calls within each pass (torch; each ONNX Runtime session); medians
+    (and 10th percentiles) of the per-call times."""
     from slimfuse.export import to_onnx
 
     rows = []
@@ -335,21 +338,27 @@ def fused_latency() -> list[dict]:
             # torch, and each ONNX Runtime session, in a pass of its own: a session's worker threads spin
             # after a call, which slowed the other runtime's or session's calls 2-6x when all were interleaved
             groups = (("one", "fused", "loop"), ("ort_one", "session_one"), ("ort_fused", "session_fused"))
+            # within a group the variants take turns in blocks of BLOCK consecutive calls, each call timed:
+            # short enough that load changes hit them alike, long enough that each runs with its own
+            # weights in cache, as a served model does (call by call, the variants evicted one another's
+            # weights: five 784-128-10 members fused are 2 MB, this CPU's L2)
             with torch.inference_mode():
-                for xb, group in ((xb, g) for xb in (x[:1], x) for g in groups):  # within a group, per call,
-                    calls = {v: [] for v in group}  # the variants one after another: preemption hits them alike
+                for xb, group in ((xb, g) for xb in (x[:1], x) for g in groups):
+                    calls = {v: [] for v in group}
                     feed = {sessions["session_one"].get_inputs()[0].name: xb.numpy()}
-                    for it in range(calls_per_batch(xb) + 20):
+                    block = BLOCK if len(xb) == 1 else BLOCK // 5
+                    for turn in range(calls_per_batch(xb) // block + 1):
                         for variant in group:
                             ens.fuse = variant != "loop"
-                            if variant in sessions:
-                                t0 = time.perf_counter()
-                                sessions[variant].run(None, feed)
-                            else:
-                                t0 = time.perf_counter()
-                                models[variant](xb)
-                            if it >= 20:  # warm-up
-                                calls[variant].append(time.perf_counter() - t0)
+                            for _ in range(block):
+                                if variant in sessions:
+                                    t0 = time.perf_counter()
+                                    sessions[variant].run(None, feed)
+                                else:
+                                    t0 = time.perf_counter()
+                                    models[variant](xb)
+                                if turn:  # the first turn warms up
+                                    calls[variant].append(time.perf_counter() - t0)
                             if variant in ("fused", "loop"):
                                 assert ens.last_path == variant, ens.last_path
                     for v, ts in calls.items():
@@ -370,7 +379,7 @@ def fused_latency() -> list[dict]:
             row[f"loop_over_one_{b}"] = row[f"loop_{b}_ms"] / row[f"one_{b}_ms"]
         print(f"  fused {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("model", "calls")),
               flush=True)
-        print(f"    medians of {row['calls']} interleaved calls; 10th percentiles fused/one b1 "
+        print(f"    medians of {row['calls']} calls in interleaved blocks; 10th percentiles fused/one b1 "
               f"{row['fused_over_one_b1_min']:.2f}x b256 {row['fused_over_one_b256_min']:.2f}x", flush=True)
         rows.append(row)
     return rows
