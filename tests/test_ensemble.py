@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -14,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 import slimfuse as sf
 from slimfuse.cli import app
+from slimfuse.data import Splits
 from slimfuse.fuse import caruana, ensemble, refine, soup, swa, train_members
 from slimfuse.fuse.combine import Ensemble, LogLinearPool
 from slimfuse.fuse.select import nll
@@ -283,7 +286,7 @@ def _fresh(ens, x):
 
 
 @pytest.mark.parametrize("change", ["in-place", "new parameter", ".data", "new layer", "new member", "load_state_dict",
-                                    "hook"])
+                                    "hook", "ensemble weights"])
 def test_the_fused_copy_follows_every_change_to_the_members(data, change):
     torch.manual_seed(0)
     group = [sf.zoo.mlp(64, [16], 10) for _ in range(3)]
@@ -305,6 +308,8 @@ def test_the_fused_copy_follows_every_change_to_the_members(data, change):
             ens.members[1] = sf.zoo.mlp(64, [16], 10)
         elif change == "load_state_dict":
             m.load_state_dict(sf.zoo.mlp(64, [16], 10).state_dict())
+        elif change == "ensemble weights":  # the log weights cached beside the fused copy follow
+            ens.weights.copy_(torch.tensor([0.7, 0.2, 0.1]))
         else:
             m.out.register_forward_hook(lambda mod, inp, out: out * 3.0)
     after, path, loop = _fresh(ens, x)
@@ -466,6 +471,55 @@ def test_swa_refreshes_batchnorm_and_matches_plain_training(data):
     again = sf.fuse.refresh_bn(sf.fuse.soup([averaged], "uniform"), data.train)
     assert torch.allclose(averaged.bn1.running_mean, again.bn1.running_mean, atol=1e-5)
     assert sf.lineage_of(averaged)[-1]["op"] == "swa"
+
+
+class _Pixels(Dataset):
+    """Dict samples, as a Hugging Face pipeline yields them: {"pixels": image, "labels": class}."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        return {"pixels": self.split.x[i], "labels": self.split.y[i]}
+
+
+class _NamedInput(nn.Module):
+    """A BatchNorm CNN whose forward takes its input by name, as dict batches call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sf.zoo.cnn(10, 1, 8, [8], 16)
+
+    def forward(self, pixels):
+        return self.net(pixels)
+
+
+def test_soup_and_swa_take_the_users_dataloaders(data):
+    torch.manual_seed(0)
+    val = DataLoader(_Pixels(data.val), batch_size=256)  # one batch, as the in-memory pass reads it
+    base = sf.fit(_NamedInput(), data, epochs=3, lr=3e-3, progress=False)
+    tuned = [sf.fit(base, data, epochs=1, lr=1e-3, seed=s, progress=False) for s in range(3)]
+    from_loader = soup(tuned, "greedy", val)  # ranked on the loader; BatchNorm refreshed on its inputs
+    in_memory = soup(tuned, "greedy", Splits(train=data.val, val=data.val, test=data.test, task=data.task))
+    assert sf.lineage_of(from_loader)[-1]["params"]["kept"] == sf.lineage_of(in_memory)[-1]["params"]["kept"]
+    for (name, a), b in zip(from_loader.state_dict().items(), in_memory.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert sf.evaluate(from_loader, val)["accuracy"] >= max(sf.evaluate(m, val)["accuracy"] for m in tuned)
+
+    train = DataLoader(_Pixels(data.train), batch_size=64, shuffle=True)
+    averaged = swa(base, train, epochs=2, lr=1e-3)
+    with torch.no_grad():  # BatchNorm holds the statistics of the training inputs
+        features = averaged.net.conv1(data.train.x)
+    torch.testing.assert_close(averaged.net.bn1.running_mean, features.mean((0, 2, 3)), rtol=0, atol=0.02)
+    torch.testing.assert_close(averaged.net.bn1.running_var, features.var((0, 2, 3)), rtol=0.1, atol=0.02)
+    assert sf.evaluate(averaged, val)["accuracy"] >= sf.evaluate(base, val)["accuracy"] - 0.05
+    assert sf.lineage_of(averaged)[-1]["op"] == "swa"
+    with pytest.raises(sf.DataError, match="no inputs to recompute BatchNorm"):
+        sf.fuse.refresh_bn(copy.deepcopy(averaged), DataLoader(_Pixels(data.val.subset(torch.arange(0))),
+                                                              batch_size=8))
 
 
 # ---- member training ----------------------------------------------------------------------------

@@ -6,6 +6,11 @@ ingredients in order of validation accuracy and keeps each one only if the soup'
 validation accuracy does not drop. Averaging only works inside one loss basin:
 a soup far worse than its ingredients gets a warning naming that cause.
 BatchNorm statistics are recomputed for the averaged weights (``refresh_bn``).
+
+``data`` may be Splits or data of any form :func:`slimfuse.data.feed.feed` reads (a ``DataLoader``
+of tuple or dict batches, a ``Dataset``, arrays): for a soup, the labelled validation data the
+ingredients are ranked on, whose inputs also refresh BatchNorm when there is no training split;
+for SWA, the training data, as :func:`slimfuse.fit` takes it (``val=`` its validation data).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import torch
 from torch import nn
 
 from ..data import Split, Splits
-from ..errors import ConfigError
+from ..data.feed import feed, take
+from ..errors import ConfigError, DataError
+from ..models.calling import forward
 from ..models.keras import torch_of
 from ..models.spec import derive, spec_of
 from ..train import evaluate, fit
@@ -27,9 +34,11 @@ from ..validate import check
 FAR_WORSE = 0.05
 
 
-def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = None, *,
-         validate: bool = True) -> nn.Module:
+def soup(models: list[nn.Module], method: str = "greedy", data=None, *, validate: bool = True) -> nn.Module:
     """Average the weights of ``models`` (same architecture, shared initialization).
+
+    ``data``: Splits (ranked on ``val``, BatchNorm refreshed on ``train``) or labelled validation
+    data of any form (ranked on it, streamed; BatchNorm refreshed on its inputs, labels unused).
 
     ``validate``: check the soup against its ingredients before returning it (it must agree with
     at least one; :mod:`slimfuse.validate`); ``False`` skips it (recorded in the lineage)."""
@@ -42,24 +51,24 @@ def soup(models: list[nn.Module], method: str = "greedy", data: Splits | None = 
     check_same_shapes(models)
     if method == "greedy" and data is None:
         raise ConfigError("a greedy soup ranks ingredients by validation accuracy; pass data=")
-    train = data.train if data is not None else None
+    train, val = (data.train, data.val) if isinstance(data, Splits) else (data, data)
     if method == "uniform":
         result = average(models, train)
         kept = list(range(len(models)))
     else:
-        accs = [evaluate(m, data.val)["accuracy"] for m in models]
+        accs = [evaluate(m, val)["accuracy"] for m in models]
         order = sorted(range(len(models)), key=lambda i: -accs[i])
         kept = [order[0]]
         result, best = copy.deepcopy(models[order[0]]), accs[order[0]]
         for i in order[1:]:
             trial = average([models[j] for j in kept + [i]], train)
-            acc = evaluate(trial, data.val)["accuracy"]
+            acc = evaluate(trial, val)["accuracy"]
             if acc >= best:
                 kept, result, best = kept + [i], trial, acc
         if len(kept) == 1 and len(models) > 1:
-            _warn_if_far_worse(average(models, train), models, data.val)
+            _warn_if_far_worse(average(models, train), models, val)
     if method == "uniform" and data is not None:
-        _warn_if_far_worse(result, models, data.val)
+        _warn_if_far_worse(result, models, val)
     result = derive(models[0], result.eval(), "soup", method=method, ingredients=len(models), kept=kept)
     return check(result, f"soup({method})", reference=models, data=data, validate=validate,
                  fix="method='greedy' with data=, or ingredients fine-tuned from one initialization")
@@ -82,7 +91,7 @@ def check_same_shapes(models: list[nn.Module], who: str = "soup") -> None:
         raise ConfigError(f"{who}: the models have different architecture specs")
 
 
-def average(models: list[nn.Module], train: Split | None = None) -> nn.Module:
+def average(models: list[nn.Module], train=None) -> nn.Module:
     """Uniform weight average (integer buffers from the first model); BatchNorm refreshed on ``train``."""
     out = copy.deepcopy(models[0])
     states = [m.state_dict() for m in models]
@@ -94,18 +103,47 @@ def average(models: list[nn.Module], train: Split | None = None) -> nn.Module:
     return out.eval()
 
 
-def refresh_bn(model: nn.Module, train: Split, *, batch_size: int = 256) -> nn.Module:
-    """Recompute BatchNorm running statistics of ``model`` (in place) with one pass over ``train``.
+class _Calls(nn.Module):
+    """``model`` called by slimfuse's convention (``model(x)``, ``model(*x)``, ``model(**x)``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return forward(self.model, x)
+
+
+def refresh_bn(model: nn.Module, data, *, batch_size: int = 256) -> nn.Module:
+    """Recompute BatchNorm running statistics of ``model`` (in place) with one pass over ``data``: a
+    Split, or inputs of any form :func:`slimfuse.data.feed.feed` reads (labels, if any, unused).
 
     ``torch.optim.swa_utils.update_bn``: a cumulative average over the pass, then each layer's own
-    momentum and the model's training mode restored."""
-    batches = [train.x[start : start + batch_size] for start in range(0, len(train), batch_size)]
+    momentum and the model's training mode restored. A model without BatchNorm is left as it is,
+    its data unread."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if isinstance(data, Split):
+        inputs = (take(data.x, slice(start, start + batch_size)) for start in range(0, len(data), batch_size))
+    else:  # streamed: one batch in memory at a time
+        inputs = (b[0] for b in feed(data, batch_size=batch_size, labels=None, where="the BatchNorm data"))
+    read = 0
+
+    def wrapped():  # 1-tuples: update_bn takes a tuple's first element as the input
+        nonlocal read
+        for x in inputs:
+            read += 1
+            yield (x,)
+
+    training = model.training
     with torch.no_grad():
-        torch.optim.swa_utils.update_bn(batches, model)
-    return model
+        torch.optim.swa_utils.update_bn(wrapped(), _Calls(model))
+    if not read:  # update_bn has left the reset statistics (mean 0, variance 1)
+        raise DataError("no inputs to recompute BatchNorm statistics on (the data is empty)")
+    return model.train(training)
 
 
-def _warn_if_far_worse(result: nn.Module, models: list[nn.Module], val: Split) -> None:
+def _warn_if_far_worse(result: nn.Module, models: list[nn.Module], val) -> None:
     accs = [evaluate(m, val)["accuracy"] for m in models]
     got = evaluate(result, val)["accuracy"]
     mean = sum(accs) / len(accs)
@@ -120,13 +158,15 @@ def _warn_if_far_worse(result: nn.Module, models: list[nn.Module], val: Split) -
         )
 
 
-def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5, swa_lr: float | None = None,
+def swa(model: nn.Module, data, *, epochs: int = 10, start: float = 0.5, swa_lr: float | None = None,
         validate: bool = True, **fit_options) -> nn.Module:
     """Train a copy of ``model`` with stochastic weight averaging (Izmailov et al., 2018).
 
     The first ``start`` fraction of ``epochs`` trains as :func:`slimfuse.fit` would; the rest runs
     at a constant ``swa_lr`` (default: ``lr``), averaging the weights at the end of every epoch.
-    BatchNorm statistics are then recomputed for the averaged weights.
+    BatchNorm statistics are then recomputed for the averaged weights, on the training inputs.
+    ``data``: Splits or training data of any form :func:`slimfuse.fit` takes (``val=`` in
+    ``fit_options``: its validation data).
     """
     model = torch_of(model)
     if not 0 <= start < 1:
@@ -145,7 +185,7 @@ def swa(model: nn.Module, data: Splits, *, epochs: int = 10, start: float = 0.5,
         on_epoch_end=lambda m, row: averaged.update_parameters(m), **fit_options)
     result = copy.deepcopy(warm)
     result.load_state_dict(averaged.module.state_dict())
-    refresh_bn(result, data.train)
+    refresh_bn(result, data.train if isinstance(data, Splits) else data)
     result = derive(model, result.eval(), "swa", epochs=epochs, start=start, lr=lr, swa_lr=swa_lr)
     return check(result, "swa", reference=model, data=data, validate=validate, fix="a lower swa_lr= or a later start=",
                  floor=0.0)  # SWA trains the model further (from scratch, even): only a collapse is an error
