@@ -385,6 +385,51 @@ def fused_latency() -> list[dict]:
     return rows
 
 
+def onnx_members_latency() -> list[dict]:
+    """Three ONNX Runtime members of different MLP architectures (so the loop runs them in turn): one
+    member alone, the ensemble (its loop runs them without spinning threads) and the same ensemble with
+    ONNX Runtime's default, spinning; 2 threads, blocks of calls as in :func:`fused_latency`."""
+    import slimfuse.runtime
+    from slimfuse.export import to_onnx
+    from slimfuse.fuse.combine import Ensemble
+
+    torch.manual_seed(0)
+    torch_members = [sf.zoo.mlp(784, h, 10) for h in ([128], [256], [128, 64])]
+    x = torch.randn(256, 784)
+    members = [to_onnx(m, sample=x) for m in torch_members]
+    ens = Ensemble(members, "mean", classes=10)
+    def spinning(xb):
+        with slimfuse.runtime.spinning(True):  # ONNX Runtime's default, as before 2026-12-03
+            return ens(xb)
+
+    variants = {"one": lambda xb: members[0](xb), "ensemble": ens, "spinning": spinning}
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    row: dict = {"model": "784-128-10, 784-256-10, 784-128-64-10 (ONNX Runtime)"}
+    try:
+        with torch.inference_mode():
+            for xb in (x[:1], x):
+                b = f"b{len(xb)}"
+                torch.testing.assert_close(variants["spinning"](xb), ens(xb))
+                calls = {v: [] for v in variants}
+                block = BLOCK if len(xb) == 1 else BLOCK // 5
+                for turn in range(calls_per_batch(xb) // block + 1):
+                    for name, fn in variants.items():
+                        for _ in range(block):
+                            t0 = time.perf_counter()
+                            fn(xb)
+                            if turn:
+                                calls[name].append(time.perf_counter() - t0)
+                for name, ts in calls.items():
+                    row[f"{name}_{b}_ms"] = float(np.median(ts) * 1e3)
+                    row[f"{name}_{b}_p10"] = float(np.percentile(ts, 10) * 1e3)
+                row[f"spinning_over_ensemble_{b}"] = row[f"spinning_{b}_ms"] / row[f"ensemble_{b}_ms"]
+    finally:
+        torch.set_num_threads(old)
+    print("  onnx members: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "model"), flush=True)
+    return [row]
+
+
 def cpu_features() -> str:
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
@@ -438,6 +483,15 @@ def seeds_markdown(result: dict) -> str:
                   f"{r['session_fused_b1_ms']:.3f} | {r['session_fused_over_one_b1']:.2f}x | "
                   f"{r['ort_one_b256_ms']:.2f} | {r['ort_fused_b256_ms']:.2f} | "
                   f"{r['ort_fused_over_one_b256']:.2f}x | {r['session_fused_over_one_b256']:.2f}x |")
+    md += ["", "ONNX Runtime members of different architectures, run in turn (medians; 10th percentiles in "
+           "brackets):", "",
+           "| members | one b1 ms | ensemble b1 ms | in turn, spinning b1 ms | one b256 ms | ensemble b256 ms | "
+           "in turn, spinning b256 ms | spinning / ensemble b1, b256 |", "|---|---|---|---|---|---|---|---|"]
+    for r in result.get("onnx_members", []):
+        cells = " | ".join(f"{r[f'{v}_{b}_ms']:.3f} ({r[f'{v}_{b}_p10']:.3f})"
+                           for b in ("b1", "b256") for v in ("one", "ensemble", "spinning"))
+        md.append(f"| {r['model']} | {cells} | {r['spinning_over_ensemble_b1']:.2f}x, "
+                  f"{r['spinning_over_ensemble_b256']:.2f}x |")
     md += ["", "Targets:", ""] + [f"- {t}" for t in result["targets"]]
     return "\n".join(md) + "\n"
 
@@ -514,7 +568,8 @@ def main_seeds(seeds=SEEDS) -> int:
         datasets.append({"dataset": name, "widths": widths, "epochs": epochs, "rows": rows,
                          "n_test": len(runs[0]["samples"][label]["nll"]),
                          "notes": [r["notes"][DEFAULT_WEIGHTED] for r in runs]})
-    result = {"datasets": datasets, "fused": fused_latency(), "torch": torch.__version__, "cpu": cpu_features()}
+    result = {"datasets": datasets, "fused": fused_latency(), "onnx_members": onnx_members_latency(),
+              "torch": torch.__version__, "cpu": cpu_features()}
     result["targets"] = seeds_targets(result)
     result["seconds"] = time.perf_counter() - start
     OUT.mkdir(parents=True, exist_ok=True)

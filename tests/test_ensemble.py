@@ -274,6 +274,27 @@ def test_fused_mlp_members_equal_the_loop_and_export_as_one_wide_graph(tmp_path,
     np.testing.assert_allclose(got, sf.predict(ens, data.test).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_onnx_runtime_members_run_in_turn_without_spinning_threads(data, members):
+    from slimfuse.export import to_onnx
+
+    onnx_members = [to_onnx(m, sample=data.val) for m in members[:3]]
+    ens = Ensemble(onnx_members, "mean", classes=10)
+    alone = onnx_members[0](data.test.x)  # called by itself: ONNX Runtime's default, threads spin
+    got = ens(data.test.x)
+    assert ens.last_path == "loop"
+    for m in onnx_members:  # in the ensemble: each member's session was made without spinning
+        quiet = [s for (_, spinning), s in m._sessions.items() if not spinning]
+        assert len(quiet) == 1
+        assert quiet[0].get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert [spinning for _, spinning in onnx_members[0]._sessions] == [True, False]
+    torch.testing.assert_close(onnx_members[0](data.test.x), alone)  # and alone again with the default
+    with sf.runtime.spinning(True):  # the caller's choice stands: the default sessions, spinning
+        torch.testing.assert_close(ens(data.test.x), got)
+    assert all(len(m._sessions) == 2 for m in onnx_members)
+    want = torch.logsumexp(torch.stack([torch.log_softmax(m(data.test.x), -1) for m in members[:3]]), 0) - np.log(3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _fresh(ens, x):
     """The fused output and the loop's, on the members as they are now."""
     with torch.no_grad():

@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cached_property
 from pathlib import Path
 
@@ -180,6 +183,29 @@ def _graph_inputs(proto: onnx.ModelProto) -> list:
     return [i for i in proto.graph.input if i.name not in inits]
 
 
+# ONNX Runtime's worker threads spin for a while after each run (its default), which serves one model
+# called back to back; several sessions called in turn (an ensemble's members) then compete with each
+# other's spinning threads for the cores (BENCHMARKS.md, "ONNX Runtime members"). None: the default.
+_SPINNING: ContextVar[bool | None] = ContextVar("slimfuse_onnxruntime_spinning", default=None)
+
+
+@contextmanager
+def spinning(allowed: bool) -> Iterator[None]:
+    """ONNX Runtime predictors called inside run sessions whose worker threads spin after a run
+    (``True``, ONNX Runtime's default) or sleep (``False``). An ensemble runs several ONNX Runtime
+    members with ``spinning(False)`` unless its caller chose otherwise."""
+    token = _SPINNING.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _SPINNING.reset(token)
+
+
+def spinning_chosen() -> bool:
+    """Whether a caller has chosen with :func:`spinning`."""
+    return _SPINNING.get() is not None
+
+
 class OnnxPredictor(nn.Module):
     """An ONNX model run by ONNX Runtime, as an ``nn.Module`` (inference only, no gradients).
 
@@ -208,7 +234,7 @@ class OnnxPredictor(nn.Module):
             raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         self.sha256, self.threads, self.input_layout, self.output = sha256, threads, input_layout, output
         self.register_buffer("onnx_model", torch.zeros(nbytes, dtype=torch.uint8))
-        self._sessions: dict[int, object] = {}
+        self._sessions: dict[tuple[int, bool], object] = {}
         self.register_load_state_dict_post_hook(lambda module, _keys: module._reset(check=True))
 
     # -- construction ---------------------------------------------------------------------------
@@ -256,21 +282,25 @@ class OnnxPredictor(nn.Module):
         return {"input": feed.name, "dims": dims, "output": out, "proba": proba, "dtype": dtype}
 
     def session(self, threads: int | None = None):
-        """The ONNX Runtime session for ``threads`` intra-op threads (cached)."""
+        """The ONNX Runtime session for ``threads`` intra-op threads (cached); inside
+        ``spinning(False)`` one whose worker threads do not spin after a run."""
         import onnxruntime as ort
 
         n = threads or self.threads or torch.get_num_threads()
-        if n not in self._sessions:
+        key = (n, _SPINNING.get() is not False)
+        if key not in self._sessions:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = n
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if not key[1]:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
-                self._sessions[n] = ort.InferenceSession(self.model_bytes(), opts, providers=providers())
+                self._sessions[key] = ort.InferenceSession(self.model_bytes(), opts, providers=providers())
             except Exception as e:  # ORT rejects a checked model: unsupported op or opset
                 raise _ort_error(e, "to create a session for this model") from None
-        return self._sessions[n]
+        return self._sessions[key]
 
     def feed(self, x) -> np.ndarray:
         """``x`` (torch or numpy, N x ...) as the array the ONNX input expects (float32 or int64)."""

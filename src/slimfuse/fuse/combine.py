@@ -118,6 +118,12 @@ class Ensemble(nn.Module):
             self.last_path = path
 
     def _loop(self, x):
+        if sum(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members) > 1:
+            from ..runtime import spinning, spinning_chosen  # members in turn: no threads left spinning
+
+            if not spinning_chosen():
+                with spinning(False):
+                    return torch.stack([forward(m, x) for m in self.members])
         return torch.stack([forward(m, x) for m in self.members])
 
     @staticmethod
