@@ -341,6 +341,11 @@ class OnnxPredictor(nn.Module):
     def slimfuse_macs(self) -> int | None:
         return self._stats["macs"]
 
+    def slimfuse_classes(self) -> int | None:
+        """The output's last dimension when the graph states it (the class count of a classifier)."""
+        dims = self.proto.graph.output[0].type.tensor_type.shape.dim
+        return int(dims[-1].dim_value) if len(dims) >= 2 and dims[-1].HasField("dim_value") else None
+
     @cached_property
     def _stats(self) -> dict:
         return graph_stats(self.proto)

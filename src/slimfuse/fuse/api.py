@@ -210,6 +210,9 @@ def _declared_classes(m: nn.Module, i: int) -> int:
     args = (spec_of(m) or {}).get("args", {})
     if isinstance(args.get("classes"), int):
         return args["classes"]
+    stated = getattr(m, "slimfuse_classes", None)  # an ONNX Runtime member: its graph's output shape
+    if callable(stated) and stated():
+        return int(stated())
     last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
     if last:
         return last[-1].out_features
