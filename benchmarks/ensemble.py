@@ -398,6 +398,7 @@ def onnx_members_latency() -> list[dict]:
     x = torch.randn(256, 784)
     members = [to_onnx(m, sample=x) for m in torch_members]
     ens = Ensemble(members, "mean", classes=10)
+
     def spinning(xb):
         with slimfuse.runtime.spinning(True):  # ONNX Runtime's default, as before 2026-12-03
             return ens(xb)
