@@ -298,6 +298,56 @@ def test_onnx_runtime_members_run_in_turn_without_spinning_threads(data, members
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["mean", "weighted", "mean-logits"])
+def test_onnx_runtime_members_run_as_one_graph_and_export_as_one_file(tmp_path, data, members, method):
+    from slimfuse.export import to_onnx, torch_to_proto
+    from slimfuse.runtime import OnnxPredictor
+
+    x = data.test.x
+    probas = nn.Sequential(members[2], nn.Softmax(-1)).eval()  # a file whose output is probabilities
+    onnx_members = [to_onnx(members[0], sample=data.val), to_onnx(members[1], sample=data.val),
+                    OnnxPredictor.from_bytes(torch_to_proto(probas, x[:2]).SerializeToString())]
+    assert onnx_members[2]._io["proba"]
+    options = {"weights": [0.6, 0.0, 0.4], "temperature": 0.8} if method == "weighted" else {}
+    ens = Ensemble(onnx_members, method, classes=10, **options).eval()
+    loop = ens(x)  # gradients on: the members one by one
+    assert ens.last_path == "loop"
+    with torch.inference_mode():
+        got = ens(x)
+        assert ens.last_path == "fused" and isinstance(ens._fused[1], OnnxPredictor)  # one session
+        assert ens.member_logits(x).shape == (3, len(x), 10)  # members one by one, as asked
+    torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-5)
+    if method == "weighted":  # the graph has the combiner built in: a new temperature rebuilds it
+        ens.temperature = 1.3
+        with torch.inference_mode():
+            hotter = ens(x)
+        ens.temperature = 0.8
+        torch.testing.assert_close(hotter, torch.log_softmax(torch.log_softmax(loop, -1) * 0.8 / 1.3, -1),
+                                   rtol=1e-4, atol=1e-5)
+    want = torch.stack([m(x) for m in onnx_members])
+    torch.testing.assert_close(want, ens._loop(x))
+
+    result = sf.export(ens, "onnx", tmp_path / "ens.onnx", sample=data.val)  # one file, parity checked
+    assert result.parity["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "ens.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 1
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, loop.numpy(), rtol=1e-5, atol=1e-5)
+
+    ens.members[0] = to_onnx(members[3], sample=data.val)  # replaced: the graph is rebuilt from the members
+    with torch.inference_mode():
+        again = ens(x)
+        assert ens.last_path == "fused"
+        ens.fuse = False
+        torch.testing.assert_close(again, ens(x), rtol=1e-5, atol=1e-5)
+        ens.fuse = True
+    assert not torch.allclose(again, got)
+    with torch.inference_mode():  # a member made under inference_mode: tensors without a version counter,
+        ens.members[0] = to_onnx(members[0], sample=data.val)  # whose in-place changes no check could see
+        torch.testing.assert_close(ens(x), got, rtol=1e-5, atol=1e-5)
+        assert ens.last_path == "loop"
+
+
 def _fresh(ens, x):
     """The fused output and the loop's, on the members as they are now."""
     with torch.no_grad():

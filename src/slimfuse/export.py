@@ -86,8 +86,14 @@ def to_onnx(model, *, sample=None, opset: int = 17, atol: float = 1e-4, rtol: fl
         raise ConfigError(f"cannot export a {type(model).__name__}; give a torch module or an ONNX model")
     x = sample_inputs(model, sample)
     probe(model, x)  # a model that cannot take these inputs, or returns no single tensor: one clear error
-    proto = torch_to_proto(model, x[:2], opset=opset)
-    pred = from_proto(proto, model)
+    own = getattr(model, "slimfuse_onnx", None)  # a model that is ONNX already (an ensemble of ONNX members)
+    graph = own() if callable(own) else None
+    if graph is not None:
+        proto, options = graph
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    else:
+        proto, options = torch_to_proto(model, x[:2], opset=opset), {}
+    pred = from_proto(proto, model, **options)
     parity = check_parity(model, pred, x, atol=atol, rtol=rtol)
     return derive(model, pred, "export", spec=spec_of(pred), format="onnx", opset=opset, parity=parity)
 

@@ -383,6 +383,79 @@ def load_onnx(path: str | Path, *, threads: int | None = None, input_layout: str
     return derive(pred, pred, "import_onnx", producer=pred.proto.producer_name or None, file=path.name)
 
 
+def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[float],
+                   temperature: float = 1.0) -> onnx.ModelProto | None:
+    """One ONNX graph holding every member and the combiner: the members' graphs side by side on one
+    shared input, each output as logits (log p for a member that outputs probabilities), stacked
+    (K, B, C), then ``mean`` / ``weighted``: log sum_k w_k softmax(z_k) (LogSoftmax, the log weights
+    added, ReduceLogSumExp over the members; a temperature as ``LogSoftmax(out / T)``), or
+    ``mean-logits``: LogSoftmax of the mean logits. ``None`` when the members cannot share one graph
+    (different input layouts, dtypes or sample shapes, different opset imports, opset < 13)."""
+    if method not in ("mean", "weighted", "mean-logits") or len(members) < 2:
+        return None
+    protos, ios = [m.proto for m in members], [m._io for m in members]
+    imports = [{o.domain or "ai.onnx": o.version for o in p.opset_import} for p in protos]
+    opset = imports[0].get("ai.onnx", 0)
+    if (len({m.input_layout for m in members}) > 1 or len({io["dtype"] for io in ios}) > 1
+            or any(io["dims"][1:] != ios[0]["dims"][1:] for io in ios) or any(i != imports[0] for i in imports)
+            or opset < 13 or any(len(_graph_inputs(p)) != 1 for p in protos)):
+        return None
+    from onnx import TensorProto, compose, helper
+
+    shared = "input"  # the members' own names all start "m{i}/", the combiner's never do
+    nodes, inits, stacked = [], [], []
+    for i, (proto, io) in enumerate(zip(protos, ios)):
+        g = compose.add_prefix(proto, f"m{i}/").graph
+        nodes.append(helper.make_node("Identity", [shared], [f"m{i}/{io['input']}"], name=f"ens/m{i}/input"))
+        nodes.extend(g.node)
+        inits.extend(g.initializer)
+        out = f"m{i}/{io['output']}"
+        if io["proba"]:  # the predictor's own log(max(p, 1e-12))
+            inits.append(numpy_helper.from_array(np.array(1e-12, np.float32), f"ens/m{i}/eps"))
+            nodes += [helper.make_node("Max", [out, f"ens/m{i}/eps"], [f"ens/m{i}/clamped"]),
+                      helper.make_node("Log", [f"ens/m{i}/clamped"], [f"ens/m{i}/logits"])]
+            out = f"ens/m{i}/logits"
+        nodes.append(helper.make_node("Unsqueeze", [out, "axis0"], [f"ens/m{i}/stacked"]))
+        stacked.append(f"ens/m{i}/stacked")
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    nodes.append(helper.make_node("Concat", stacked, ["members"], axis=0))
+
+    def reduce(op, x, y):  # axes an input from opset 18 on, an attribute before
+        if opset >= 18:
+            return helper.make_node(op, [x, "axis0"], [y], keepdims=0)
+        return helper.make_node(op, [x], [y], axes=[0], keepdims=0)
+
+    if method == "mean-logits":
+        nodes += [reduce("ReduceMean", "members", "mean"),
+                  helper.make_node("LogSoftmax", ["mean"], ["log_probs"], axis=-1)]
+    else:
+        inits.append(numpy_helper.from_array(np.asarray(log_weights, np.float32).reshape(-1, 1, 1), "log_weights"))
+        last = "log_probs" if temperature == 1.0 else "untempered"
+        nodes += [helper.make_node("LogSoftmax", ["members"], ["member_log_probs"], axis=-1),
+                  helper.make_node("Add", ["member_log_probs", "log_weights"], ["weighted"]),
+                  reduce("ReduceLogSumExp", "weighted", last)]
+        if temperature != 1.0:
+            inits.append(numpy_helper.from_array(np.array(temperature, np.float32), "temperature"))
+            nodes += [helper.make_node("Div", [last, "temperature"], ["tempered"]),
+                      helper.make_node("LogSoftmax", ["tempered"], ["log_probs"], axis=-1)]
+    first = _graph_inputs(protos[0])[0]
+    graph_input = onnx.ValueInfoProto()
+    graph_input.CopyFrom(first)
+    graph_input.name = shared
+    batch = first.type.tensor_type.shape.dim[0] if first.type.tensor_type.shape.dim else None
+    out_info = helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, [
+        (batch.dim_param or "batch") if batch is None or not batch.HasField("dim_value") else batch.dim_value,
+        members[0].slimfuse_classes()])
+    graph = helper.make_graph(nodes, "slimfuse_ensemble", [graph_input], [out_info], initializer=inits)
+    model = helper.make_model(graph, opset_imports=list(protos[0].opset_import),
+                              ir_version=max(p.ir_version for p in protos), producer_name="slimfuse")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError:
+        return None
+    return model
+
+
 def from_proto(proto: onnx.ModelProto, source: nn.Module | None = None, **kwargs) -> OnnxPredictor:
     """An :class:`OnnxPredictor` for an in-memory ModelProto, keeping ``source``'s lineage and task."""
     pred = OnnxPredictor.from_bytes(proto.SerializeToString(), **kwargs)

@@ -38,6 +38,7 @@ from ..models.spec import attach, spec_of
 
 METHODS = ("mean", "mean-logits", "vote", "weighted", "stacking")
 _VERSION = attrgetter("_version")
+_COMBINED = object()  # _members' second value when the fused graph returned the combined output itself
 # torch's module-wide forward hooks (``register_module_forward_hook`` / ``..._pre_hook``), dicts kept in place
 _GLOBAL_HOOKS = [torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks]
 
@@ -77,7 +78,7 @@ class Ensemble(nn.Module):
         self.vectorize: bool | None = None
         # fuse same-architecture MLP members into one wider network when gradients are off (default)
         self.fuse: bool = True
-        self._fused = None  # (_state(), FusedMLP or None when the members cannot be fused)
+        self._fused = None  # (_state(), FusedMLP / ONNX Runtime graph / None, log weights, graph's combiner)
         self._stacked = None  # (_state(), (batched fn, params, buffers) or None when only the loop is valid)
         self._tree = None  # the module-tree dicts _watched reads
         self.last_path = None  # "fused", "vmap" or "loop": how the last forward ran the members
@@ -93,18 +94,22 @@ class Ensemble(nn.Module):
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits, stacked: (K, B, C). ``x``: a tensor, or a tuple/dict of tensors (members
         called by ``models/calling.py``; only the member loop runs them)."""
-        return self._members(x)[0]
+        return self._members(x, combined=False)[0]
 
-    def _members(self, x):
-        """(member logits (K, B, C), the log weights (K, 1, 1) cached with a fused or vmapped path or None)."""
+    def _members(self, x, combined: bool = True):
+        """(member logits (K, B, C), the log weights (K, 1, 1) cached with a fused or vmapped path or None);
+        with ``combined``, ONNX Runtime members' one graph may return the combined output (``_COMBINED``)."""
         if not isinstance(x, torch.Tensor):
             self._ran("loop")
             return self._loop(x), None
         if self._use_fused():
             fused = self._fused_net(x)
-            if fused is not None:
+            if isinstance(fused, FusedMLP):
                 self._ran("fused")
                 return fused.forward(x), self._fused[2]  # no hooks on this private module: skip __call__
+            if fused is not None and combined:
+                self._ran("fused")
+                return fused.forward(x), _COMBINED
         if self._use_vmap():
             stacked = self._stacked_state(x)
             if stacked is not None:
@@ -158,18 +163,42 @@ class Ensemble(nn.Module):
         )
 
     def _fused_net(self, x):
-        if self._fused is not None and self._unchanged(self._fused[0]):
+        if (self._fused is not None and self._unchanged(self._fused[0])
+                and (self._fused[3] is None or self._fused[3] == (self.method, self.temperature))):
             return self._fused[1]
         sig = self._state()
         net = None
-        if not sig[0][1] and FusedMLP.supports(list(self.members)):  # hooks fire only in the loop
+        tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        if self._copyable(sig) and FusedMLP.supports(list(self.members)):  # hooks fire only in the loop
             net = FusedMLP(list(self.members))
-            tracing = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
             # trust the fused network only once it reproduces the loop on real inputs
             if not tracing and not torch.allclose(net(x), self._loop(x), rtol=1e-4, atol=1e-5):
                 net = None
-        self._fused = (sig, net, self._log_weights())
+        elif self._copyable(sig) and not tracing and (graph := self.slimfuse_onnx()) is not None:
+            from ..runtime import OnnxPredictor
+
+            proto, options = graph
+            net = OnnxPredictor.from_bytes(proto.SerializeToString(), threads=self.members[0].threads,
+                                           where="the members' one graph", **options)
+            if not torch.allclose(net(x), self.combine(self._loop(x)), rtol=1e-4, atol=1e-5):
+                net = None
+        # the one graph has the combiner built in: a change of method or temperature rebuilds it
+        baked = (self.method, self.temperature) if net is not None and not isinstance(net, FusedMLP) else None
+        self._fused = (sig, net, self._log_weights(), baked)
         return net
+
+    def slimfuse_onnx(self):
+        """ONNX Runtime members (``mean``, ``weighted``, ``mean-logits``) as one ONNX graph with the
+        combiner (:func:`slimfuse.runtime.ensemble_graph`), which ``export`` writes, and the predictor
+        options it needs (``input_layout``); else ``None``."""
+        if not all(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members):
+            return None  # (before importing onnx)
+        from ..runtime import OnnxPredictor, ensemble_graph
+
+        if not all(isinstance(m, OnnxPredictor) for m in self.members):
+            return None
+        proto = ensemble_graph(list(self.members), self.method, self.weights.log().tolist(), self.temperature)
+        return None if proto is None else (proto, {"input_layout": self.members[0].input_layout})
 
     # A fused or vmapped path is a copy of the members' weights, so before every call it checks that
     # the members are as when it was built: every ``_modules`` / ``_parameters`` / ``_buffers`` dict
@@ -192,11 +221,19 @@ class Ensemble(nn.Module):
         self._tree = None  # re-read the module tree
         key = self._watched()
         values = list(chain.from_iterable(self._tree[0]))
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        return key, tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)), tensors, values
+        tensors = [v for v in values if isinstance(v, torch.Tensor) and not v.is_inference()]
+        # a tensor made under inference_mode has no version counter: its in-place changes cannot be seen
+        opaque = len(tensors) < sum(isinstance(v, torch.Tensor) for v in values)
+        return (key, tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)), tensors, values,
+                opaque)
+
+    @staticmethod
+    def _copyable(state) -> bool:
+        """Whether a fused or vmapped copy may be built on this state: no hooks, every tensor watchable."""
+        return not state[0][1] and not state[5]
 
     def _unchanged(self, state) -> bool:
-        key, versions, pointers, tensors, _ = state
+        key, versions, pointers, tensors = state[:4]
         return (self._watched() == key  # the same objects, so ``tensors`` are the members' tensors
                 and tuple(map(_VERSION, tensors)) == versions
                 and tuple(map(torch.Tensor.data_ptr, tensors)) == pointers)
@@ -211,7 +248,7 @@ class Ensemble(nn.Module):
             return self._stacked[1]
         sig = self._state()
         stacked = None
-        if not sig[0][1] and same_architecture(list(self.members)):
+        if self._copyable(sig) and same_architecture(list(self.members)):
             with torch.inference_mode(False), torch.no_grad():
                 params, buffers = stack_module_state(list(self.members))
                 params = {k: v.detach() for k, v in params.items()}
@@ -236,7 +273,8 @@ class Ensemble(nn.Module):
             x = kwargs if x is None and not args else (x, *args) if not kwargs else None
             if x is None:
                 raise ConfigError("an ensemble passes on either positional or keyword inputs, not both")
-        return self.combine(*self._members(x))
+        out, log_weights = self._members(x)
+        return out if log_weights is _COMBINED else self.combine(out, log_weights)
 
     def combine(self, logits: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Combine member logits (K, B, C) into log-probabilities (B, C) (``log_weights``: log(weights)
