@@ -390,7 +390,8 @@ def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[
     (K, B, C), then ``mean`` / ``weighted``: log sum_k w_k softmax(z_k) (LogSoftmax, the log weights
     added, ReduceLogSumExp over the members; a temperature as ``LogSoftmax(out / T)``), or
     ``mean-logits``: LogSoftmax of the mean logits. ``None`` when the members cannot share one graph
-    (different input layouts, dtypes or sample shapes, different opset imports, opset < 13)."""
+    (different input layouts, dtypes or sample shapes, class counts not stated alike in the graphs,
+    different opset imports, opset < 13)."""
     if method not in ("mean", "weighted", "mean-logits") or len(members) < 2:
         return None
     protos, ios = [m.proto for m in members], [m._io for m in members]
@@ -398,7 +399,9 @@ def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[
     opset = imports[0].get("ai.onnx", 0)
     if (len({m.input_layout for m in members}) > 1 or len({io["dtype"] for io in ios}) > 1
             or any(io["dims"][1:] != ios[0]["dims"][1:] for io in ios) or any(i != imports[0] for i in imports)
-            or opset < 13 or any(len(_graph_inputs(p)) != 1 for p in protos)):
+            or opset < 13 or any(len(_graph_inputs(p)) != 1 for p in protos)
+            or members[0].slimfuse_classes() is None
+            or any(m.slimfuse_classes() != members[0].slimfuse_classes() for m in members)):
         return None
     from onnx import TensorProto, compose, helper
 
@@ -442,10 +445,9 @@ def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[
     graph_input = onnx.ValueInfoProto()
     graph_input.CopyFrom(first)
     graph_input.name = shared
-    batch = first.type.tensor_type.shape.dim[0] if first.type.tensor_type.shape.dim else None
-    out_info = helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, [
-        (batch.dim_param or "batch") if batch is None or not batch.HasField("dim_value") else batch.dim_value,
-        members[0].slimfuse_classes()])
+    dims = first.type.tensor_type.shape.dim
+    batch = (dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param or "batch") if dims else "batch"
+    out_info = helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, [batch, members[0].slimfuse_classes()])
     graph = helper.make_graph(nodes, "slimfuse_ensemble", [graph_input], [out_info], initializer=inits)
     model = helper.make_model(graph, opset_imports=list(protos[0].opset_import),
                               ir_version=max(p.ir_version for p in protos), producer_name="slimfuse")

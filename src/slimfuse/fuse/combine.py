@@ -178,9 +178,12 @@ class Ensemble(nn.Module):
             from ..runtime import OnnxPredictor
 
             proto, options = graph
-            net = OnnxPredictor.from_bytes(proto.SerializeToString(), threads=self.members[0].threads,
-                                           where="the members' one graph", **options)
-            if not torch.allclose(net(x), self.combine(self._loop(x)), rtol=1e-4, atol=1e-5):
+            try:
+                net = OnnxPredictor.from_bytes(proto.SerializeToString(), threads=self.members[0].threads,
+                                               where="the members' one graph", **options)
+                if not torch.allclose(net(x), self.combine(self._loop(x)), rtol=1e-4, atol=1e-5):
+                    net = None
+            except ArtifactError:  # ONNX Runtime refused the joined graph: the members run one by one
                 net = None
         # the one graph has the combiner built in: a change of method or temperature rebuilds it
         baked = (self.method, self.temperature) if net is not None and not isinstance(net, FusedMLP) else None
