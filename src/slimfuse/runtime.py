@@ -406,9 +406,11 @@ def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[
     from onnx import TensorProto, compose, helper
 
     shared = "input"  # the members' own names all start "m{i}/", the combiner's never do
-    nodes, inits, stacked = [], [], []
+    nodes, inits, stacked, functions = [], [], [], []
     for i, (proto, io) in enumerate(zip(protos, ios)):
-        g = compose.add_prefix(proto, f"m{i}/").graph
+        prefixed = compose.add_prefix(proto, f"m{i}/")
+        g = prefixed.graph
+        functions.extend(prefixed.functions)
         nodes.append(helper.make_node("Identity", [shared], [f"m{i}/{io['input']}"], name=f"ens/m{i}/input"))
         nodes.extend(g.node)
         inits.extend(g.initializer)
@@ -449,7 +451,7 @@ def ensemble_graph(members: list[OnnxPredictor], method: str, log_weights: list[
     batch = (dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param or "batch") if dims else "batch"
     out_info = helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, [batch, members[0].slimfuse_classes()])
     graph = helper.make_graph(nodes, "slimfuse_ensemble", [graph_input], [out_info], initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(protos[0].opset_import),
+    model = helper.make_model(graph, opset_imports=list(protos[0].opset_import), functions=functions,
                               ir_version=max(p.ir_version for p in protos), producer_name="slimfuse")
     try:
         onnx.checker.check_model(model)
