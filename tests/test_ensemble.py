@@ -282,6 +282,7 @@ def test_onnx_runtime_members_run_in_turn_without_spinning_threads(data, members
         m.slimfuse["task"] = None
     assert ensemble(onnx_members, "mean").classes == 10  # read from the graphs' output shape, no data needed
     ens = Ensemble(onnx_members, "mean", classes=10)
+    ens.fuse = False  # the members one by one, as vote, stacking and member_logits run them
     alone = onnx_members[0](data.test.x)  # called by itself: ONNX Runtime's default, threads spin
     got = ens(data.test.x)
     assert ens.last_path == "loop"
@@ -309,13 +310,14 @@ def test_onnx_runtime_members_run_as_one_graph_and_export_as_one_file(tmp_path, 
                     OnnxPredictor.from_bytes(torch_to_proto(probas, x[:2]).SerializeToString())]
     assert onnx_members[2]._io["proba"]
     options = {"weights": [0.6, 0.0, 0.4], "temperature": 0.8} if method == "weighted" else {}
-    ens = Ensemble(onnx_members, method, classes=10, **options).eval()
-    loop = ens(x)  # gradients on: the members one by one
+    ens = Ensemble(onnx_members, method, classes=10, **options)  # training mode, gradients on: no matter
+    ens.fuse = False
+    loop = ens(x)
     assert ens.last_path == "loop"
-    with torch.inference_mode():
-        got = ens(x)
-        assert ens.last_path == "fused" and isinstance(ens._fused[1], OnnxPredictor)  # one session
-        assert ens.member_logits(x).shape == (3, len(x), 10)  # members one by one, as asked
+    ens.fuse = True
+    got = ens(x)
+    assert ens.last_path == "fused" and isinstance(ens._fused[1], OnnxPredictor)  # one session
+    assert ens.member_logits(x).shape == (3, len(x), 10)  # members one by one, as asked
     torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-5)
     if method == "weighted":  # the graph has the combiner built in: a new temperature rebuilds it
         ens.temperature = 1.3
@@ -333,6 +335,11 @@ def test_onnx_runtime_members_run_as_one_graph_and_export_as_one_file(tmp_path, 
     assert len(session.get_inputs()) == 1
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, loop.numpy(), rtol=1e-5, atol=1e-5)
+
+    mixed = Ensemble([onnx_members[0], members[1]], method, classes=10).eval()
+    with pytest.raises(sf.ConfigError, match="ONNX Runtime sessions inside"):
+        sf.export(mixed, "onnx", tmp_path / "mixed.onnx", sample=data.val)
+    assert not (tmp_path / "mixed.onnx").exists()
 
     ens.members[0] = to_onnx(members[3], sample=data.val)  # replaced: the graph is rebuilt from the members
     with torch.inference_mode():

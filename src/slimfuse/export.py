@@ -91,6 +91,11 @@ def to_onnx(model, *, sample=None, opset: int = 17, atol: float = 1e-4, rtol: fl
     if graph is not None:
         proto, options = graph
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    elif any(isinstance(m, OnnxPredictor) for m in model.modules()):  # torch cannot trace into a session
+        raise ConfigError(
+            "this model runs ONNX Runtime sessions inside (ONNX members of an ensemble), which torch cannot "
+            "export; an ensemble whose members are all ONNX models (mean, weighted or mean-logits; one input "
+            "each, the same input layout, dtype, opset and class count) is written as one graph")
     else:
         proto, options = torch_to_proto(model, x[:2], opset=opset), {}
     pred = from_proto(proto, model, **options)

@@ -160,6 +160,18 @@ class Ensemble(nn.Module):
             and not self.training
             and (not torch.is_grad_enabled() or torch.onnx.is_in_onnx_export())
             and _get_current_dispatch_mode() is None  # FLOP counters see the members' own work
+        ) or self._use_graph()
+
+    def _use_graph(self) -> bool:
+        """ONNX Runtime members only: their one graph runs in training mode and with gradients on as
+        well (the members run inference either way)."""
+        return (
+            self.fuse
+            and self.vectorize is None
+            and len(self.members) > 1
+            and all(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members)
+            and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None
         )
 
     def _fused_net(self, x):
