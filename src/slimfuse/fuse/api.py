@@ -211,8 +211,8 @@ def _declared_classes(m: nn.Module, i: int) -> int:
     if isinstance(args.get("classes"), int):
         return args["classes"]
     stated = getattr(m, "slimfuse_classes", None)  # an ONNX Runtime member: its graph's output shape
-    if callable(stated) and stated():
-        return int(stated())
+    if callable(stated) and (count := stated()):
+        return int(count)
     last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
     if last:
         return last[-1].out_features

@@ -22,6 +22,7 @@ first time it is built for a set of weights, and abandoned if the two disagree.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from itertools import chain
 from operator import attrgetter
 
@@ -41,6 +42,11 @@ _VERSION = attrgetter("_version")
 _COMBINED = object()  # _members' second value when the fused graph returned the combined output itself
 # torch's module-wide forward hooks (``register_module_forward_hook`` / ``..._pre_hook``), dicts kept in place
 _GLOBAL_HOOKS = [torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks]
+
+
+def _on_onnx_runtime(member: nn.Module) -> bool:
+    """An ONNX Runtime predictor (``slimfuse_runtime``, read without importing onnx)."""
+    return getattr(member, "slimfuse_runtime", None) == "onnxruntime"
 
 
 class Ensemble(nn.Module):
@@ -123,13 +129,13 @@ class Ensemble(nn.Module):
             self.last_path = path
 
     def _loop(self, x):
-        if sum(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members) > 1:
+        quiet = nullcontext()
+        if sum(map(_on_onnx_runtime, self.members)) > 1:
             from ..runtime import spinning, spinning_chosen  # members in turn: no threads left spinning
 
-            if not spinning_chosen():
-                with spinning(False):
-                    return torch.stack([forward(m, x) for m in self.members])
-        return torch.stack([forward(m, x) for m in self.members])
+            quiet = nullcontext() if spinning_chosen() else spinning(False)
+        with quiet:
+            return torch.stack([forward(m, x) for m in self.members])
 
     @staticmethod
     def _vmap(stacked, x):
@@ -169,7 +175,7 @@ class Ensemble(nn.Module):
             self.fuse
             and self.vectorize is None
             and len(self.members) > 1
-            and all(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members)
+            and all(map(_on_onnx_runtime, self.members))
             and not torch.jit.is_tracing()
             and _get_current_dispatch_mode() is None
         )
@@ -206,7 +212,7 @@ class Ensemble(nn.Module):
         """ONNX Runtime members (``mean``, ``weighted``, ``mean-logits``) as one ONNX graph with the
         combiner (:func:`slimfuse.runtime.ensemble_graph`), which ``export`` writes, and the predictor
         options it needs (``input_layout``); else ``None``."""
-        if not all(getattr(m, "slimfuse_runtime", None) == "onnxruntime" for m in self.members):
+        if not all(map(_on_onnx_runtime, self.members)):
             return None  # (before importing onnx)
         from ..runtime import OnnxPredictor, ensemble_graph
 

@@ -120,17 +120,23 @@ def _meta_cv(y: np.ndarray, seed: int):
 LOGLINEAR_L2 = (1e-3, 1e-2, 1e-1)  # the pull of a loglinear meta-learner's exponents toward 1/K, chosen by CV
 
 
+def _pooled(logp: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The pool's log-probabilities (N, C) from member log-probabilities (N, K, C)."""
+    from scipy.special import log_softmax
+
+    return log_softmax(np.einsum("nkc,k->nc", logp, a) + b, axis=1)
+
+
 def _fit_loglinear(logp: np.ndarray, y: np.ndarray, classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
     """Exponents (K,) and class biases (C,) minimizing mean NLL + l2 * |a - 1/K|^2 (L-BFGS, exact gradient)."""
     from scipy.optimize import minimize
-    from scipy.special import log_softmax
 
     n, k, _ = logp.shape
     rows = np.arange(n)
 
     def loss(t):
         a, b = t[:k], t[k:]
-        z = log_softmax(np.einsum("nkc,k->nc", logp, a) + b, axis=1)
+        z = _pooled(logp, a, b)
         g = np.exp(z)
         g[rows, y] -= 1.0
         g /= n  # d(mean NLL) / d(logits)
@@ -145,8 +151,6 @@ def _fit_loglinear(logp: np.ndarray, y: np.ndarray, classes: int, l2: float) -> 
 
 def _loglinear_meta(oof: OutOfFold, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
     """The pull chosen by 5-fold cross-validated NLL on the meta-training rows, then a fit on all of them."""
-    from scipy.special import log_softmax
-
     from .combine import LogLinearPool
 
     logp = np.log(np.clip(oof.features.astype(np.float64), LogLinearPool.FLOOR, 1.0))
@@ -156,8 +160,7 @@ def _loglinear_meta(oof: OutOfFold, classes: int, seed: int) -> tuple[np.ndarray
         held = []
         for tr, va in _meta_cv(y, seed).split(logp, y):
             a, b = _fit_loglinear(logp[tr], y[tr], classes, l2)
-            z = log_softmax(np.einsum("nkc,k->nc", logp[va], a) + b, axis=1)
-            held.append(-z[np.arange(len(va)), y[va]])
+            held.append(-_pooled(logp[va], a, b)[np.arange(len(va)), y[va]])
         scores.append(np.concatenate(held).mean())
     l2 = LOGLINEAR_L2[int(np.argmin(scores))]
     a, b = _fit_loglinear(logp, y, classes, l2)
