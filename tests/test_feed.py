@@ -207,6 +207,8 @@ def test_ensemble_validation_data_from_a_loader_equals_the_split():
     b = sf.ensemble(members, "weighted", data=Splits(empty, Split(*val), empty, task), fallback=False)
     assert torch.equal(a.weights, b.weights)
     assert torch.equal(a(x), b(x))
+    c = sf.ensemble(members, "weighted", data={"val": loader, "test": (x[:60], y[:60])}, fallback=False)
+    assert torch.equal(c.weights, b.weights)
 
 
 def test_output_selector_is_used_and_carried_to_derived_models():
@@ -283,3 +285,72 @@ def test_arrays_train_exactly_like_the_same_splits(tmp_path):
             val=(x[200:], y[200:]), checkpoint=tmp_path / "ckpt")  # in memory: seeded shuffles, checkpoints
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _two_blob_models():
+    """Two MLPs trained independently on blobs, and the data as loaders and as the same Splits."""
+    x, y = blobs(n=360)
+    task = Task("blobs", "classification", 2, (6,))
+    parts = {"train": (x[:200], y[:200]), "val": (x[200:280], y[200:280]), "test": (x[280:], y[280:])}
+    splits = Splits(*(Split(*parts[k]) for k in ("train", "val", "test")), task)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(fit(sf.zoo.mlp(6, [16], 2), splits, epochs=3, progress=False, seed=seed))
+    loaders = {k: DataLoader(TensorDataset(*v), batch_size=32, shuffle=False) for k, v in parts.items()}
+    return models, loaders, splits
+
+
+def test_merge_takes_a_dict_of_loaders_and_equals_the_same_splits():
+    models, loaders, splits = _two_blob_models()
+    a = sf.merge(models, "rebasin", loaders)
+    b = sf.merge(models, "rebasin", splits)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    same = {k: v for k, v in a.verification.items() if k != "latency"}  # chosen on the same val, verified on the same test
+    assert same == {k: v for k, v in b.verification.items() if k != "latency"}
+    # without training data, activation statistics come from the validation inputs
+    c = sf.merge(models, "rebasin", {"val": loaders["val"], "test": loaders["test"]})
+    d = sf.merge(models, "rebasin", Splits(splits.val, splits.val, splits.test, splits.task))
+    assert all(torch.equal(p, q) for p, q in zip(c.state_dict().values(), d.state_dict().values()))
+    with pytest.warns(UserWarning, match="do not share a loss basin"):  # BatchNorm-free: ranked on val alone
+        e = sf.merge(models, "greedy", {"val": loaders["val"], "test": loaders["test"]})
+    with pytest.warns(UserWarning, match="do not share a loss basin"):
+        f = sf.merge(models, "greedy", Splits(splits.val, splits.val, splits.test, splits.task))
+    assert all(torch.equal(p, q) for p, q in zip(e.state_dict().values(), f.state_dict().values()))
+
+
+def test_optimize_takes_a_dict_of_loaders_and_equals_the_same_splits():
+    from slimfuse.compress.prune import prune
+    from slimfuse.export import to_onnx
+    from slimfuse.search import Move
+
+    models, loaders, splits = _two_blob_models()
+    moves = [Move("prune 0.5", lambda m, seed: prune(m, 0.5, data=splits, epochs=1, seed=seed)),
+             Move("prune 0.9 oneshot", lambda m, seed: prune(m, 0.9, schedule="oneshot")),
+             Move("onnx fp32", lambda m: to_onnx(m, sample=splits.val), finishing=True)]
+    a = sf.optimize(models[0], loaders, max_drop=5.0, objective="bytes", moves=moves, seconds=0.02, ensemble=False)
+    b = sf.optimize(models[0], splits, max_drop=5.0, objective="bytes", moves=moves, seconds=0.02, ensemble=False)
+    assert [c.name for c in a.candidates] == [c.name for c in b.candidates]
+    assert not any(c.error for c in a.candidates), [c.error for c in a.candidates]
+
+    def chosen(r):  # what the search chose on and reported: validation and test accuracy, the drop
+        return [(c.row.get("val_accuracy"), c.row.get("accuracy"), c.drop) for c in r.candidates]
+    assert chosen(a) == chosen(b) and len(a.candidates) >= 3
+
+
+def test_verbs_that_choose_and_verify_name_the_missing_or_bad_split():
+    models, loaders, splits = _two_blob_models()
+    with pytest.raises(DataError, match="no 'test' data in the dict .*'val', 'test'"):
+        sf.merge(models, "rebasin", {"val": loaders["val"]})
+    with pytest.raises(DataError, match="no 'train' data"):
+        sf.merge(models, "rebasin", {"val": loaders["val"], "test": loaders["test"]}, fallback="distill")
+    with pytest.raises(DataError, match="pass slimfuse Splits or a dict of 'val', 'test' data .*got DataLoader"):
+        sf.merge(models, "rebasin", loaders["val"])
+    with pytest.raises(DataError, match="no 'train' data"):
+        sf.optimize(models[0], {"val": loaders["val"], "test": loaders["test"]})
+    x, y = splits.test.x, splits.test.y.clone()
+    y[3] = 5
+    with pytest.raises(DataError, match="'test'.*labels go up to 5 but the model predicts 2 classes"):
+        sf.merge(models, "rebasin", {"val": loaders["val"], "test": (x, y)})
+    with pytest.raises(DataError, match="'test'.*NaN"):
+        sf.merge(models, "rebasin", {"val": loaders["val"], "test": (torch.full_like(x, float("nan")), splits.test.y)})

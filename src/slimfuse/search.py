@@ -31,6 +31,7 @@ from torch import nn
 
 from . import configs, devices
 from .data import Splits
+from .data.feed import SPLIT_NAMES, splits_of
 from .errors import ConfigError, SlimfuseError
 from .hardware import computes
 from .measure import Report, Score, measure_one
@@ -148,7 +149,7 @@ class SearchResult:
 
 def optimize(
     model: nn.Module,
-    data: Splits,
+    data: Splits | dict,
     *,
     max_drop: float = 0.5,
     objective: str = "latency",
@@ -171,14 +172,20 @@ def optimize(
     and accuracy, or the moves a task kind registered). ``device``: where the moves that train run
     (pruning fine-tunes, distillation, codebook fine-tuning; :func:`slimfuse.devices.resolve`); every
     candidate is measured on the CPU. Returns a :class:`SearchResult`.
+
+    ``data``: Splits, or a dict ``{"train": ..., "val": ..., "test": ...}`` of data in any form
+    :func:`slimfuse.data.feed.feed` reads (DataLoaders, Datasets, arrays), each read into memory under
+    the memory budget.
     """
     model = torch_of(model)
     devices.resolve(device)  # a device that is not there: refused before any work
     device = "auto" if device is None else str(device)  # a name the moves pass on
     configs.Optimize.build(max_drop=max_drop, objective=objective, budget_s=budget_s, ensemble=ensemble)
-    if not isinstance(data, Splits):
-        raise ConfigError("data must be Splits (slimfuse.data.load(...)): the search selects on the validation "
-                          "split and reports on the test split")
+    from .train import probe
+
+    # the search fine-tunes on train, selects on val and reports on test: a dict of the three, in any form
+    data = splits_of(data, needs=SPLIT_NAMES, where="optimize's data",
+                     classes=lambda x: probe(model, x, who="the model").shape[-1])
     log = log or (lambda _: None)
     kind, batch = data.task.kind, 256
     if moves is None and score is None:

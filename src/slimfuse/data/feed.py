@@ -346,6 +346,52 @@ def _in_memory(s: Split, labels, where: str) -> Split:
     return s
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def splits_of(data, *, needs: tuple[str, ...], classes, where: str) -> Splits:
+    """``data`` as :class:`Splits`, for the verbs that choose on one split and verify on another.
+
+    Splits come back as they are. A dict of split names (``"train"``, ``"val"``, ``"test"``) to data of
+    any form :func:`feed` reads (DataLoaders, Datasets, arrays ``(X, y)`` ...) is read into memory,
+    each split under the memory budget; ``needs`` are the names that must be there (an absent
+    ``train`` is an empty split). ``classes(inputs) -> int``: the class count, asked once, on the
+    validation inputs (the model's output width); every split's labels must lie below it. The task
+    is classification (:func:`infer_task`)."""
+    if isinstance(data, Splits):
+        return data
+    names = ", ".join(f"'{k}'" for k in needs)
+    if not is_split_dict(data):
+        raise DataError(f"{where}: pass slimfuse Splits or a dict of {names} data (each a DataLoader, a Dataset or "
+                        f"arrays (X, y)), got {describe_data(data)}")
+    if missing := [k for k in needs if k not in data]:
+        raise DataError(f"{where}: no {' or '.join(repr(k) for k in missing)} data in the dict (it needs {names})")
+    parts = {k: feed(v, where=f"{where} ({k!r})").materialise(f"{where} ({k!r} data)") for k, v in data.items()}
+    ref = parts["val"] if "val" in parts else next(iter(parts.values()))
+    count = int(classes(ref.x))
+    for k, part in parts.items():
+        if len(part.y) and int(part.y.max()) >= count:
+            raise DataError(f"{where} ({k!r}): labels go up to {int(part.y.max())} but the model predicts "
+                            f"{count} classes")
+        if _form(part.x) != _form(ref.x):
+            raise DataError(f"{where}: the {k!r} inputs ({_form(part.x)}) differ in form from the others "
+                            f"({_form(ref.x)})")
+    empty = Split(take(ref.x, slice(0, 0)), ref.y[:0])
+    return Splits(**{k: parts.get(k, empty) for k in SPLIT_NAMES}, task=infer_task(feed(ref), count))
+
+
+def is_split_dict(data) -> bool:
+    """A non-empty dict whose keys are split names (not a dict batch of model inputs and labels)."""
+    return isinstance(data, Mapping) and bool(data) and set(data) <= set(SPLIT_NAMES)
+
+
+def describe_data(data) -> str:
+    """What ``data`` is, for an error message: its type, and its keys for a dict."""
+    if isinstance(data, Mapping):
+        return "a dict with keys " + ", ".join(repr(k) for k in list(data)[:8])
+    return type(data).__name__
+
+
 def infer_task(batches: Batches, num_classes: int, name: str = "user") -> Task:
     """The task of user data without one: classification into ``num_classes`` classes; the input shape
     is a single tensor input's per-sample shape (``()`` for several or keyword inputs)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import configs, devices
 from ..data import Split, Splits
-from ..data.feed import feed, infer_task, take
+from ..data.feed import is_split_dict, splits_of, take
 from ..errors import ConfigError
 from ..models.keras import torch_of
 from ..models.spec import attach, lineage_of, lineage_str, spec_of, task_of
@@ -78,7 +78,7 @@ def ensemble(
     members that run on the CPU only stay there); the ensemble comes back on the CPU.
 
     ``data``: Splits, or labelled validation data of any form :func:`slimfuse.data.feed.feed` reads
-    (a DataLoader of tuple or dict batches, arrays ...). Weight fitting, temperature, the fallback check
+    (a DataLoader of tuple or dict batches, arrays ...), or a dict ``{"val": ..., "test": ...}`` of such. Weight fitting, temperature, the fallback check
     and stacking work on cached member predictions over all of it, so such data is read into memory
     once (under the memory budget, ``DataError`` beyond it) and used as the validation split.
     """
@@ -195,12 +195,10 @@ def _classes(members: list[nn.Module], data: Splits | None) -> int:
 
 
 def _as_splits(data, members: list[nn.Module]) -> Splits:
-    """User validation data (any form) read into memory as the validation split; no training split."""
-    val = feed(data, where="the ensemble's validation data").materialise("the ensemble's validation data")
-    out = probe(members[0], val.x, who="member 0")
-    task = infer_task(feed(val), int(out.shape[-1]))
-    empty = Split(take(val.x, slice(0, 0)), val.y[:0])
-    return Splits(train=empty, val=val, test=empty, task=task)
+    """User validation data (any form) read into memory as the validation split, or a dict of split
+    names (``"val"``, with ``"train"`` / ``"test"`` optional)."""
+    return splits_of(data if is_split_dict(data) else {"val": data}, needs=("val",), where="the ensemble's data",
+                     classes=lambda x: probe(members[0], x, who="member 0").shape[-1])
 
 
 def _declared_classes(m: nn.Module, i: int) -> int:

@@ -40,12 +40,13 @@ from torch import nn
 from .. import configs, devices, stats
 from ..compress.distill import distill
 from ..data import Split, Splits
+from ..data.feed import splits_of, take
 from ..errors import ConfigError
 from ..hardware import summary as hardware_summary
 from ..measure import artifact_bytes, counts, median_seconds
 from ..models.keras import torch_of
 from ..models.spec import derive, lineage_of
-from ..train import evaluate, predict
+from ..train import evaluate, predict, probe
 from ..validate import check
 from . import rebasin
 from .combine import Ensemble
@@ -64,7 +65,7 @@ EPS = 1e-8
 def merge(
     models,
     method: str = "rebasin",
-    data: Splits | None = None,
+    data: Splits | dict | None = None,
     base: nn.Module | None = None,
     *,
     scale: float | None = None,
@@ -97,17 +98,25 @@ def merge(
     at least one member, reloads bit-exactly) or ``merge`` raises; ``False`` skips it (recorded).
     ``device``: where the distillation of ``fallback="distill"`` runs (:func:`slimfuse.devices.resolve`);
     the merge itself is arithmetic on the CPU.
+
+    ``data``: Splits, or a dict ``{"val": ..., "test": ...}`` (plus ``"train"``, which
+    ``fallback="distill"`` needs and activation statistics prefer; else they use the validation inputs)
+    of data in any form :func:`slimfuse.data.feed.feed` reads (DataLoaders, Datasets, arrays), each read
+    into memory under the memory budget.
     """
     models = torch_of(models)
     devices.resolve(device)  # a device that is not there: refused before any work
     models = _check(models, method, data, base, scale=scale, density=density, drop=drop, t=t, matching=matching,
                     repair=repair, fallback=fallback, distill_epochs=distill_epochs, max_samples=max_samples,
                     validate=validate)
+    if data is not None:  # the dict form needs val to choose on, test to verify on, train to distill on
+        data = splits_of(data, needs=("val", "test") + (("train",) if fallback == "distill" else ()),
+                         where="merge's data", classes=lambda x: probe(models[0], x, who="model 0").shape[-1])
     gen = torch.Generator().manual_seed(seed)
     stats_x = None
-    if data is not None:
-        idx = torch.randperm(len(data.train), generator=gen)[:max_samples]
-        stats_x = data.train.x[idx]
+    if data is not None:  # activation statistics: training inputs, or the validation inputs without them
+        rows = data.train if len(data.train) else data.val
+        stats_x = take(rows.x, torch.randperm(len(rows), generator=gen)[:max_samples])
     step: dict = {"method": method, "members": len(models)}
     if method in ("uniform", "greedy"):
         result = soup(models, method, data, validate=False)  # the merge's own gate below
@@ -158,8 +167,6 @@ def _check(models, method, data, base, *, scale, density, drop, t, matching, rep
     models = list(models)
     if len(models) < 2 or not all(isinstance(m, nn.Module) for m in models):
         raise ConfigError(f"merge needs at least two nn.Module models, got {len(models)}")
-    if data is not None and not isinstance(data, Splits):
-        raise ConfigError(f"data must be Splits (slimfuse.datasets.load), got {type(data).__name__}")
     if method in BASE_METHODS:
         if base is None:
             raise ConfigError(f"merge method {method!r} works on task vectors (member - base); pass base=, the model "

@@ -51,7 +51,7 @@ def soup(models: list[nn.Module], method: str = "greedy", data=None, *, validate
     check_same_shapes(models)
     if method == "greedy" and data is None:
         raise ConfigError("a greedy soup ranks ingredients by validation accuracy; pass data=")
-    train, val = (data.train, data.val) if isinstance(data, Splits) else (data, data)
+    train, val = (_bn_rows(data), data.val) if isinstance(data, Splits) else (data, data)
     if method == "uniform":
         result = average(models, train)
         kept = list(range(len(models)))
@@ -72,6 +72,12 @@ def soup(models: list[nn.Module], method: str = "greedy", data=None, *, validate
     result = derive(models[0], result.eval(), "soup", method=method, ingredients=len(models), kept=kept)
     return check(result, f"soup({method})", reference=models, data=data, validate=validate,
                  fix="method='greedy' with data=, or ingredients fine-tuned from one initialization")
+
+
+def _bn_rows(data: Splits):
+    """The split whose inputs refresh BatchNorm: training data, or the validation data when there is none
+    (Splits read from a dict of validation and test data)."""
+    return data.train if len(data.train) else data.val
 
 
 def check_same_shapes(models: list[nn.Module], who: str = "soup") -> None:
