@@ -172,6 +172,20 @@ class _Constant(nn.Module):
         return self.bias.expand(len(x), -1)
 
 
+def test_one_class_is_a_collapse_only_where_every_input_model_tells_the_samples_apart(digits, digits_mlp):
+    sure = sf.zoo.for_task("mlp", digits.task, hidden=[8])  # answers class 0 for everything
+    with torch.no_grad():
+        sure[-1].weight.zero_()
+        sure[-1].bias.zero_()
+        sure[-1].bias[0] = 50.0
+    ens = sf.ensemble([sure, digits_mlp], "mean")  # no data: checked on a synthetic sample
+    v = validation_of(ens)
+    assert v["ran"] and v["classes"] == 1 and v["agreement"] == 1.0  # it answers as its first member does
+    other = sf.zoo.for_task("mlp", digits.task, hidden=[16])
+    with pytest.raises(ValidationError, match="collapsed: it predicts class 0 for all"):
+        check(_Constant(), "merge-x", reference=[digits_mlp, other], data=digits)
+
+
 class _Crashes(nn.Module):
     def __init__(self):
         super().__init__()
