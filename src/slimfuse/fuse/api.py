@@ -78,9 +78,10 @@ def ensemble(
     members that run on the CPU only stay there); the ensemble comes back on the CPU.
 
     ``data``: Splits, or labelled validation data of any form :func:`slimfuse.data.feed.feed` reads
-    (a DataLoader of tuple or dict batches, arrays ...), or a dict ``{"val": ..., "test": ...}`` of such. Weight fitting, temperature, the fallback check
-    and stacking work on cached member predictions over all of it, so such data is read into memory
-    once (under the memory budget, ``DataError`` beyond it) and used as the validation split.
+    (a DataLoader of tuple or dict batches, arrays ...), or a dict ``{"val": ..., "test": ...}`` of
+    such. Weight fitting, temperature, the fallback check and stacking work on cached member
+    predictions over all of the validation data, so such data is read into memory once (under the
+    memory budget, ``DataError`` beyond it) and used as the validation split.
     """
     members = torch_of(members)
     if isinstance(method, configs.Ensemble):  # the config; the keywords are its shorthand
