@@ -173,9 +173,9 @@ def optimize(
     (pruning fine-tunes, distillation, codebook fine-tuning; :func:`slimfuse.devices.resolve`); every
     candidate is measured on the CPU. Returns a :class:`SearchResult`.
 
-    ``data``: Splits, or a dict ``{"train": ..., "val": ..., "test": ...}`` of data in any form
-    :func:`slimfuse.data.feed.feed` reads (DataLoaders, Datasets, arrays), each read into memory under
-    the memory budget.
+    ``data``: Splits, or a dict ``{"train": ..., "val": ..., "test": ...}`` of labelled classification
+    data in any form :func:`slimfuse.data.feed.feed` reads (DataLoaders, Datasets, arrays), each read
+    into memory under the memory budget (other task kinds bring their Splits, which carry the task).
     """
     model = torch_of(model)
     devices.resolve(device)  # a device that is not there: refused before any work
