@@ -24,6 +24,13 @@ OUT = Path(__file__).parent / "out"
 RUNS = [("latency", 0.5, 150.0), ("bytes", 0.5, 150.0), ("latency", 0.0, 10.0)]
 
 
+def _held(h: dict | None) -> str:
+    """The choice vs the input model on the test split, and what that says of max_drop."""
+    if h is None:
+        return "-"
+    return f"{h['diff_points']:+.2f} [{h['lo_points']:+.2f}, {h['hi_points']:+.2f}]: {h['verdict']}"
+
+
 def main() -> dict:
     splits = sf.datasets.load("mnist5k", seed=0)
     torch.manual_seed(0)
@@ -44,17 +51,19 @@ def main() -> dict:
             "latency_b1_p50_ms": chosen.row["latency_b1_p50_ms"],
             "pareto": [c.name for c in r.pareto], "tried": sum(c.model is not None for c in r.candidates),
             "failed": {c.name: c.error for c in r.candidates if c.error and c.name not in r.skipped},
-            "skipped": r.skipped,
+            "skipped": r.skipped, "held_out": r.held_out,
         })
         print(r.message, flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "optimize.json").write_text(json.dumps({"runs": results}, indent=2) + "\n")
     lines = ["| objective | max drop (pt) | budget s | took s | met | chosen | test acc (input) | val drop pt | "
-             "gain on objective | bytes | b1 p50 ms | tried | skipped |", "|" + "---|" * 13]
+             "test vs input, pt [95%]: max_drop | gain on objective | bytes | b1 p50 ms | tried | skipped |",
+             "|" + "---|" * 14]
     for x in results:
         lines.append(f"| {x['objective']} | {x['max_drop']} | {x['budget_s']:.0f} | {x['seconds']:.0f} | "
                      f"{'yes' if x['met'] else 'NO'} | {x['chosen']} | {x['test_accuracy']:.4f} "
-                     f"({x['input_test_accuracy']:.4f}) | {x['val_drop_points']:+.2f} | {x['gain']:.2f}x | "
+                     f"({x['input_test_accuracy']:.4f}) | {x['val_drop_points']:+.2f} | {_held(x['held_out'])} | "
+                     f"{x['gain']:.2f}x | "
                      f"{x['bytes']:,} | {x['latency_b1_p50_ms']:.3f} | {x['tried']} | {len(x['skipped'])} |")
     lines.append("")
     for x in results:

@@ -86,6 +86,32 @@ def test_the_time_budget_is_respected_and_what_was_skipped_is_listed(digits, dig
     assert not r.met and r.closest is r.baseline
 
 
+def test_the_choice_is_checked_on_the_test_split_with_a_paired_interval(searched, digits):
+    r = searched
+    h = r.held_out
+    assert h["candidate"] == r.best.name and h["samples"] == len(digits.test)
+    assert h["diff_points"] == pytest.approx(100 * (r.best.row["accuracy"] - r.baseline.row["accuracy"]), abs=1e-3)
+    assert h["lo_points"] <= h["diff_points"] <= h["hi_points"]
+    assert h["verdict"] == ("met" if h["lo_points"] >= -2.0 else "missed" if h["hi_points"] < -2.0 else "tie")
+    assert f"max_drop there: {h['verdict']}" in r.message
+
+
+def test_a_choice_that_does_not_hold_on_the_test_split_is_warned(digits):
+    torch.manual_seed(0)
+    model = sf.fit(sf.zoo.for_task("mlp", digits.task, hidden=[64]), digits, epochs=40, progress=False)
+
+    def memorize_val(m, seed):  # small, and as accurate as the input on the validation split it learned by heart
+        torch.manual_seed(seed)
+        return sf.fit(sf.zoo.mlp(64, [6], 10), digits, train=digits.val, epochs=400, progress=False, seed=seed)
+
+    with pytest.warns(UserWarning, match="on the test split it is .* below the input model .* did not hold"):
+        r = sf.optimize(model, digits, max_drop=1.0, objective="bytes", moves=[Move("memorize val", memorize_val)],
+                        seconds=0.02, ensemble=False)
+    assert r.met and r.best.name == "memorize val"
+    assert r.held_out["verdict"] == "missed" and r.held_out["hi_points"] < -1.0
+    assert "max_drop there: missed" in r.message
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"objective": "speed"}, "field 'objective': unknown value 'speed'"),
     ({"max_drop": -1}, "max_drop"),

@@ -95,6 +95,10 @@ class SearchResult:
     max_drop: float
     report: Report
     key: str  # the row key the objective minimizes
+    # the chosen candidate vs the input model on the test split (the constraint was checked on val):
+    # accuracy difference in points with its 95% paired interval and whether max_drop held ("met"),
+    # failed beyond noise ("missed") or cannot be told ("tie"); None for custom scores
+    held_out: dict | None = None
 
     @property
     def met(self) -> bool:
@@ -108,6 +112,10 @@ class SearchResult:
         what = (f"{c.name}: validation {self.metric} {c.row[f'val_{self.metric}']:.4f} "
                 f"({-c.drop:+.2f} pt vs the input model), {gain:.2f}x better {self.objective}, "
                 f"{c.row['bytes']:,} bytes, batch-1 latency {c.row['latency_b1_p50_ms']:.3f} ms")
+        h = self.held_out
+        if h is not None:
+            what += (f"; on the test split {h['diff_points']:+.2f} pt [{h['lo_points']:+.2f}, {h['hi_points']:+.2f}] "
+                     f"vs the input model (max_drop there: {h['verdict']})")
         if self.best is not None:
             return f"best within {self.max_drop:g} pt: {what}"
         return (f"NO candidate kept validation {self.metric} within {self.max_drop:g} pt of the input model; "
@@ -137,7 +145,7 @@ class SearchResult:
         ])
         summary = {
             "met": self.met, "message": self.message, "objective": self.objective, "metric": self.metric,
-            "max_drop_points": self.max_drop, "best": chosen.name if self.met else None,
+            "max_drop_points": self.max_drop, "best": chosen.name if self.met else None, "held_out": self.held_out,
             "closest": self.closest.name, "pareto": [c.name for c in self.pareto],
             "skipped": self.skipped, "failed": {c.name: c.error for c in self.candidates if c.error},
             "candidates": [{"name": c.name, "drop_points": c.drop, "meets": c.meets, "seconds": c.seconds,
@@ -171,7 +179,10 @@ def optimize(
     ``moves``/``score``/``metric`` adapt the search to other tasks (default: the classification moves
     and accuracy, or the moves a task kind registered). ``device``: where the moves that train run
     (pruning fine-tunes, distillation, codebook fine-tuning; :func:`slimfuse.devices.resolve`); every
-    candidate is measured on the CPU. Returns a :class:`SearchResult`.
+    candidate is measured on the CPU. Returns a :class:`SearchResult`; its ``held_out`` pairs the chosen
+    candidate with the input model on the test split (accuracy difference in points, 95% interval, and
+    whether ``max_drop`` held there: ``met``, ``tie`` or ``missed``), and a best candidate that missed
+    it there beyond noise is warned about: the validation split chose it among many.
 
     ``data``: Splits, or a dict ``{"train": ..., "val": ..., "test": ...}`` of labelled classification
     data in any form :func:`slimfuse.data.feed.feed` reads (DataLoaders, Datasets, arrays), each read
@@ -197,7 +208,16 @@ def optimize(
         raise ConfigError("a custom score= needs its own moves= (the registered search spaces bring both)")
     search = _Search(model, data, objective=objective, max_drop=float(max_drop), budget_s=float(budget_s),
                      score=score, metric=metric, seed=seed, seconds=seconds, log=log, batch=batch)
-    return search.run([m for m in moves if objective in m.objectives], ensemble=ensemble and score is None)
+    result = search.run([m for m in moves if objective in m.objectives], ensemble=ensemble and score is None)
+    h = result.held_out
+    if result.met and h is not None and h["verdict"] == "missed":
+        warnings.warn(
+            f"optimize: {h['candidate']!r} kept validation accuracy within {max_drop:g} pt, but on the test split it "
+            f"is {-h['diff_points']:.2f} pt below the input model (95% interval [{h['lo_points']:+.2f}, "
+            f"{h['hi_points']:+.2f}] pt), beyond max_drop: the choice among {len(result.candidates) - 1} candidates "
+            f"on {len(data.val):,} validation samples did not hold; a larger validation split or a smaller "
+            "max_drop makes it safer", UserWarning, stacklevel=2)
+    return result
 
 
 class _Search:
@@ -208,11 +228,13 @@ class _Search:
             check_fits(model, data.val)
         self.data, self.objective, self.max_drop, self.metric = data, objective, max_drop, metric
         self.score = score or evaluate
+        self.default_score = score is None  # measure's own accuracy/NLL, per test sample as well
         self.seed, self.seconds, self.log, self.batch = seed, seconds, log, batch
         self.deadline = float("inf")
         self.key = f"latency_b{batch}_ms" if objective == "throughput" else OBJECTIVES[objective][0]
         self.candidates: list[Candidate] = []
         self.skipped: list[str] = []
+        self.samples: dict = {}  # per-sample test results (default score): the held-out check of the choice
         self.baseline = self.evaluate("input model", lambda: model)
         self.deadline = time.perf_counter() + budget_s  # the candidates' time, after the baseline's
         if self.baseline.error:
@@ -227,7 +249,8 @@ class _Search:
         try:
             m = build()
             val = self.score(m, self.data.val)
-            row = measure_one(name, m, self.data.test, score=self.score, seconds=self.seconds, batch=self.batch)
+            row = measure_one(name, m, self.data.test, score=None if self.default_score else self.score,
+                              seconds=self.seconds, batch=self.batch, samples=self.samples)
         except (SlimfuseError, RuntimeError, ValueError) as e:  # one move failing must not end the search;
             # a TypeError, AttributeError or KeyError is a programming error and propagates
             c = Candidate(name, None, error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
@@ -321,9 +344,20 @@ class _Search:
         front = set(pareto_front([c.row for c in done], key, metric))
         pareto = sorted((c for c in done if c.name in front), key=lambda c: c.row[key])
         report = Report([c.row for c in done], metric=self.metric,
-                        extra=[(f"val_{self.metric}", f"val {self.metric}", "{:.4f}")])
+                        extra=[(f"val_{self.metric}", f"val {self.metric}", "{:.4f}")], samples=self.samples)
         return SearchResult(self.baseline, best, closest, pareto, self.candidates, self.skipped, self.objective,
-                            self.metric, self.max_drop, report, key)
+                            self.metric, self.max_drop, report, key, self.held_out(report, closest))
+
+    def held_out(self, report: Report, chosen: Candidate) -> dict | None:
+        """The chosen candidate's test accuracy against the input model's, paired, and what it says of
+        ``max_drop`` (chosen on the validation split, among many candidates, so it can fail there)."""
+        if chosen is self.baseline or self.metric != "accuracy" or chosen.name not in self.samples:
+            return None
+        iv = report.compare(chosen.name, self.baseline.name, "accuracy").interval
+        lo, hi = 100 * iv.lo, 100 * iv.hi
+        verdict = "met" if lo >= -self.max_drop - 1e-9 else "missed" if hi < -self.max_drop else "tie"
+        return {"candidate": chosen.name, "diff_points": round(100 * iv.diff, 3), "lo_points": round(lo, 3),
+                "hi_points": round(hi, 3), "level": iv.level, "samples": iv.n, "verdict": verdict}
 
 
 # ---------------------------------------------------------------------------------------------
