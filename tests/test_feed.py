@@ -353,5 +353,7 @@ def test_verbs_that_choose_and_verify_name_the_missing_or_bad_split():
     y[3] = 5
     with pytest.raises(DataError, match="'test'.*labels go up to 5 but the model predicts 2 classes"):
         sf.merge(models, "rebasin", {"val": loaders["val"], "test": (x, y)})
+    with pytest.raises(DataError, match=r"the 'test' inputs \(dict\[a\]\) differ in form from the others \(tensor\)"):
+        sf.merge(models, "rebasin", {"val": loaders["val"], "test": ({"a": x}, splits.test.y)})
     with pytest.raises(DataError, match="'test'.*NaN"):
         sf.merge(models, "rebasin", {"val": loaders["val"], "test": (torch.full_like(x, float("nan")), splits.test.y)})

@@ -354,12 +354,13 @@ def splits_of(data, *, needs: tuple[str, ...], classes, where: str) -> Splits:
 
     Splits come back as they are. A dict of split names (``"train"``, ``"val"``, ``"test"``) to data of
     any form :func:`feed` reads (DataLoaders, Datasets, arrays ``(X, y)`` ...) is read into memory,
-    each split under the memory budget; ``needs`` are the names that must be there (an absent
-    ``train`` is an empty split). ``classes(inputs) -> int``: the class count, asked once, on the
+    each split under the memory budget; ``needs`` are the names that must be there, ``"val"`` always
+    (an absent ``train`` or ``test`` is an empty split). ``classes(inputs) -> int``: the class count, asked once, on the
     validation inputs (the model's output width); every split's labels must lie below it. The task
     is classification (:func:`infer_task`)."""
     if isinstance(data, Splits):
         return data
+    needs = ("val", *(k for k in needs if k != "val"))
     names = ", ".join(f"'{k}'" for k in needs)
     if not is_split_dict(data):
         raise DataError(f"{where}: pass slimfuse Splits or a dict of {names} data (each a DataLoader, a Dataset or "
@@ -367,7 +368,7 @@ def splits_of(data, *, needs: tuple[str, ...], classes, where: str) -> Splits:
     if missing := [k for k in needs if k not in data]:
         raise DataError(f"{where}: no {' or '.join(repr(k) for k in missing)} data in the dict (it needs {names})")
     parts = {k: feed(v, where=f"{where} ({k!r})").materialise(f"{where} ({k!r} data)") for k, v in data.items()}
-    ref = parts["val"] if "val" in parts else next(iter(parts.values()))
+    ref = parts["val"]
     count = int(classes(ref.x))
     for k, part in parts.items():
         if len(part.y) and int(part.y.max()) >= count:

@@ -50,7 +50,7 @@ from ..train import evaluate, predict, probe
 from ..validate import check
 from . import rebasin
 from .combine import Ensemble
-from .soup import check_same_shapes, refresh_bn, soup
+from .soup import check_same_shapes, refresh_bn, soup, train_or_val
 
 METHODS = ("rebasin", "uniform", "greedy", "task-arithmetic", "ties", "dare", "dare-ties", "slerp")
 BASE_METHODS = ("task-arithmetic", "ties", "dare", "dare-ties")
@@ -115,7 +115,7 @@ def merge(
     gen = torch.Generator().manual_seed(seed)
     stats_x = None
     if data is not None:  # activation statistics: training inputs, or the validation inputs without them
-        rows = data.train if len(data.train) else data.val
+        rows = train_or_val(data)
         stats_x = take(rows.x, torch.randperm(len(rows), generator=gen)[:max_samples])
     step: dict = {"method": method, "members": len(models)}
     if method in ("uniform", "greedy"):

@@ -51,7 +51,7 @@ def soup(models: list[nn.Module], method: str = "greedy", data=None, *, validate
     check_same_shapes(models)
     if method == "greedy" and data is None:
         raise ConfigError("a greedy soup ranks ingredients by validation accuracy; pass data=")
-    train, val = (_bn_rows(data), data.val) if isinstance(data, Splits) else (data, data)
+    train, val = (train_or_val(data), data.val) if isinstance(data, Splits) else (data, data)
     if method == "uniform":
         result = average(models, train)
         kept = list(range(len(models)))
@@ -74,9 +74,9 @@ def soup(models: list[nn.Module], method: str = "greedy", data=None, *, validate
                  fix="method='greedy' with data=, or ingredients fine-tuned from one initialization")
 
 
-def _bn_rows(data: Splits):
-    """The split whose inputs refresh BatchNorm: training data, or the validation data when there is none
-    (Splits read from a dict of validation and test data)."""
+def train_or_val(data: Splits):
+    """The split whose inputs refresh BatchNorm or give activation statistics: the training data, or the
+    validation data when there is none (Splits read from a dict of validation and test data)."""
     return data.train if len(data.train) else data.val
 
 
